@@ -1,0 +1,112 @@
+"""Entropy coding with constriction's AnsCoder, driven by integer frequency tables.
+
+Tables are stored in the container as integers at 16-bit precision (TABLE_BITS) and widened
+deterministically to the coder's 24-bit precision (MODEL_BITS), so any decoder (constriction, numpy,
+a GPU kernel) works from the same integers. constriction's `Categorical(p, perfect=False)` with
+`p_i = f_i - 1` (float64) reproduces an integer table `f` that sums to 2**24 exactly.
+
+A chunk holds symbols from several contexts: the symbols of each context are coded as one group with
+that context's table, groups in context order, all in one AnsCoder stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import constriction
+
+from ..errors import FormatError
+
+TABLE_BITS = 16
+MODEL_BITS = 24
+_Ans = constriction.stream.stack.AnsCoder
+_Categorical = constriction.stream.model.Categorical
+
+
+def quantize_counts(counts: np.ndarray, bits: int = TABLE_BITS) -> np.ndarray:
+    """Integer frequencies summing to 2**bits; every symbol seen gets at least 1. Deterministic."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    target = 1 << bits
+    if total == 0:
+        raise ValueError("empty histogram")
+    f = (counts * target) // total
+    f[(counts > 0) & (f == 0)] = 1
+    diff = target - int(f.sum())
+    order = np.argsort(-counts, kind="stable")
+    if diff > 0:
+        f[order[0]] += diff
+    i = 0
+    while diff < 0:  # take back what the forced ones added, from the largest entries first
+        j = order[i % len(order)]
+        take = min(-diff, int(f[j]) - 1)
+        if take > 0:
+            f[j] -= take
+            diff += take
+        i += 1
+    return f
+
+
+def widen_table(f16: np.ndarray) -> np.ndarray:
+    """The 24-bit model table of a stored 16-bit table: every symbol gets at least 1."""
+    f = f16.astype(np.int64) << (MODEL_BITS - TABLE_BITS)
+    zeros = f == 0
+    nz = int(zeros.sum())
+    if nz:
+        f[zeros] = 1
+        j = int(np.argmax(f))
+        f[j] -= nz
+    return f
+
+
+MAX_ALPHABET = 1 << 13  # with at most this many symbols, widening a 16-bit table always succeeds
+
+
+def check_table(f16: np.ndarray, where: str) -> None:
+    """A stored table must be usable: 2..MAX_ALPHABET entries summing to 2**TABLE_BITS."""
+    if f16.ndim != 1 or not 2 <= len(f16) <= MAX_ALPHABET or int(f16.sum()) != (1 << TABLE_BITS):
+        raise FormatError(f"{where}: malformed frequency table")
+
+
+def make_model(f16: np.ndarray):
+    f24 = widen_table(f16)
+    return _Categorical((f24 - 1).astype(np.float64), perfect=False)
+
+
+def ans_encode(groups: list[tuple[np.ndarray, object]]) -> np.ndarray:
+    """Encode groups of (symbols, model) into one stream; decode returns them in the same order."""
+    coder = _Ans()
+    for syms, model in reversed(groups):
+        if len(syms):
+            coder.encode_reverse(np.ascontiguousarray(syms, dtype=np.int32), model)
+    return coder.get_compressed()
+
+
+def ans_decode(words: np.ndarray, groups: list[tuple[int, object]], where: str) -> list[np.ndarray]:
+    """Decode groups of (count, model) from one stream; the stream must be used up exactly."""
+    coder = _Ans(np.ascontiguousarray(words, dtype=np.uint32))
+    out = []
+    try:
+        for n, model in groups:
+            out.append(coder.decode(model, n) if n else np.empty(0, dtype=np.int32))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # constriction may raise (or panic) on corrupt data
+        raise FormatError(f"{where}: entropy-coded data is corrupt ({e})") from None
+    if not coder.is_empty():
+        raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
+    return out
+
+
+def entropy_bits(counts: np.ndarray) -> float:
+    """Order-0 information content of a histogram, in bits."""
+    c = counts[counts > 0].astype(np.float64)
+    if len(c) == 0:
+        return 0.0
+    return float(-(c * np.log2(c / c.sum())).sum())
+
+
+def bits_with_table(counts: np.ndarray, f16: np.ndarray) -> float:
+    """Bits to code a histogram with a given 16-bit table (its 24-bit widening)."""
+    f24 = widen_table(f16).astype(np.float64)
+    nz = counts > 0
+    return float(-(counts[nz] * np.log2(f24[nz] / (1 << MODEL_BITS))).sum())

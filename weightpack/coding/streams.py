@@ -1,0 +1,474 @@
+"""A stream: one flat array of elements (a tensor's raw bytes), coded in independent chunks.
+
+Two codecs, chosen per tensor and then per chunk by measured size:
+
+* ``fields``: each element is split into head / tail (see fields.py). Heads are entropy-coded with
+  constriction under a context model: each block (a row of a matrix) belongs to one of C classes,
+  ranked by the block's mean head value (its scale), and each class has its own frequency table.
+  C = 1 is plain order-0 coding; C is chosen per tensor by the measured cost including tables and
+  side information. Tails are bit-packed with the trailing zeros common to the block dropped, then
+  stored raw or with zstd, whichever is smaller.
+* ``bytes``: the chunk's bytes grouped into byte planes, stored raw or with zstd. Used for dtypes
+  without a field layout (wide integers, sub-byte floats) and for any chunk where it is smaller.
+
+Per tensor, the side information (alphabet, tables, block classes, block trailing zeros) is one
+zstd-compressed blob. Per chunk, the parts are concatenated and described in the index.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import numpy as np
+import zstandard
+
+from ..dtypes import DTYPES
+from ..errors import FormatError
+from . import entropy
+from .fields import (UINT, Layout, join, layout_for, pack_bits, packed_size, split, tail_values, trailing_zeros,
+                     unpack_bits, work_dtype)
+
+CHUNK_TARGET = 1 << 18  # elements per chunk (rounded to whole blocks)
+BYTES_CHUNK = 1 << 20  # bytes per chunk for the bytes codec
+MAX_BLOCK = 1 << 16
+DEFAULT_BLOCK = 4096
+
+# Per level: mantissa bits in the head, most contexts, zstd level, whether bytes coding is tried per chunk.
+LEVELS = {
+    1: dict(k=0, contexts=1, zstd=3, try_bytes=False),
+    2: dict(k=2, contexts=4, zstd=3, try_bytes=True),
+    3: dict(k=3, contexts=8, zstd=19, try_bytes=True),
+}
+DEFAULT_LEVEL = 2
+
+Reader = Callable[[int, int], np.ndarray]  # (first element, count) -> uint array of raw elements
+
+
+@dataclass
+class Plan:
+    """Everything needed to code (and decode) the chunks of one stream."""
+
+    codec: str  # "fields" or "bytes"
+    dtype: str
+    n: int
+    chunk: int  # elements per chunk
+    zstd_level: int = 3
+    try_bytes: bool = False
+    layout: Optional[Layout] = None
+    block: int = 0
+    alphabet: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    tables: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint32))
+    cls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    tz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    block_base: int = 0  # index of the first block that cls and tz hold
+    _models: Optional[list] = None
+    _lut: Optional[np.ndarray] = None
+
+    @property
+    def itemsize_bits(self) -> int:
+        return DTYPES[self.dtype].bits
+
+    @property
+    def nchunks(self) -> int:
+        return max(1, math.ceil(self.n / self.chunk)) if self.n else 0
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        a = i * self.chunk
+        return a, min(self.n, a + self.chunk)
+
+    # -- side information ------------------------------------------------------------------------
+    def params(self) -> dict:
+        p = {"codec": self.codec, "chunk": self.chunk}
+        if self.codec == "fields":
+            p.update(layout=self.layout.to_json(), block=self.block, contexts=int(self.tables.shape[0]),
+                     alphabet=int(len(self.alphabet)))
+        return p
+
+    def side(self) -> bytes:
+        if self.codec != "fields":
+            return b""
+        raw = b"".join([
+            self.alphabet.astype("<u2").tobytes(),
+            self.tables.astype("<u4").tobytes(),
+            self.cls.astype(np.uint8).tobytes(),
+            self.tz.astype(np.uint8).tobytes(),
+        ])
+        return zstandard.ZstdCompressor(level=19).compress(raw)
+
+    @property
+    def nblocks(self) -> int:
+        return math.ceil(self.n / self.block) if self.block else 0
+
+    def models(self):
+        if self._models is None:
+            self._models = [entropy.make_model(t) for t in self.tables]
+        return self._models
+
+    def lut(self) -> np.ndarray:
+        if self._lut is None:
+            self._lut = np.zeros(1 << self.layout.head, dtype=np.int32)
+            self._lut[self.alphabet] = np.arange(len(self.alphabet), dtype=np.int32)
+        return self._lut
+
+    def for_chunks(self, first: int, last: int) -> "Plan":
+        """A copy carrying only the block side information of chunks first..last-1 (to ship to a worker)."""
+        if self.codec != "fields":
+            return self
+        bpc = self.chunk // self.block
+        lo, hi = first * bpc - self.block_base, last * bpc - self.block_base
+        return replace(self, cls=self.cls[lo:hi], tz=self.tz[lo:hi], block_base=first * bpc,
+                       _models=None, _lut=None)
+
+
+def _zstd(data: bytes, level: int) -> bytes:
+    return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+def unzstd(data, expected: int, where: str) -> bytes:
+    """Decompress a zstd frame that must hold exactly `expected` bytes (checked before allocating)."""
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        raise FormatError(f"{where}: damaged zstd data") from None
+    if size != expected:
+        raise FormatError(f"{where}: zstd data declares {size} bytes, expected {expected}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected)
+    except zstandard.ZstdError:
+        raise FormatError(f"{where}: damaged zstd data") from None
+    if len(out) != expected:
+        raise FormatError(f"{where}: zstd data decodes to {len(out)} bytes, expected {expected}")
+    return out
+
+
+def _smaller_of(data: bytes, level: int) -> tuple[str, bytes]:
+    z = _zstd(data, level)
+    return ("zstd", z) if len(z) < len(data) else ("raw", data)
+
+
+def _unstore(codec: str, data, expected: int, where: str) -> bytes:
+    if codec == "raw":
+        if len(data) != expected:
+            raise FormatError(f"{where}: raw part holds {len(data)} bytes, expected {expected}")
+        return data
+    if codec == "zstd":
+        return unzstd(data, expected, where)
+    raise FormatError(f"{where}: unknown part codec {codec!r}")
+
+
+# -- bytes codec ---------------------------------------------------------------------------------
+
+def _planes(nbits: int) -> int:
+    return nbits // 8 if nbits >= 8 else 1
+
+
+def bytes_encode(raw: bytes, planes: int, level: int) -> list:
+    a = np.frombuffer(raw, dtype=np.uint8)
+    if planes > 1:
+        a = np.ascontiguousarray(a.reshape(-1, planes).T)
+    codec, data = _smaller_of(a.tobytes(), level)
+    return [("data", codec, data)]
+
+
+def bytes_decode(parts, payload, nbytes: int, planes: int, where: str) -> bytes:
+    if len(parts) != 1 or parts[0][0] != "data":
+        raise FormatError(f"{where}: malformed parts for the bytes codec")
+    raw = _unstore(parts[0][1], payload, nbytes, where)
+    if planes > 1:
+        a = np.frombuffer(raw, dtype=np.uint8).reshape(planes, -1)
+        return np.ascontiguousarray(a.T).tobytes()
+    return bytes(raw)
+
+
+# -- planning ------------------------------------------------------------------------------------
+
+def _block_length(n: int, shape: list[int]) -> int:
+    if len(shape) >= 2 and shape[0] > 0 and n // shape[0] > 0:
+        row = n // shape[0]
+        if row > MAX_BLOCK:
+            return DEFAULT_BLOCK
+        return row * math.ceil(64 / row) if row < 64 else row
+    return max(1, min(n, DEFAULT_BLOCK))
+
+
+def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT_LEVEL) -> Plan:
+    """Measure a tensor (two passes through `reader`) and choose its codec, contexts and tables."""
+    cfg = LEVELS[level]
+    dt = DTYPES[dtype]
+    n = math.prod(shape)
+    lay = layout_for(dt, cfg["k"])
+    if lay is None or n == 0:
+        nbytes = dt.nbytes(n)
+        planes = _planes(dt.bits)
+        chunk = max(planes, (BYTES_CHUNK // planes) * planes)
+        return Plan("bytes", dtype, nbytes, chunk, cfg["zstd"])
+    L = _block_length(n, shape)
+    chunk = max(1, CHUNK_TARGET // L) * L
+    nblocks = math.ceil(n / L)
+    hist = np.zeros(1 << lay.head, dtype=np.int64)
+    bsum = np.zeros(nblocks, dtype=np.float64)
+    tz = np.zeros(nblocks, dtype=np.uint8)
+    for a in range(0, n, chunk):
+        u = reader(a, min(chunk, n - a))
+        head, v = split(u, lay)
+        hist += np.bincount(head, minlength=1 << lay.head)
+        starts = np.arange(0, len(u), L)
+        b0 = a // L
+        bsum[b0:b0 + len(starts)] = np.add.reduceat(head.astype(np.float64), starts)
+        if lay.tail:
+            low = np.bitwise_or.reduceat(v & np.uint64((1 << lay.tail) - 1), starts)
+            tz[b0:b0 + len(starts)] = trailing_zeros(low, lay.tail)
+    alphabet = np.flatnonzero(hist).astype(np.int64)
+    plan = Plan("fields", dtype, n, chunk, cfg["zstd"], cfg["try_bytes"], lay, L, alphabet,
+                np.zeros((0, len(alphabet)), np.uint32), np.zeros(nblocks, np.uint8), tz)
+    if len(alphabet) < 2:
+        return plan
+    sizes = np.full(nblocks, L, dtype=np.float64)
+    sizes[-1] = n - L * (nblocks - 1)
+    cmax = 1
+    while cmax * 2 <= min(cfg["contexts"], nblocks):
+        cmax *= 2
+    if cmax > 1:
+        stat = bsum / sizes
+        thresholds = np.quantile(stat, np.arange(1, cmax) / cmax)
+        cls = np.searchsorted(thresholds, stat, side="right").astype(np.uint8)
+    else:
+        cls = np.zeros(nblocks, np.uint8)
+    lut = np.zeros(1 << lay.head, dtype=np.int64)
+    lut[alphabet] = np.arange(len(alphabet))
+    A = len(alphabet)
+    fine = np.zeros(cmax * A, dtype=np.int64)
+    for a in range(0, n, chunk):
+        u = reader(a, min(chunk, n - a))
+        head, _ = split(u, lay)
+        ecls = np.repeat(cls[a // L: a // L + math.ceil(len(u) / L)].astype(np.int64), L)[: len(u)]
+        fine += np.bincount(ecls * A + lut[head], minlength=cmax * A)
+    fine = fine.reshape(cmax, A)
+    best = None
+    c = cmax
+    while c >= 1:
+        shift = int(math.log2(cmax // c))
+        counts = fine.reshape(c, cmax // c, A).sum(axis=1)
+        tables = np.stack([entropy.quantize_counts(h if h.sum() else np.ones(A, np.int64)) for h in counts])
+        bits = sum(entropy.bits_with_table(h, t) for h, t in zip(counts, tables))
+        bits += 8 * len(_zstd(tables.astype("<u4").tobytes(), 19)) + nblocks * math.log2(c)
+        if best is None or bits < best[0]:
+            best = (bits, tables.astype(np.uint32), (cls >> shift).astype(np.uint8))
+        c //= 2
+    plan.tables, plan.cls = best[1], best[2]
+    return plan
+
+
+def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: str) -> Plan:
+    """Rebuild a Plan from a container record, validating everything before allocating."""
+    if not isinstance(params, dict) or params.get("codec") not in ("fields", "bytes"):
+        raise FormatError(f"{where}: unknown stream codec")
+    dt = DTYPES.get(dtype)
+    if dt is None:
+        raise FormatError(f"{where}: unknown dtype {dtype!r}")
+    chunk = params.get("chunk")
+    if type(chunk) is not int or chunk < 1:
+        raise FormatError(f"{where}: malformed chunk size")
+    if params["codec"] == "bytes":
+        if len(side):
+            raise FormatError(f"{where}: unexpected side information")
+        return Plan("bytes", dtype, dt.nbytes(numel), chunk)
+    try:
+        lay = Layout.from_json(params["layout"])
+        block, C, A = (params[k] for k in ("block", "contexts", "alphabet"))
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"{where}: malformed stream parameters") from None
+    if not lay.valid() or lay.bits != dt.bits or not all(type(x) is int for x in (block, C, A)):
+        raise FormatError(f"{where}: malformed stream parameters")
+    if not (1 <= block <= chunk and chunk % block == 0 and 1 <= A <= min(1 << lay.head, entropy.MAX_ALPHABET)
+            and 0 <= C <= 8 and (C == 0) == (A == 1) and numel >= 1):
+        raise FormatError(f"{where}: stream parameters out of range")
+    nblocks = math.ceil(numel / block)
+    expected = 2 * A + 4 * C * A + 2 * nblocks
+    raw = unzstd(side, expected, where + " side information")
+    off = 0
+    alphabet = np.frombuffer(raw, "<u2", A, off).astype(np.int64); off += 2 * A
+    tables = np.frombuffer(raw, "<u4", C * A, off).reshape(C, A).astype(np.uint32); off += 4 * C * A
+    cls = np.frombuffer(raw, np.uint8, nblocks, off); off += nblocks
+    tz = np.frombuffer(raw, np.uint8, nblocks, off)
+    if np.any(np.diff(alphabet) <= 0) or (A and alphabet[-1] >= (1 << lay.head)):
+        raise FormatError(f"{where}: malformed alphabet")
+    for t in tables:
+        entropy.check_table(t, where)
+    if nblocks and (int(cls.max()) >= max(C, 1) or int(tz.max()) > lay.tail):
+        raise FormatError(f"{where}: malformed block side information")
+    return Plan("fields", dtype, numel, chunk, layout=lay, block=block, alphabet=alphabet, tables=tables,
+                cls=cls, tz=tz)
+
+
+# -- chunks --------------------------------------------------------------------------------------
+
+class _BlockGroups:
+    """Elements of a chunk grouped by a per-block key (class or trailing zeros), in block order.
+
+    Works on rows of the (blocks x L) view, so gathering and scattering copy whole rows.
+    """
+
+    def __init__(self, bkeys: np.ndarray, nkeys: int, L: int, m: int):
+        self.L, self.m, self.nb = L, m, len(bkeys)
+        self.last = m - (self.nb - 1) * L  # length of the last (maybe partial) block
+        self.uniform = self.nb == 0 or int(bkeys.min()) == int(bkeys.max())
+        self.rows = [np.flatnonzero(bkeys == k) for k in range(nkeys)]
+        self.counts = [len(r) * L - (L - self.last if len(r) and r[-1] == self.nb - 1 else 0) for r in self.rows]
+
+    def keys(self):
+        return [k for k, c in enumerate(self.counts) if c]
+
+    def _split_last(self, k):
+        rows = self.rows[k]
+        if len(rows) and rows[-1] == self.nb - 1 and self.last != self.L:
+            return rows[:-1], True
+        return rows, False
+
+    def gather(self, x: np.ndarray, k: int) -> np.ndarray:
+        if self.uniform:
+            return x if self.counts[k] else x[:0]
+        rows, partial = self._split_last(k)
+        full = x[: (self.nb - 1) * self.L + (self.L if self.last == self.L else 0)]
+        g = full.reshape(-1, self.L)[rows].reshape(-1)
+        return np.concatenate([g, x[(self.nb - 1) * self.L:]]) if partial else g
+
+    def scatter(self, out: np.ndarray, k: int, values: np.ndarray) -> None:
+        if self.uniform:
+            out[:] = values
+            return
+        rows, partial = self._split_last(k)
+        nfull = len(rows) * self.L
+        whole = out[: (self.nb - 1) * self.L + (self.L if self.last == self.L else 0)].reshape(-1, self.L)
+        whole[rows] = values[:nfull].reshape(-1, self.L)
+        if partial:
+            out[(self.nb - 1) * self.L:] = values[nfull:]
+
+
+def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
+    """Code chunk `i` (elements as raw uint array, or bytes for the bytes codec); returns record and payload."""
+    raw = u.tobytes()
+    rec = {"codec": plan.codec, "raw_crc": zlib.crc32(raw)}
+    planes = _planes(plan.itemsize_bits)
+    if plan.codec == "bytes":
+        parts = bytes_encode(raw, planes, plan.zstd_level)
+    else:
+        parts = _fields_encode(plan, i, u)
+        if plan.try_bytes:
+            alt = bytes_encode(raw, planes, plan.zstd_level)
+            if len(alt[0][2]) < sum(len(p[2]) for p in parts):
+                rec["codec"], parts = "bytes", alt
+    rec["parts"] = [[name, codec, len(data)] for name, codec, data in parts]
+    payload = b"".join(data for _, _, data in parts)
+    return rec, payload
+
+
+def _chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    b0 = i * plan.chunk // plan.block - plan.block_base
+    nb = math.ceil(m / plan.block)
+    if b0 < 0 or b0 + nb > len(plan.cls):
+        raise FormatError("chunk outside the block side information")
+    return plan.cls[b0:b0 + nb], plan.tz[b0:b0 + nb]
+
+
+def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
+    lay, L = plan.layout, plan.block
+    m = len(u)
+    bcls, btz = _chunk_blocks(plan, i, m)
+    head, v = split(u, lay)
+    parts = []
+    if len(plan.alphabet) > 1:
+        sym = plan.lut()[head]
+        C = plan.tables.shape[0]
+        g = _BlockGroups(bcls, C, L, m)
+        groups = [(g.gather(sym, c), plan.models()[c]) for c in range(C)]
+        parts.append(("head", "ans", entropy.ans_encode(groups).astype("<u4").tobytes()))
+    else:
+        parts.append(("head", "const", b""))
+    if lay.tail + lay.sign:
+        g = _BlockGroups(btz, lay.tail + 1, L, m)
+        pieces = []
+        for tz in g.keys():
+            t, w = tail_values(g.gather(v, tz), lay, tz)
+            pieces.append(pack_bits(t, w))
+        codec, data = _smaller_of(b"".join(pieces), plan.zstd_level)
+        parts.append(("tail", codec, data))
+    return parts
+
+
+def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str) -> bytes:
+    """Decode one chunk's payload back to its raw bytes, checking its checksum."""
+    a, b = plan.chunk_range(i)
+    m = b - a
+    parts = rec.get("parts")
+    if not isinstance(parts, list) or not all(
+        isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
+        and type(p[2]) is int and p[2] >= 0 for p in parts
+    ) or sum(p[2] for p in parts) != len(payload):
+        raise FormatError(f"{where}: malformed chunk parts")
+    views, off = {}, 0
+    for name, codec, ln in parts:
+        views[name] = (codec, payload[off:off + ln])
+        off += ln
+    codec = rec.get("codec")
+    if codec == "bytes":
+        planes = _planes(DTYPES[plan.dtype].bits) if plan.codec == "fields" else _planes(plan.itemsize_bits)
+        nbytes = m * (plan.itemsize_bits // 8) if plan.codec == "fields" else m
+        raw = bytes_decode(parts, payload, nbytes, planes, where)
+    elif codec == "fields" and plan.codec == "fields":
+        raw = _fields_decode(plan, i, m, views, where).tobytes()
+    else:
+        raise FormatError(f"{where}: unknown chunk codec {codec!r}")
+    if zlib.crc32(raw) != rec.get("raw_crc"):
+        raise FormatError(f"{where}: decoded data fails its checksum")
+    return raw
+
+
+def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.ndarray:
+    lay, L = plan.layout, plan.block
+    wd = work_dtype(lay)
+    bcls, btz = _chunk_blocks(plan, i, m)
+    if set(views) != ({"head", "tail"} if lay.tail + lay.sign else {"head"}):
+        raise FormatError(f"{where}: malformed chunk parts")
+    hcodec, hdata = views["head"]
+    A = len(plan.alphabet)
+    alphabet = plan.alphabet.astype(wd)
+    if A == 1:
+        if hcodec != "const" or len(hdata):
+            raise FormatError(f"{where}: malformed head part")
+        head = np.full(m, alphabet[0], dtype=wd)
+    else:
+        if hcodec != "ans" or len(hdata) % 4 or len(hdata) < 8:
+            raise FormatError(f"{where}: malformed head part")
+        C = plan.tables.shape[0]
+        g = _BlockGroups(bcls, C, L, m)
+        words = np.frombuffer(hdata, dtype="<u4")
+        got = entropy.ans_decode(words, [(g.counts[c], plan.models()[c]) for c in range(C)], where)
+        head = np.empty(m, dtype=wd)
+        for c in g.keys():
+            sym = got[c]
+            if sym.min() < 0 or sym.max() >= A:
+                raise FormatError(f"{where}: entropy-coded data is corrupt")
+            g.scatter(head, c, alphabet[sym])
+    if not lay.tail + lay.sign:
+        return head.astype(UINT[lay.bits])
+    g = _BlockGroups(btz, lay.tail + 1, L, m)
+    widths = {tz: lay.tail - tz + lay.sign for tz in g.keys()}
+    expected = sum(packed_size(g.counts[tz], w) for tz, w in widths.items())
+    tcodec, tdata = views["tail"]
+    tail = memoryview(_unstore(tcodec, tdata, expected, where + " tail"))
+    out = np.empty(m, dtype=wd) if not g.uniform else None
+    off = 0
+    for tz, w in widths.items():
+        cnt = g.counts[tz]
+        size = packed_size(cnt, w)
+        t = unpack_bits(tail[off:off + size], cnt, w, wd)
+        off += size
+        if g.uniform:
+            out = join(head, t, lay, tz)
+        else:
+            g.scatter(out, tz, join(g.gather(head, tz), t, lay, tz))
+    return out.astype(UINT[lay.bits], copy=False)
