@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,18 @@ _TORCH_NAMES = {
 }
 
 
-def torch_dtype(name: str) -> Optional[torch.dtype]:
+def torch_dtype(name: str) -> Optional["torch.dtype"]:
     """The torch dtype for a safetensors dtype name, or None where torch has none."""
+    import torch
+
     attr = _TORCH_NAMES.get(name)
     return getattr(torch, attr, None) if attr else None
 
 
-def safetensors_name(dtype: torch.dtype) -> str:
+def safetensors_name(dtype: "torch.dtype") -> str:
     """The safetensors dtype name of a torch dtype."""
+    import torch
+
     for name, attr in _TORCH_NAMES.items():
         if getattr(torch, attr, None) == dtype:
             return name

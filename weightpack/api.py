@@ -1,0 +1,361 @@
+"""The public API: pack, unpack, load, open, inspect, verify. Glue over checkpoint, pipeline and container."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import math
+import os
+import shutil
+import struct
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Union
+
+if TYPE_CHECKING:
+    import torch
+
+from tqdm import tqdm
+
+from . import metrics
+from .checkpoint import Checkpoint, open_checkpoint, read_exact
+from .container import VERSION, ContainerReader, ContainerWriter, check_output_file, tensor_blob_refs
+from .coding.streams import _zstd
+from .dtypes import DTYPES, torch_dtype
+from .errors import FormatError, OutputError, VerifyError, WeightpackError
+from .pipeline import carried_files, decode_into_files, decode_tensors, pack_checkpoint, progress_enabled
+from .recipe import Recipe, load_recipe
+
+PathLike = Union[str, os.PathLike]
+
+
+def _bar(total: int, desc: str, show: bool):
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not show,
+                dynamic_ncols=True, leave=False)
+
+
+def default_output(src: PathLike) -> Path:
+    p = Path(src)
+    if p.is_dir():
+        return p.parent / (p.name.rstrip("/") + ".wpk")
+    name = p.name
+    for suffix in (".safetensors.index.json", ".safetensors"):
+        if name.endswith(suffix):
+            return p.with_name(name[: -len(suffix)] + ".wpk")
+    return p.with_name(name + ".wpk")
+
+
+def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe | dict | None" = "lossless",
+         level: Optional[int] = None, workers: Optional[int] = None, force: bool = False,
+         progress: bool = False) -> dict:
+    """Pack a safetensors file, a sharded index (`*.safetensors.index.json`) or a model folder.
+
+    Writes `dst` (default: beside `src`, with the `.wpk` suffix) atomically and returns a summary:
+    ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``.
+    """
+    t0 = time.perf_counter()
+    rec = load_recipe(recipe)
+    if level is not None:
+        rec = load_recipe({**rec.to_json(), "level": level}) if level != rec.level else rec
+    ckpt = open_checkpoint(src)
+    for _, _, e in ckpt.tensors():
+        rec.stages_for(e.name)  # lossless only in this version; recipes with stages were rejected on load
+    target = Path(dst) if dst is not None else default_output(src)
+    with ContainerWriter(target, force) as w, _bar(ckpt.total_bytes, "pack", progress) as bar:
+        tensors = pack_checkpoint(ckpt, w, rec.level, workers, bar.update)
+        carried = []
+        for name, path in ckpt.carried:
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise WeightpackError(f"{path}: cannot read ({e.strerror})") from None
+            z = _zstd(data, 19)
+            codec, blob = ("zstd", z) if len(z) < len(data) else ("raw", data)
+            carried.append({"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                            "codec": codec, "blob": w.write_blob(blob)})
+        index = {
+            "format": "weightpack", "version": list(VERSION),
+            "source": {"kind": ckpt.kind}, "recipe": rec.to_json(),
+            "files": [{"name": f.rel, "header": f.header_text} for f in ckpt.files],
+            "carried": carried, "tensors": tensors,
+        }
+        size = w.commit(index)
+    bytes_in = sum(f.size for f in ckpt.files)
+    return {"path": str(target), "bytes_in": bytes_in, "bytes_out": size,
+            "ratio": size / bytes_in if bytes_in else 0.0, "seconds": time.perf_counter() - t0,
+            "tensors": len(tensors)}
+
+
+# -- unpack --------------------------------------------------------------------------------------
+
+class _OutputTree:
+    """Output files written under a temporary name and moved into place only when complete."""
+
+    def __init__(self, target: Path, single: bool, force: bool):
+        self.target, self.single, self.force = target, single, force
+        if single:
+            check_output_file(target, force)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+            os.close(fd)
+            self.tmp = Path(tmp)
+        else:
+            if target.exists() and not target.is_dir():
+                raise OutputError(f"{target}: exists and is not a folder")
+            if target.is_dir() and any(target.iterdir()) and not force:
+                raise OutputError(f"{target}: folder exists and is not empty (use --force to replace it)")
+            parent = target.parent
+            if not parent.is_dir():
+                raise OutputError(f"{parent}: no such folder")
+            if not os.access(parent, os.W_OK):
+                raise OutputError(f"{parent}: folder is not writable")
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+
+    def path(self, rel: str) -> Path:
+        if self.single:
+            return self.tmp
+        p = self.tmp.joinpath(*rel.split("/"))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.exists() or p.is_symlink():
+            raise FormatError(f"file {rel} is listed twice")
+        return p
+
+    def commit(self) -> None:
+        if self.single:
+            check_output_file(self.target, self.force)
+            os.replace(self.tmp, self.target)
+            return
+        old = None
+        if self.target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".old", dir=self.target.parent))
+            os.rename(self.target, old / "x")
+        os.rename(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self.single:
+            self.tmp.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False, workers: Optional[int] = None,
+           progress: bool = False) -> Path:
+    """Restore safetensors from a container: the same files, tensors, headers and `__metadata__`.
+
+    A single-file source restores to `dst` (a file path, or a folder to put the original name in);
+    a sharded or folder source restores to the folder `dst` (default: beside the container, without
+    `.wpk`), with its index and carried files. Returns the path written.
+    """
+    with ContainerReader(src) as r:
+        idx = r.index
+        single = idx["source"].get("kind") == "file" and len(idx["files"]) == 1 and not idx["carried"]
+        srcp = Path(src)
+        if single:
+            name = idx["files"][0]["name"]
+            if dst is None:
+                target = srcp.parent / name
+            else:
+                d = Path(dst)
+                target = d / name if d.is_dir() or str(dst).endswith(("/", os.sep)) else d
+        else:
+            target = Path(dst) if dst is not None else srcp.with_name(srcp.name.removesuffix(".wpk") or "unpacked")
+        out = _OutputTree(target, single, force)
+        try:
+            targets = {}
+            by_file: dict[int, list] = {}
+            for t in idx["tensors"]:
+                by_file.setdefault(t["file"], []).append(t)
+            for fi, f in enumerate(idx["files"]):
+                path = out.path(f["name"])
+                header = f["header"].encode("utf-8")
+                total = 8 + len(header) + sum(t["nbytes"] for t in by_file.get(fi, []))
+                from .checkpoint import validate_header
+
+                _, entries = validate_header(f["header"], total - 8 - len(header), f["name"])
+                with builtins.open(path, "wb") as fh:
+                    fh.write(struct.pack("<Q", len(header)) + header)
+                    fh.truncate(total)
+                for e in entries:
+                    targets[e.name] = (str(path), 8 + len(header) + e.begin)
+            with _bar(sum(t["nbytes"] for t in idx["tensors"]), "unpack", progress) as bar:
+                decode_into_files(r, targets, workers, bar.update)
+            for c, data in carried_files(r):
+                out.path(c["name"]).write_bytes(data)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+    return target
+
+
+# -- load / open ---------------------------------------------------------------------------------
+
+def _device(device: "str | torch.device") -> "torch.device":
+    import torch
+
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise WeightpackError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WeightpackError("device 'cuda' requested but no CUDA GPU is available (use device='auto' or 'cpu')")
+    return dev
+
+
+def _to_tensor(t: dict, raw: bytes, device: "torch.device") -> "torch.Tensor":
+    import torch
+
+    dt = torch_dtype(t["dtype"])
+    if dt is None:
+        raise WeightpackError(f"tensor {t['name']!r}: torch has no dtype for {t['dtype']}")
+    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    x = buf.view(dt).reshape(t["shape"])
+    return x.to(device) if device.type != "cpu" else x
+
+
+def load(path: PathLike, device: "str | torch.device" = "cpu", workers: Optional[int] = None) -> "dict[str, torch.Tensor]":
+    """Decode every tensor of a container into a dict of torch tensors on `device` ("cpu", "cuda", "auto")."""
+    dev = _device(device)
+    with ContainerReader(path) as r:
+        return {t["name"]: _to_tensor(t, raw, dev) for t, raw in decode_tensors(r, r.index["tensors"], workers)}
+
+
+class WpkFile:
+    """Lazy access to a container, like safetensors' `safe_open`: keys(), metadata(), get_tensor(name)."""
+
+    def __init__(self, path: PathLike, device: "str | torch.device" = "cpu"):
+        self.device = _device(device)
+        self._r = ContainerReader(path)
+        self._by_name = {t["name"]: t for t in self._r.index["tensors"]}
+
+    def keys(self) -> list[str]:
+        return list(self._by_name)
+
+    def metadata(self) -> Optional[dict]:
+        """The `__metadata__` of the (first) source file, as safetensors' safe_open gives it."""
+        import json
+
+        for f in self._r.index["files"]:
+            md = json.loads(f["header"]).get("__metadata__")
+            if md is not None:
+                return md
+        return None
+
+    def get_tensor(self, name: str) -> "torch.Tensor":
+        t = self._by_name.get(name)
+        if t is None:
+            raise KeyError(name)
+        for rec, raw in decode_tensors(self._r, [t], workers=1):
+            return _to_tensor(rec, raw, self.device)
+        raise FormatError(f"tensor {name!r}: nothing decoded")
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self) -> "WpkFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open(path: PathLike, device: "str | torch.device" = "cpu") -> WpkFile:  # noqa: A001 - mirrors safe_open
+    """Open a container for lazy, per-tensor access."""
+    return WpkFile(path, device)
+
+
+# -- inspect / verify ----------------------------------------------------------------------------
+
+def inspect(path: PathLike) -> dict:
+    """Per-tensor rows (name, dtype, shape, stages, bytes before/after, bits per weight, codec) and totals."""
+    with ContainerReader(path) as r:
+        return metrics.inspect_report(r)
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "tensors_checked": self.checked, "problems": self.problems}
+
+
+def verify(path: PathLike, against: Optional[PathLike] = None, *, workers: Optional[int] = None,
+           progress: bool = False) -> VerifyReport:
+    """Check every checksum and decode every tensor against its recorded SHA-256; with `against`,
+    also require every tensor, the metadata and the carried files to equal the source's, by hash.
+
+    Returns a report; `report.ok` is False on any difference. Structural damage raises FormatError.
+    """
+    problems: list[str] = []
+    checked = 0
+    with ContainerReader(path) as r:
+        idx = r.index
+        for t in idx["tensors"]:
+            for label, ref in tensor_blob_refs(t):
+                data = r._pread(ref["offset"], ref["length"])
+                if zlib.crc32(data) != ref["crc32"]:
+                    problems.append(f"tensor {t['name']!r} {label}: checksum mismatch")
+        for c in idx["carried"]:
+            try:
+                for _ in [r.read_blob(c["blob"], f"carried file {c['name']}")]:
+                    pass
+            except FormatError as e:
+                problems.append(str(e))
+        decoded: dict[str, str] = {}
+        if not problems:
+            with _bar(sum(t["nbytes"] for t in idx["tensors"]), "verify", progress) as bar:
+                try:
+                    for t, raw in decode_tensors(r, idx["tensors"], workers, bar.update):
+                        h = hashlib.sha256(raw).hexdigest()
+                        decoded[t["name"]] = h
+                        checked += 1
+                        if h != t["sha256"]:
+                            problems.append(f"tensor {t['name']!r}: decoded data differs from the packed source")
+                    for c, _ in carried_files(r):
+                        pass
+                except FormatError as e:
+                    problems.append(str(e))
+        if against is not None and not problems:
+            problems += _compare_with_source(idx, decoded, open_checkpoint(against), r)
+    return VerifyReport(not problems, checked, problems)
+
+
+def _compare_with_source(idx: dict, decoded: dict[str, str], ckpt: Checkpoint, r: ContainerReader) -> list[str]:
+    from .pipeline import _tensor_sha256
+
+    problems = []
+    src = {e.name: (f, e) for _, f, e in ckpt.tensors()}
+    packed = {t["name"]: t for t in idx["tensors"]}
+    for name in sorted(set(src) - set(packed)):
+        problems.append(f"tensor {name!r} is in the source but not in the container")
+    for name in sorted(set(packed) - set(src)):
+        problems.append(f"tensor {name!r} is in the container but not in the source")
+    for name in sorted(set(src) & set(packed)):
+        f, e = src[name]
+        t = packed[name]
+        if (e.dtype, e.shape) != (t["dtype"], t["shape"]):
+            problems.append(f"tensor {name!r}: dtype/shape {t['dtype']}{t['shape']} differs from the source's {e.dtype}{e.shape}")
+        elif _tensor_sha256(f.path, e) != decoded.get(name):
+            problems.append(f"tensor {name!r}: decoded data differs from the source")
+    import json
+
+    src_meta = {f.rel: f.metadata for f in ckpt.files}
+    for f in idx["files"]:
+        md = json.loads(f["header"]).get("__metadata__")
+        if f["name"] in src_meta and src_meta[f["name"]] != md:
+            problems.append(f"file {f['name']}: __metadata__ differs from the source")
+    carried_src = {name: p for name, p in ckpt.carried}
+    for c in idx["carried"]:
+        p = carried_src.get(c["name"])
+        if p is not None and hashlib.sha256(p.read_bytes()).hexdigest() != c["sha256"]:
+            problems.append(f"file {c['name']}: differs from the source")
+    return problems

@@ -1,0 +1,155 @@
+"""The `weightpack` command: a thin layer over the API. Exit codes: 0 ok, 1 verification failed,
+2 bad usage or bad input, 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from . import __version__, api
+from .errors import WeightpackError
+from .pipeline import progress_enabled
+from .recipe import load_recipe, presets
+
+EPILOG = "Exit codes: 0 ok, 1 verification failed, 2 bad usage or bad input."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"weightpack: error: {message} (see --help)\n")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _workers(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="weightpack", description="Compress model weights (safetensors) into .wpk containers and back.",
+                epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"weightpack {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def common(sp, workers=True):
+        sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors; no progress bar")
+        if workers:
+            sp.add_argument("-j", "--workers", type=_workers, default=None, metavar="N",
+                            help="worker processes (default: all cores)")
+
+    sp = sub.add_parser("pack", help="pack a checkpoint into a .wpk container", epilog=EPILOG,
+                        description="Pack a safetensors file, a sharded checkpoint (its *.safetensors.index.json) "
+                                    "or a model folder into a .wpk container.")
+    sp.add_argument("src", help="model.safetensors, model.safetensors.index.json, or a model folder")
+    sp.add_argument("-o", "--output", help="output .wpk (default: beside SRC)")
+    sp.add_argument("-r", "--recipe", default="lossless", help="preset name or TOML file (default: lossless)")
+    sp.add_argument("-l", "--level", type=int, choices=[1, 2, 3], default=None,
+                    help="1 fastest decode, 2 default, 3 smallest")
+    sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
+    sp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    common(sp)
+
+    sp = sub.add_parser("unpack", help="restore safetensors from a .wpk container", epilog=EPILOG,
+                        description="Restore the original safetensors file(s), index and carried files.")
+    sp.add_argument("src", help="the .wpk container")
+    sp.add_argument("-o", "--output", help="output file or folder (default: beside SRC)")
+    sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
+    common(sp)
+
+    sp = sub.add_parser("inspect", help="show what a container holds, per tensor", epilog=EPILOG)
+    sp.add_argument("src", help="the .wpk container")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = sub.add_parser("verify", help="check checksums, and bit-exactness against the source", epilog=EPILOG,
+                        description="Check every checksum and decode every tensor against its recorded hash. "
+                                    "With --against, also require equality with the source checkpoint.")
+    sp.add_argument("src", help="the .wpk container")
+    sp.add_argument("--against", metavar="SRC", help="the source checkpoint to compare with")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    common(sp)
+
+    sub.add_parser("recipes", help="list the recipe presets", epilog=EPILOG)
+    return p
+
+
+def _print_inspect(rep: dict) -> None:
+    rows = rep["tensors"]
+    w = max([len(r["name"]) for r in rows] + [6])
+    print(f"{'tensor':<{w}}  {'dtype':<7} {'shape':<16} {'stages':<9} {'before':>10} {'after':>10} {'bpw':>6}  codec")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        print(f"{r['name']:<{w}}  {r['dtype']:<7} {shape:<16} {','.join(r['stages']):<9} "
+              f"{_human(r['bytes_before']):>10} {_human(r['bytes_after']):>10} {r['bits_per_weight']:>6.2f}  {r['codec']}")
+    t = rep["totals"]
+    print(f"{t['tensors']} tensors, {t['weights']:,} weights: {_human(t['bytes_before'])} -> "
+          f"{_human(t['container_bytes'])} ({100 * t['ratio']:.2f}%), {t['bits_per_weight']:.3f} bits per weight")
+
+
+def run(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    show = progress_enabled(getattr(args, "quiet", False))
+    if args.command == "pack":
+        res = api.pack(args.src, args.output, recipe=args.recipe, level=args.level, workers=args.workers,
+                       force=args.force, progress=show)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        elif not args.quiet:
+            print(f"{res['path']}: {_human(res['bytes_in'])} -> {_human(res['bytes_out'])} "
+                  f"({100 * res['ratio']:.2f}%), {res['tensors']} tensors in {res['seconds']:.1f} s")
+    elif args.command == "unpack":
+        out = api.unpack(args.src, args.output, force=args.force, workers=args.workers, progress=show)
+        if not args.quiet:
+            print(f"{out}")
+    elif args.command == "inspect":
+        rep = api.inspect(args.src)
+        print(json.dumps(rep, indent=2)) if args.json else _print_inspect(rep)
+    elif args.command == "verify":
+        rep = api.verify(args.src, args.against, workers=args.workers, progress=show)
+        if args.json:
+            print(json.dumps(rep.to_json(), indent=2))
+        else:
+            for p in rep.problems:
+                print(f"FAILED: {p}", file=sys.stderr)
+            if rep.ok and not args.quiet:
+                what = f" and equal to {args.against}" if args.against else ""
+                print(f"ok: {rep.checked} tensors, all checksums valid{what}")
+        return 0 if rep.ok else 1
+    elif args.command == "recipes":
+        for name, path in sorted(presets().items()):
+            print(f"{name:<16} {load_recipe(str(path)).description}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return run(argv)
+    except WeightpackError as e:
+        print(f"weightpack: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("weightpack: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("weightpack: error: out of memory", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"weightpack: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The .wpk container: header, aligned blobs, JSON index, trailer. See docs/FORMAT.md.
+
+    header   16 bytes  MAGIC, u16 major, u16 minor, u32 reserved (0)
+    blobs    each starting at a multiple of ALIGN, zero padding between
+    index    UTF-8 JSON
+    trailer  32 bytes  u64 index offset, u64 index length, u32 crc32(index), u16 major, u16 minor, MAGIC
+
+The writer streams blobs to a temporary file beside the target and renames it into place only when the
+index and trailer are written, so the target name never holds a partial file. The reader checks the
+trailer, the index checksum and every offset, length and size in the index before it reads or
+allocates anything; blobs are checked against their crc32 when read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import check_relative_name, validate_header
+from .dtypes import DTYPES
+from .errors import CheckpointError, FormatError, OutputError
+
+MAGIC = b"\x89WPK\r\n\x1a\n"
+VERSION = (1, 0)
+ALIGN = 64
+HEADER = struct.Struct("<8sHHI")
+TRAILER = struct.Struct("<QQIHH8s")
+MAX_INDEX = 1 << 30
+
+
+def _ref(offset: int, length: int, crc: int) -> dict:
+    return {"offset": offset, "length": length, "crc32": crc}
+
+
+class ContainerWriter:
+    """Writes a container to a temporary file; `commit()` renames it to the target."""
+
+    def __init__(self, target: Path, force: bool = False):
+        self.target = Path(target)
+        check_output_file(self.target, force)
+        self.force = force
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent)
+        self.tmp = Path(tmp)
+        self.f = os.fdopen(fd, "wb")
+        self.f.write(HEADER.pack(MAGIC, *VERSION, 0))
+        self.pos = HEADER.size
+
+    def write_blob(self, data: bytes) -> dict:
+        pad = (-self.pos) % ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.pos += pad
+        offset = self.pos
+        self.f.write(data)
+        self.pos += len(data)
+        return _ref(offset, len(data), zlib.crc32(data))
+
+    def commit(self, index: dict) -> int:
+        raw = json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        offset = self.pos
+        self.f.write(raw)
+        self.f.write(TRAILER.pack(offset, len(raw), zlib.crc32(raw), *VERSION, MAGIC))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        check_output_file(self.target, self.force)
+        os.replace(self.tmp, self.target)
+        return offset + len(raw) + TRAILER.size
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ContainerWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def check_output_file(target: Path, force: bool) -> None:
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder")
+    if target.exists() and not force:
+        raise OutputError(f"{target}: already exists (use --force to overwrite)")
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: no such folder")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: folder is not writable")
+
+
+class ContainerReader:
+    """A validated container: `index` is trusted only after __init__ returns."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.f = open(self.path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise FormatError(f"{self.path}: is a folder, not a .wpk file") from None
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot read ({e.strerror})") from None
+        try:
+            self.size = os.fstat(self.f.fileno()).st_size
+            self.index = self._read_index()
+            validate_index(self.index, self.size)
+        except BaseException:
+            self.f.close()
+            raise
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> "ContainerReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.f.fileno(), length, offset)
+        if len(data) != length:
+            raise FormatError(f"{self.path}: truncated")
+        return data
+
+    def _read_index(self) -> dict:
+        where = str(self.path)
+        if self.size < HEADER.size + TRAILER.size:
+            raise FormatError(f"{where}: not a weightpack file (too short)")
+        magic, major, minor, _ = HEADER.unpack(self._pread(0, HEADER.size))
+        if magic != MAGIC:
+            raise FormatError(f"{where}: not a weightpack file (bad magic)")
+        t_off, t_len, t_crc, t_major, t_minor, t_magic = TRAILER.unpack(
+            self._pread(self.size - TRAILER.size, TRAILER.size))
+        if t_magic != MAGIC:
+            raise FormatError(f"{where}: truncated or damaged (no trailer)")
+        if (major, minor) != (t_major, t_minor):
+            raise FormatError(f"{where}: damaged (header and trailer versions differ)")
+        if major != VERSION[0]:
+            raise FormatError(f"{where}: format version {major}.{minor} is not supported (this reader: {VERSION[0]}.x)")
+        if t_off < HEADER.size or t_len > MAX_INDEX or t_off + t_len != self.size - TRAILER.size:
+            raise FormatError(f"{where}: truncated or damaged (index position)")
+        raw = self._pread(t_off, t_len)
+        if zlib.crc32(raw) != t_crc:
+            raise FormatError(f"{where}: damaged index (checksum mismatch)")
+        try:
+            index = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise FormatError(f"{where}: damaged index (not JSON)") from None
+        if not isinstance(index, dict):
+            raise FormatError(f"{where}: damaged index (not an object)")
+        self.index_offset = t_off
+        return index
+
+    def read_blob(self, ref: dict, what: str) -> bytes:
+        data = self._pread(ref["offset"], ref["length"])
+        if zlib.crc32(data) != ref["crc32"]:
+            raise FormatError(f"{self.path}: {what}: checksum mismatch (damaged data)")
+        return data
+
+
+# -- index validation ----------------------------------------------------------------------------
+
+def _fail(where: str, what: str):
+    raise FormatError(f"index: {where}: {what}")
+
+
+def _get(d: Any, key: str, typ, where: str):
+    if not isinstance(d, dict) or key not in d:
+        _fail(where, f"missing {key!r}")
+    v = d[key]
+    ok = (type(v) is int) if typ is int else isinstance(v, typ)
+    if not ok:
+        _fail(where, f"{key!r} has the wrong type")
+    return v
+
+
+def _check_ref(ref: Any, limit: int, where: str) -> None:
+    off = _get(ref, "offset", int, where)
+    ln = _get(ref, "length", int, where)
+    _get(ref, "crc32", int, where)
+    if off < HEADER.size or ln < 0 or off + ln > limit:
+        _fail(where, "offset or length outside the file")
+
+
+def validate_index(index: dict, file_size: int) -> None:
+    """Check every structural claim of the index against the file before anything is read."""
+    limit = file_size - TRAILER.size
+    if index.get("format") != "weightpack":
+        _fail("top", "not a weightpack index")
+    files = _get(index, "files", list, "top")
+    names_seen = set()
+    for i, f in enumerate(files):
+        name = _get(f, "name", str, f"file {i}")
+        try:
+            check_relative_name(name, "index")
+        except CheckpointError as e:
+            raise FormatError(str(e)) from None
+        if name in names_seen:
+            _fail(f"file {name}", "listed twice")
+        names_seen.add(name)
+        _get(f, "header", str, f"file {name}")
+    for c in _get(index, "carried", list, "top"):
+        name = _get(c, "name", str, "carried file")
+        try:
+            check_relative_name(name, "index")
+        except CheckpointError as e:
+            raise FormatError(str(e)) from None
+        if name in names_seen:
+            _fail(f"carried file {name}", "listed twice")
+        names_seen.add(name)
+        size = _get(c, "size", int, name)
+        if size < 0 or size > 1 << 40:
+            _fail(name, "size out of range")
+        _get(c, "sha256", str, name)
+        if _get(c, "codec", str, name) not in ("raw", "zstd"):
+            _fail(name, "unknown codec")
+        _check_ref(_get(c, "blob", dict, name), limit, name)
+    tensor_names = set()
+    for t in _get(index, "tensors", list, "top"):
+        name = _get(t, "name", str, "tensor")
+        w = f"tensor {name!r}"
+        if name in tensor_names:
+            _fail(w, "listed twice")
+        tensor_names.add(name)
+        fi = _get(t, "file", int, w)
+        if not 0 <= fi < len(files):
+            _fail(w, "file number out of range")
+        dtype = _get(t, "dtype", str, w)
+        if dtype not in DTYPES:
+            _fail(w, f"unknown dtype {dtype!r}")
+        shape = _get(t, "shape", list, w)
+        if not all(type(d) is int and 0 <= d < 1 << 48 for d in shape) or len(shape) > 64:
+            _fail(w, "malformed shape")
+        numel = math.prod(shape)
+        nbytes = _get(t, "nbytes", int, w)
+        if nbytes != DTYPES[dtype].nbytes(numel) or nbytes > 1 << 48:
+            _fail(w, "nbytes does not match dtype and shape")
+        _get(t, "sha256", str, w)
+        if _get(t, "stages", list, w):
+            _fail(w, "unknown stages")
+        stream = _get(t, "stream", dict, w)
+        _get(stream, "params", dict, w)
+        side = stream.get("side")
+        if side is not None:
+            _check_ref(side, limit, w + " side information")
+        chunks = _get(stream, "chunks", list, w)
+        for k, ch in enumerate(chunks):
+            _check_ref(ch, limit, f"{w} chunk {k}")
+            _get(ch, "raw_crc", int, f"{w} chunk {k}")
+            _get(ch, "codec", str, f"{w} chunk {k}")
+            _get(ch, "parts", list, f"{w} chunk {k}")
+    # Each safetensors header must describe exactly the tensors recorded for its file.
+    by_file: dict[int, dict] = {}
+    for t in index["tensors"]:
+        by_file.setdefault(t["file"], {})[t["name"]] = t
+    for i, f in enumerate(files):
+        recs = by_file.get(i, {})
+        total = sum(r["nbytes"] for r in recs.values())
+        try:
+            _, entries = validate_header(f["header"], total, f"index: file {f['name']}")
+        except CheckpointError as e:
+            raise FormatError(str(e)) from None
+        if {e.name for e in entries} != set(recs) or any(
+            recs[e.name]["dtype"] != e.dtype or recs[e.name]["shape"] != e.shape for e in entries
+        ):
+            _fail(f"file {f['name']}", "header does not match the tensor records")
+
+
+def tensor_blob_refs(t: dict) -> list[tuple[str, dict]]:
+    """Every blob of a tensor record, with a label: for checksum checks."""
+    out = []
+    if t["stream"].get("side") is not None:
+        out.append(("side information", t["stream"]["side"]))
+    out += [(f"chunk {k}", ch) for k, ch in enumerate(t["stream"]["chunks"])]
+    return out
+
+
+def carried_blob(reader: ContainerReader, c: dict) -> bytes:
+    from .coding.streams import unzstd
+
+    data = reader.read_blob(c["blob"], f"carried file {c['name']}")
+    if c["codec"] == "zstd":
+        data = unzstd(data, c["size"], f"carried file {c['name']}")
+    elif len(data) != c["size"]:
+        raise FormatError(f"carried file {c['name']}: size mismatch")
+    return data
+
+
+def open_container(path) -> ContainerReader:
+    return ContainerReader(path)
+

@@ -1,0 +1,84 @@
+"""Work spread over processes (constriction holds the GIL, so threads would not scale).
+
+`ordered_map` runs tasks from a lazy iterator with a bounded number in flight and yields results in
+task order, so output is identical whatever the number of workers. Items that are not `Task`s pass
+through in order: the producer can interleave bookkeeping with work.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+
+@dataclass
+class Task:
+    fn: Callable
+    args: tuple
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    f._passthrough = True  # type: ignore[attr-defined]
+    return f
+
+
+class Pool:
+    """A process pool (or inline execution for one worker), used as a context manager."""
+
+    def __init__(self, workers: int | None):
+        self.workers = default_workers() if workers is None else max(1, int(workers))
+        self.ex = None
+        if self.workers > 1:
+            # fork: workers start in milliseconds and inherit the imported modules; they use only
+            # numpy, zstandard and constriction, never torch's thread pools.
+            self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=exc_type is None, cancel_futures=True)
+
+    def ordered_map(self, items: Iterable[Any], inflight: int | None = None) -> Iterator[Any]:
+        it = iter(items)
+        if self.ex is None:
+            for item in it:
+                yield item.fn(*item.args) if isinstance(item, Task) else item
+            return
+        limit = inflight or 3 * self.workers
+        queue: deque[Future] = deque()
+        running = 0
+        exhausted = False
+        while True:
+            while not exhausted and running < limit:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if isinstance(item, Task):
+                    queue.append(self.ex.submit(item.fn, *item.args))
+                    running += 1
+                else:
+                    queue.append(_done(item))
+            if not queue:
+                return
+            fut = queue.popleft()
+            if not getattr(fut, "_passthrough", False):
+                running -= 1
+            yield fut.result()
+

@@ -1,0 +1,121 @@
+"""Recipes: TOML data saying how each tensor is packed. Presets live in configs/.
+
+    name = "lossless"
+    description = "..."
+    level = 2                 # optional, 1 (fastest decode) .. 3 (smallest)
+    [[rules]]                 # optional; the first rule whose pattern matches a tensor name applies
+    match = "*.weight"        # shell-style pattern (fnmatch)
+    stages = []               # lossy stages; this version has none, every tensor is lossless
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .coding.streams import DEFAULT_LEVEL, LEVELS
+from .errors import RecipeError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+STAGES: dict[str, Any] = {}  # lossy stages by name: none in this version
+
+
+@dataclass
+class Rule:
+    match: str
+    stages: list = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    level: int = DEFAULT_LEVEL
+    rules: list[Rule] = field(default_factory=list)
+
+    def stages_for(self, tensor: str) -> list:
+        for r in self.rules:
+            if fnmatch.fnmatchcase(tensor, r.match):
+                return r.stages
+        return []
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "level": self.level,
+                "rules": [{"match": r.match, "stages": r.stages} for r in self.rules]}
+
+
+def _typed(d: dict, key: str, typ, where: str, default=None):
+    if key not in d:
+        return default
+    v = d[key]
+    if typ is int and (type(v) is not int):
+        raise RecipeError(f"recipe {where}: {key!r} must be an integer")
+    if typ is not int and not isinstance(v, typ):
+        raise RecipeError(f"recipe {where}: {key!r} must be a {typ.__name__}")
+    return v
+
+
+def recipe_from_dict(d: dict, where: str) -> Recipe:
+    unknown = sorted(set(d) - {"name", "description", "level", "rules"})
+    if unknown:
+        raise RecipeError(f"recipe {where}: unknown key {unknown[0]!r}")
+    level = _typed(d, "level", int, where, DEFAULT_LEVEL)
+    if level not in LEVELS:
+        raise RecipeError(f"recipe {where}: 'level' must be one of {sorted(LEVELS)}")
+    rules = []
+    for i, r in enumerate(_typed(d, "rules", list, where, [])):
+        w = f"{where} rules[{i}]"
+        if not isinstance(r, dict):
+            raise RecipeError(f"recipe {w}: must be a table")
+        unknown = sorted(set(r) - {"match", "stages"})
+        if unknown:
+            raise RecipeError(f"recipe {w}: unknown key {unknown[0]!r}")
+        match = _typed(r, "match", str, w, "*")
+        stages = _typed(r, "stages", list, w, [])
+        for s in stages:
+            name = s.get("name") if isinstance(s, dict) else s
+            if name not in STAGES:
+                raise RecipeError(f"recipe {w}: unknown stage {name!r} (this version has only lossless coding)")
+        rules.append(Rule(match, stages))
+    return Recipe(_typed(d, "name", str, where, where), _typed(d, "description", str, where, ""), level, rules)
+
+
+def preset_dirs() -> list[Path]:
+    return [p for p in (CONFIGS, _PACKAGED) if p.is_dir()]
+
+
+def presets() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for d in reversed(preset_dirs()):
+        for p in sorted(d.glob("*.toml")):
+            out[p.stem] = p
+    return out
+
+
+def load_recipe(spec: "str | Recipe | dict | None") -> Recipe:
+    """A recipe from a preset name, a TOML file path, a dict, or a Recipe."""
+    if spec is None:
+        spec = "lossless"
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return recipe_from_dict(spec, "<dict>")
+    path = Path(spec)
+    if not (spec.endswith(".toml") or path.is_file()):
+        found = presets().get(spec)
+        if found is None:
+            raise RecipeError(f"unknown recipe {spec!r} (presets: {', '.join(sorted(presets()))})")
+        path = found
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe file {path}: cannot read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe file {path}: invalid TOML ({e})") from None
+    return recipe_from_dict(data, path.name)
