@@ -2,7 +2,7 @@
 
     header   16 bytes  MAGIC, u16 major, u16 minor, u32 reserved (0)
     blobs    each starting at a multiple of ALIGN, zero padding between
-    index    UTF-8 JSON
+    index    UTF-8 JSON, as one zstd frame (with its content size)
     trailer  32 bytes  u64 index offset, u64 index length, u32 crc32(index), u16 major, u16 minor, MAGIC
 
 The writer streams blobs to a temporary file beside the target and renames it into place only when the
@@ -21,6 +21,8 @@ import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
+
+import zstandard
 
 from .checkpoint import check_relative_name, validate_header
 from .dtypes import DTYPES
@@ -62,7 +64,8 @@ class ContainerWriter:
         return _ref(offset, len(data), zlib.crc32(data))
 
     def commit(self, index: dict) -> int:
-        raw = json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw = zstandard.ZstdCompressor(level=19).compress(
+            json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
         offset = self.pos
         self.f.write(raw)
         self.f.write(TRAILER.pack(offset, len(raw), zlib.crc32(raw), *VERSION, MAGIC))
@@ -156,7 +159,13 @@ class ContainerReader:
         if zlib.crc32(raw) != t_crc:
             raise FormatError(f"{where}: damaged index (checksum mismatch)")
         try:
-            index = json.loads(raw.decode("utf-8"))
+            size = zstandard.frame_content_size(raw)
+            if not 0 <= size <= MAX_INDEX:
+                raise FormatError(f"{where}: damaged index (declared size {size})")
+            text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=size)
+            index = json.loads(text.decode("utf-8"))
+        except zstandard.ZstdError:
+            raise FormatError(f"{where}: damaged index (not zstd)") from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise FormatError(f"{where}: damaged index (not JSON)") from None
         if not isinstance(index, dict):

@@ -1,6 +1,6 @@
 """Entropy coding with constriction's AnsCoder, driven by integer frequency tables.
 
-Tables are stored in the container as integers at 16-bit precision (TABLE_BITS) and widened
+Tables are stored in the container as integers at 15-bit precision (TABLE_BITS) and widened
 deterministically to the coder's 24-bit precision (MODEL_BITS), so any decoder (constriction, numpy,
 a GPU kernel) works from the same integers. constriction's `Categorical(p, perfect=False)` with
 `p_i = f_i - 1` (float64) reproduces an integer table `f` that sums to 2**24 exactly.
@@ -16,7 +16,7 @@ import constriction
 
 from ..errors import FormatError
 
-TABLE_BITS = 16
+TABLE_BITS = 15
 MODEL_BITS = 24
 _Ans = constriction.stream.stack.AnsCoder
 _Categorical = constriction.stream.model.Categorical
@@ -47,7 +47,7 @@ def quantize_counts(counts: np.ndarray, bits: int = TABLE_BITS) -> np.ndarray:
 
 
 def widen_table(f16: np.ndarray) -> np.ndarray:
-    """The 24-bit model table of a stored 16-bit table: every symbol gets at least 1."""
+    """The 24-bit model table of a stored table: every symbol gets at least 1."""
     f = f16.astype(np.int64) << (MODEL_BITS - TABLE_BITS)
     zeros = f == 0
     nz = int(zeros.sum())
@@ -58,7 +58,7 @@ def widen_table(f16: np.ndarray) -> np.ndarray:
     return f
 
 
-MAX_ALPHABET = 1 << 13  # with at most this many symbols, widening a 16-bit table always succeeds
+MAX_ALPHABET = 1 << 12  # with at most this many symbols, widening a stored table always succeeds
 
 
 def check_table(f16: np.ndarray, where: str) -> None:
@@ -106,7 +106,7 @@ def entropy_bits(counts: np.ndarray) -> float:
 
 
 def bits_with_table(counts: np.ndarray, f16: np.ndarray) -> float:
-    """Bits to code a histogram with a given 16-bit table (its 24-bit widening)."""
+    """Bits to code a histogram with a given stored table (its 24-bit widening)."""
     f24 = widen_table(f16).astype(np.float64)
     nz = counts > 0
     return float(-(counts[nz] * np.log2(f24[nz] / (1 << MODEL_BITS))).sum())

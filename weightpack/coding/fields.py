@@ -33,7 +33,7 @@ class Layout:
         return Layout(*[int(x) for x in v])
 
     def valid(self) -> bool:
-        return self.bits in UINT and self.sign in (0, 1) and 1 <= self.head <= 13 and self.tail >= 0 and (
+        return self.bits in UINT and self.sign in (0, 1) and 1 <= self.head <= 12 and self.tail >= 0 and (
             self.sign + self.head + self.tail == self.bits
         )
 
@@ -42,7 +42,7 @@ def layout_for(dtype: DType, mantissa_head_bits: int) -> Layout | None:
     """The field layout for a dtype, or None where it is coded as plain bytes."""
     if dtype.is_float and dtype.bits in UINT:
         s = 1 if dtype.signed_float else 0
-        k = min(dtype.mantissa, mantissa_head_bits, 13 - dtype.exponent)
+        k = min(dtype.mantissa, mantissa_head_bits, 12 - dtype.exponent)
         if dtype.bits == 8:  # whole byte but the sign: small alphabet, nothing left worth a tail
             k = dtype.mantissa
         return Layout(dtype.bits, s, dtype.exponent + k, dtype.mantissa - k)

@@ -90,9 +90,11 @@ class Plan:
     def side(self) -> bytes:
         if self.codec != "fields":
             return b""
+        present = np.zeros(1 << self.layout.head, dtype=np.uint8)
+        present[self.alphabet] = 1
         raw = b"".join([
-            self.alphabet.astype("<u2").tobytes(),
-            self.tables.astype("<u4").tobytes(),
+            np.packbits(present, bitorder="little").tobytes(),
+            self.tables.astype("<u2").tobytes(),
             self.cls.astype(np.uint8).tobytes(),
             self.tz.astype(np.uint8).tobytes(),
         ])
@@ -254,7 +256,7 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
         counts = fine.reshape(c, cmax // c, A).sum(axis=1)
         tables = np.stack([entropy.quantize_counts(h if h.sum() else np.ones(A, np.int64)) for h in counts])
         bits = sum(entropy.bits_with_table(h, t) for h, t in zip(counts, tables))
-        bits += 8 * len(_zstd(tables.astype("<u4").tobytes(), 19)) + nblocks * math.log2(c)
+        bits += 8 * len(_zstd(tables.astype("<u2").tobytes(), 19)) + nblocks * math.log2(c)
         if best is None or bits < best[0]:
             best = (bits, tables.astype(np.uint32), (cls >> shift).astype(np.uint8))
         c //= 2
@@ -287,14 +289,15 @@ def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: s
             and 0 <= C <= 8 and (C == 0) == (A == 1) and numel >= 1):
         raise FormatError(f"{where}: stream parameters out of range")
     nblocks = math.ceil(numel / block)
-    expected = 2 * A + 4 * C * A + 2 * nblocks
+    bitmap = max(1, (1 << lay.head) // 8)
+    expected = bitmap + 2 * C * A + 2 * nblocks
     raw = unzstd(side, expected, where + " side information")
-    off = 0
-    alphabet = np.frombuffer(raw, "<u2", A, off).astype(np.int64); off += 2 * A
-    tables = np.frombuffer(raw, "<u4", C * A, off).reshape(C, A).astype(np.uint32); off += 4 * C * A
+    alphabet = np.flatnonzero(np.unpackbits(np.frombuffer(raw, np.uint8, bitmap), bitorder="little")[: 1 << lay.head])
+    off = bitmap
+    tables = np.frombuffer(raw, "<u2", C * A, off).reshape(C, A).astype(np.uint32); off += 2 * C * A
     cls = np.frombuffer(raw, np.uint8, nblocks, off); off += nblocks
     tz = np.frombuffer(raw, np.uint8, nblocks, off)
-    if np.any(np.diff(alphabet) <= 0) or (A and alphabet[-1] >= (1 << lay.head)):
+    if len(alphabet) != A:
         raise FormatError(f"{where}: malformed alphabet")
     for t in tables:
         entropy.check_table(t, where)
