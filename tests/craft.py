@@ -195,14 +195,20 @@ def writer_compresses() -> bool:
     return _WRITER_COMPRESSES
 
 
-def rewrite_index(src: Path, dst: Path, edit: Callable[[dict], object]) -> Path:
-    """Copy a container to `dst` with its index edited by `edit(index)` (in place, or return a new one).
+def rewrite_index(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
+    """Copy a container to `dst` with its index edited in place by `edit(index)` (its result is ignored).
 
     The index is stored the way the source stored it (plain JSON or a zstd frame) with a valid crc32."""
     c = read_container(src)
     idx = c.copy_index()
-    out = edit(idx)
-    return write_container(dst, c.data, idx if out is None else out, compress=c.compressed)
+    edit(idx)
+    return write_container(dst, c.data, idx, compress=c.compressed)
+
+
+def append_blob(data: bytes, blob: bytes, align: int = 64) -> tuple[bytes, dict]:
+    """`data` (header + blobs) with `blob` appended at the next aligned offset, and its reference."""
+    data = data + b"\0" * ((-len(data)) % align)
+    return data + blob, {"offset": len(data), "length": len(blob), "crc32": zlib.crc32(blob)}
 
 
 def patch_blob(src: Path, dst: Path, ref_path: Callable[[dict], dict], byte: int, mask: int = 1,
