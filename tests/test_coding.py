@@ -4,10 +4,10 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import given, settings, strategies as st
 
 from weightpack.coding import entropy, streams
-from weightpack.coding.fields import UINT, Layout, join, layout_for, pack_bits, packed_size, split, tail_values, unpack_bits
+from weightpack.coding.fields import UINT, join, layout_for, pack_bits, packed_size, split, tail_values, unpack_bits
 from weightpack.dtypes import DTYPES
 from weightpack.errors import FormatError
 

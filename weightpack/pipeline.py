@@ -67,7 +67,7 @@ def _reader(path: Path, entry: TensorEntry) -> streams.Reader:
     return read
 
 
-def _tensor_sha256(path: Path, entry: TensorEntry) -> str:
+def tensor_sha256(path: Path, entry: TensorEntry) -> str:
     h = hashlib.sha256()
     for a in range(entry.begin, entry.end, HASH_PIECE):
         h.update(read_exact(path, a, min(HASH_PIECE, entry.end - a)))
@@ -98,7 +98,7 @@ class _TensorStart:
 def _pack_items(ckpt: Checkpoint, level: int) -> Iterator:
     for fi, f, e in ckpt.tensors():
         plan = streams.make_plan(e.dtype, e.shape, _reader(f.path, e), level)
-        yield _TensorStart(fi, e, _tensor_sha256(f.path, e), plan)
+        yield _TensorStart(fi, e, tensor_sha256(f.path, e), plan)
         per_task = max(1, TASK_BYTES // max(1, plan.chunk * _unit_bytes(plan)))
         for first in range(0, plan.nchunks, per_task):
             last = min(plan.nchunks, first + per_task)

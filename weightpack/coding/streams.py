@@ -146,7 +146,8 @@ def unzstd(data, expected: int, where: str) -> bytes:
     return out
 
 
-def _smaller_of(data: bytes, level: int) -> tuple[str, bytes]:
+def compress_best(data: bytes, level: int) -> tuple[str, bytes]:
+    """('zstd', frame) when zstd makes `data` smaller, else ('raw', data)."""
     z = _zstd(data, level)
     return ("zstd", z) if len(z) < len(data) else ("raw", data)
 
@@ -171,7 +172,7 @@ def bytes_encode(raw: bytes, planes: int, level: int) -> list:
     a = np.frombuffer(raw, dtype=np.uint8)
     if planes > 1:
         a = np.ascontiguousarray(a.reshape(-1, planes).T)
-    codec, data = _smaller_of(a.tobytes(), level)
+    codec, data = compress_best(a.tobytes(), level)
     return [("data", codec, data)]
 
 
@@ -397,7 +398,7 @@ def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
         for tz in g.keys():
             t, w = tail_values(g.gather(v, tz), lay, tz)
             pieces.append(pack_bits(t, w))
-        codec, data = _smaller_of(b"".join(pieces), plan.zstd_level)
+        codec, data = compress_best(b"".join(pieces), plan.zstd_level)
         parts.append(("tail", codec, data))
     return parts
 
