@@ -43,7 +43,7 @@ def test_fields_split_join_round_trip(dtype, k, seed):
         assert np.array_equal(join(head, t, lay, tz).astype(UINT[W]), keep.astype(UINT[W]))
 
 
-def test_quantize_counts_sums_and_keeps_every_seen_symbol():
+def test_quantize_counts_sums_and_gives_every_symbol_a_frequency():
     rng = np.random.default_rng(1)
     for _ in range(200):
         A = int(rng.integers(2, 3000))
@@ -52,9 +52,9 @@ def test_quantize_counts_sums_and_keeps_every_seen_symbol():
             continue
         f = entropy.quantize_counts(counts)
         assert f.sum() == 1 << entropy.TABLE_BITS
-        assert np.all(f[counts > 0] >= 1) and np.all(f[counts == 0] == 0)
+        assert f.min() >= 1 and np.argmax(f) == np.argmax(counts)
         w = entropy.widen_table(f)
-        assert w.sum() == 1 << entropy.MODEL_BITS and w.min() >= 1
+        assert w.sum() == 1 << entropy.MODEL_BITS
 
 
 def _reference_ans_decode(words: np.ndarray, f24: np.ndarray, n: int) -> list[int]:

@@ -23,52 +23,34 @@ _Categorical = constriction.stream.model.Categorical
 
 
 def quantize_counts(counts: np.ndarray, bits: int = TABLE_BITS) -> np.ndarray:
-    """Integer frequencies summing to 2**bits; every symbol seen gets at least 1. Deterministic."""
+    """Integer frequencies summing to 2**bits, every symbol at least 1 (so the coder's table is the
+    stored one shifted left, exactly; see widen_table). Deterministic."""
     counts = np.asarray(counts, dtype=np.int64)
     total = int(counts.sum())
     target = 1 << bits
-    if total == 0:
-        raise ValueError("empty histogram")
-    f = (counts * target) // total
-    f[(counts > 0) & (f == 0)] = 1
-    diff = target - int(f.sum())
-    order = np.argsort(-counts, kind="stable")
-    if diff > 0:
-        f[order[0]] += diff
-    i = 0
-    while diff < 0:  # take back what the forced ones added, from the largest entries first
-        j = order[i % len(order)]
-        take = min(-diff, int(f[j]) - 1)
-        if take > 0:
-            f[j] -= take
-            diff += take
-        i += 1
+    if total == 0 or len(counts) > target:
+        raise ValueError("empty histogram or alphabet too large")
+    f = 1 + (counts * (target - len(counts))) // total
+    f[int(np.argmax(counts))] += target - int(f.sum())
     return f
 
 
-def widen_table(f16: np.ndarray) -> np.ndarray:
-    """The 24-bit model table of a stored table: every symbol gets at least 1."""
-    f = f16.astype(np.int64) << (MODEL_BITS - TABLE_BITS)
-    zeros = f == 0
-    nz = int(zeros.sum())
-    if nz:
-        f[zeros] = 1
-        j = int(np.argmax(f))
-        f[j] -= nz
-    return f
+def widen_table(f: np.ndarray) -> np.ndarray:
+    """The coder's 24-bit table of a stored 15-bit table (all entries >= 1): f << 9."""
+    return f.astype(np.int64) << (MODEL_BITS - TABLE_BITS)
 
 
-MAX_ALPHABET = 1 << 12  # with at most this many symbols, widening a stored table always succeeds
+MAX_ALPHABET = 1 << 12
 
 
-def check_table(f16: np.ndarray, where: str) -> None:
-    """A stored table must be usable: 2..MAX_ALPHABET entries summing to 2**TABLE_BITS."""
-    if f16.ndim != 1 or not 2 <= len(f16) <= MAX_ALPHABET or int(f16.sum()) != (1 << TABLE_BITS):
+def check_table(f: np.ndarray, where: str) -> None:
+    """A stored table must be usable: 2..MAX_ALPHABET entries, each >= 1, summing to 2**TABLE_BITS."""
+    if f.ndim != 1 or not 2 <= len(f) <= MAX_ALPHABET or int(f.min()) < 1 or int(f.sum()) != (1 << TABLE_BITS):
         raise FormatError(f"{where}: malformed frequency table")
 
 
-def make_model(f16: np.ndarray):
-    f24 = widen_table(f16)
+def make_model(f: np.ndarray):
+    f24 = widen_table(f)
     return _Categorical((f24 - 1).astype(np.float64), perfect=False)
 
 
