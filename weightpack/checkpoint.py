@@ -217,6 +217,8 @@ def _open_folder(root: Path) -> Checkpoint:
         for fn in filenames:
             p = Path(dirpath) / fn
             rel = p.relative_to(root).as_posix()
+            if fn.endswith((".wpk", ".partial")):  # our own outputs (and unfinished ones) are not model files
+                continue
             if p.is_file():  # follows a link to a regular file (Hugging Face cache snapshots are links)
                 rels.append(rel)
     rels.sort()

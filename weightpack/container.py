@@ -142,9 +142,11 @@ class ContainerReader:
         where = str(self.path)
         if self.size < HEADER.size + TRAILER.size:
             raise FormatError(f"{where}: not a weightpack file (too short)")
-        magic, major, minor, _ = HEADER.unpack(self._pread(0, HEADER.size))
+        magic, major, minor, reserved = HEADER.unpack(self._pread(0, HEADER.size))
         if magic != MAGIC:
             raise FormatError(f"{where}: not a weightpack file (bad magic)")
+        if reserved != 0:
+            raise FormatError(f"{where}: damaged header (reserved field is not zero)")
         t_off, t_len, t_crc, t_major, t_minor, t_magic = TRAILER.unpack(
             self._pread(self.size - TRAILER.size, TRAILER.size))
         if t_magic != MAGIC:
