@@ -34,6 +34,7 @@ from .fields import (UINT, Layout, join, layout_for, pack_bits, packed_size, spl
 CHUNK_TARGET = 1 << 18  # elements per chunk (rounded to whole blocks)
 BYTES_CHUNK = 1 << 20  # bytes per chunk for the bytes codec
 MAX_BLOCK = 1 << 16
+MAX_CHUNK = 1 << 22  # a reader refuses larger chunks: what one chunk may make it allocate is bounded
 DEFAULT_BLOCK = 4096
 
 # Per level: mantissa bits in the head, most contexts, zstd level, whether bytes coding is tried per chunk.
@@ -273,8 +274,8 @@ def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: s
     if dt is None:
         raise FormatError(f"{where}: unknown dtype {dtype!r}")
     chunk = params.get("chunk")
-    if type(chunk) is not int or chunk < 1:
-        raise FormatError(f"{where}: malformed chunk size")
+    if type(chunk) is not int or not 1 <= chunk <= MAX_CHUNK:
+        raise FormatError(f"{where}: chunk size out of range")
     if params["codec"] == "bytes":
         if len(side):
             raise FormatError(f"{where}: unexpected side information")
