@@ -18,15 +18,17 @@ from typing import TYPE_CHECKING, Optional, Union
 if TYPE_CHECKING:
     import torch
 
+import zstandard
 from tqdm import tqdm
 
 from . import metrics
 from .checkpoint import Checkpoint, open_checkpoint, validate_header
-from .container import VERSION, ContainerReader, ContainerWriter, check_output_file, tensor_blob_refs
+from .container import (VERSION, ContainerReader, ContainerWriter, carried_pieces, check_output_file,
+                        tensor_blob_refs)
 from .coding.streams import compress_best
 from .dtypes import torch_dtype
 from .errors import FormatError, OutputError, WeightpackError
-from .pipeline import carried_files, decode_into_files, decode_tensors, pack_checkpoint, tensor_sha256
+from .pipeline import decode_into_files, decode_tensors, pack_checkpoint, tensor_sha256
 from .recipe import Recipe, load_recipe
 
 PathLike = Union[str, os.PathLike]
@@ -48,6 +50,16 @@ def default_output(src: PathLike) -> Path:
     return p.with_name(name + ".wpk")
 
 
+def _output_path(dst: PathLike, name: str) -> Path:
+    """`dst` itself, or `dst/name` when `dst` is a folder (an existing one, or any path ending in '/')."""
+    d = Path(dst)
+    if str(dst).endswith(("/", os.sep)) or d.is_dir():
+        if not d.is_dir():
+            raise OutputError(f"{d}: no such folder")
+        return d / name
+    return d
+
+
 def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe | dict | None" = "lossless",
          level: Optional[int] = None, workers: Optional[int] = None, force: bool = False,
          progress: bool = False) -> dict:
@@ -63,18 +75,10 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     ckpt = open_checkpoint(src)
     for _, _, e in ckpt.tensors():
         rec.stages_for(e.name)  # lossless only in this version; recipes with stages were rejected on load
-    target = Path(dst) if dst is not None else default_output(src)
+    target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
     with ContainerWriter(target, force) as w, _bar(ckpt.total_bytes, "pack", progress) as bar:
         tensors = pack_checkpoint(ckpt, w, rec.level, workers, bar.update)
-        carried = []
-        for name, path in ckpt.carried:
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise WeightpackError(f"{path}: cannot read ({e.strerror})") from None
-            codec, blob = compress_best(data, 19)
-            carried.append({"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                            "codec": codec, "blob": w.write_blob(blob)})
+        carried = [_carry(w, name, path) for name, path in ckpt.carried]
         index = {
             "format": "weightpack", "version": list(VERSION),
             "source": {"kind": ckpt.kind}, "recipe": rec.to_json(),
@@ -86,6 +90,36 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     return {"path": str(target), "bytes_in": bytes_in, "bytes_out": size,
             "ratio": size / bytes_in if bytes_in else 0.0, "seconds": time.perf_counter() - t0,
             "tensors": len(tensors)}
+
+
+SMALL_FILE = 64 << 20
+
+
+def _carry(w: ContainerWriter, name: str, path: Path) -> dict:
+    """Store a non-tensor file: small ones whole (zstd -19 or raw), big ones streamed through zstd."""
+    try:
+        size = path.stat().st_size
+        if size <= SMALL_FILE:
+            data = path.read_bytes()
+            codec, blob = compress_best(data, 19)
+            return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    "codec": codec, "blob": w.write_blob(blob)}
+        h = hashlib.sha256()
+        with builtins.open(path, "rb") as f:
+            def pieces():
+                comp = zstandard.ZstdCompressor(level=3).compressobj(size=size)
+                n = 0
+                while piece := f.read(1 << 20):
+                    n += len(piece)
+                    h.update(piece)
+                    yield comp.compress(piece)
+                if n != size:
+                    raise WeightpackError(f"{path}: changed while being read")
+                yield comp.flush()
+            blob = w.write_blob_pieces(pieces())
+        return {"name": name, "size": size, "sha256": h.hexdigest(), "codec": "zstd", "blob": blob}
+    except OSError as e:
+        raise WeightpackError(f"{path}: cannot read ({e.strerror})") from None
 
 
 # -- unpack --------------------------------------------------------------------------------------
@@ -151,15 +185,12 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
     """
     with ContainerReader(src) as r:
         idx = r.index
-        single = idx["source"].get("kind") == "file" and len(idx["files"]) == 1 and not idx["carried"]
+        single = (idx["source"]["kind"] == "file" and len(idx["files"]) == 1 and not idx["carried"]
+                  and "/" not in idx["files"][0]["name"])
         srcp = Path(src)
         if single:
             name = idx["files"][0]["name"]
-            if dst is None:
-                target = srcp.parent / name
-            else:
-                d = Path(dst)
-                target = d / name if d.is_dir() or str(dst).endswith(("/", os.sep)) else d
+            target = srcp.parent / name if dst is None else _output_path(dst, name)
         else:
             target = Path(dst) if dst is not None else srcp.with_name(srcp.name.removesuffix(".wpk") or "unpacked")
         out = _OutputTree(target, single, force)
@@ -180,8 +211,10 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
                     targets[e.name] = (str(path), 8 + len(header) + e.begin)
             with _bar(sum(t["nbytes"] for t in idx["tensors"]), "unpack", progress) as bar:
                 decode_into_files(r, targets, workers, bar.update)
-            for c, data in carried_files(r):
-                out.path(c["name"]).write_bytes(data)
+            for c in idx["carried"]:
+                with builtins.open(out.path(c["name"]), "wb") as fh:
+                    for piece in carried_pieces(r, c):
+                        fh.write(piece)
             out.commit()
         except BaseException:
             out.abort()
@@ -300,9 +333,11 @@ def verify(path: PathLike, against: Optional[PathLike] = None, *, workers: Optio
                 if zlib.crc32(data) != ref["crc32"]:
                     problems.append(f"tensor {t['name']!r} {label}: checksum mismatch")
         for c in idx["carried"]:
-            data = r._pread(c["blob"]["offset"], c["blob"]["length"])
-            if zlib.crc32(data) != c["blob"]["crc32"]:
-                problems.append(f"carried file {c['name']}: checksum mismatch")
+            try:
+                for _ in carried_pieces(r, c):  # checks crc32, size and SHA-256
+                    pass
+            except FormatError as e:
+                problems.append(str(e))
         decoded: dict[str, str] = {}
         if not problems:
             with _bar(sum(t["nbytes"] for t in idx["tensors"]), "verify", progress) as bar:
@@ -313,8 +348,6 @@ def verify(path: PathLike, against: Optional[PathLike] = None, *, workers: Optio
                         checked += 1
                         if h != t["sha256"]:
                             problems.append(f"tensor {t['name']!r}: decoded data differs from the packed source")
-                    for _ in carried_files(r):  # decodes and checks each one's SHA-256
-                        pass
                 except FormatError as e:
                     problems.append(str(e))
         if against is not None and not problems:

@@ -99,7 +99,8 @@ def _print_inspect(rep: dict) -> None:
 def run(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
-        build_parser().print_help()
+        print("weightpack: error: a command is required: pack, unpack, inspect, verify or recipes (see --help)",
+              file=sys.stderr)
         return 2
     show = progress_enabled(getattr(args, "quiet", False))
     if args.command == "pack":

@@ -13,6 +13,7 @@ allocates anything; blobs are checked against their crc32 when read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,11 +21,12 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import zstandard
 
 from .checkpoint import check_relative_name, validate_header
+from .coding.streams import check_params
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
 
@@ -54,14 +56,20 @@ class ContainerWriter:
         self.pos = HEADER.size
 
     def write_blob(self, data: bytes) -> dict:
+        return self.write_blob_pieces([data])
+
+    def write_blob_pieces(self, pieces: Iterable[bytes]) -> dict:
+        """Write a blob given in pieces (memory: one piece)."""
         pad = (-self.pos) % ALIGN
         if pad:
             self.f.write(b"\0" * pad)
             self.pos += pad
-        offset = self.pos
-        self.f.write(data)
-        self.pos += len(data)
-        return _ref(offset, len(data), zlib.crc32(data))
+        offset, crc = self.pos, 0
+        for piece in pieces:
+            self.f.write(piece)
+            self.pos += len(piece)
+            crc = zlib.crc32(piece, crc)
+        return _ref(offset, self.pos - offset, crc)
 
     def commit(self, index: dict) -> int:
         raw = zstandard.ZstdCompressor(level=19).compress(
@@ -211,6 +219,14 @@ def validate_index(index: dict, file_size: int) -> None:
     limit = file_size - TRAILER.size
     if index.get("format") != "weightpack":
         _fail("top", "not a weightpack index")
+    version = _get(index, "version", list, "top")
+    if len(version) != 2 or not all(type(v) is int for v in version) or version[0] != VERSION[0]:
+        _fail("top", "malformed version")
+    if _get(_get(index, "source", dict, "top"), "kind", str, "source") not in ("file", "sharded", "folder"):
+        _fail("source", "unknown kind")
+    recipe = _get(index, "recipe", dict, "top")
+    if "name" in recipe:
+        _get(recipe, "name", str, "recipe")
     files = _get(index, "files", list, "top")
     names_seen = set()
     for i, f in enumerate(files):
@@ -263,16 +279,26 @@ def validate_index(index: dict, file_size: int) -> None:
         if _get(t, "stages", list, w):
             _fail(w, "unknown stages")
         stream = _get(t, "stream", dict, w)
-        _get(stream, "params", dict, w)
+        params = check_params(dtype, numel, _get(stream, "params", dict, w), w)
         side = stream.get("side")
+        if (side is not None) != (params.codec == "fields"):
+            _fail(w, "side information missing or unexpected")
         if side is not None:
             _check_ref(side, limit, w + " side information")
         chunks = _get(stream, "chunks", list, w)
+        n = numel if params.codec == "fields" else nbytes
+        if len(chunks) != -(-n // params.chunk):
+            _fail(w, f"{len(chunks)} chunks recorded, {-(-n // params.chunk)} expected")
         for k, ch in enumerate(chunks):
-            _check_ref(ch, limit, f"{w} chunk {k}")
-            _get(ch, "raw_crc", int, f"{w} chunk {k}")
-            _get(ch, "codec", str, f"{w} chunk {k}")
-            _get(ch, "parts", list, f"{w} chunk {k}")
+            wk = f"{w} chunk {k}"
+            _check_ref(ch, limit, wk)
+            _get(ch, "raw_crc", int, wk)
+            if _get(ch, "codec", str, wk) not in ("fields", "bytes"):
+                _fail(wk, "unknown codec")
+            parts = _get(ch, "parts", list, wk)
+            if not all(isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
+                       and type(p[2]) is int and p[2] >= 0 for p in parts) or sum(p[2] for p in parts) != ch["length"]:
+                _fail(wk, "malformed parts")
     # Each safetensors header must describe exactly the tensors recorded for its file.
     by_file: dict[int, dict] = {}
     for t in index["tensors"]:
@@ -299,15 +325,65 @@ def tensor_blob_refs(t: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def carried_blob(reader: ContainerReader, c: dict) -> bytes:
-    from .coding.streams import unzstd
+PIECE = 1 << 20
 
-    data = reader.read_blob(c["blob"], f"carried file {c['name']}")
+
+class _BlobReader:
+    """A file-like view of one blob, read in pieces (for streaming decompression)."""
+
+    def __init__(self, reader: "ContainerReader", ref: dict):
+        self.r, self.pos, self.end = reader, ref["offset"], ref["offset"] + ref["length"]
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.end - self.pos if n < 0 else min(n, self.end - self.pos)
+        data = self.r._pread(self.pos, n) if n > 0 else b""
+        self.pos += len(data)
+        return data
+
+
+def carried_pieces(reader: "ContainerReader", c: dict) -> Iterator[bytes]:
+    """The bytes of a carried file, in pieces, checked against its crc32, size and SHA-256 as they pass.
+
+    Memory stays at one piece whatever size the index or a zstd frame claims."""
+    where = f"carried file {c['name']}"
+    if not _crc_ok(reader, c["blob"]):
+        raise FormatError(f"{where}: checksum mismatch (damaged data)")
+    src = _BlobReader(reader, c["blob"])
     if c["codec"] == "zstd":
-        data = unzstd(data, c["size"], f"carried file {c['name']}")
-    elif len(data) != c["size"]:
-        raise FormatError(f"carried file {c['name']}: size mismatch")
-    return data
+        try:
+            declared = zstandard.frame_content_size(reader._pread(c["blob"]["offset"], min(18, c["blob"]["length"])))
+        except zstandard.ZstdError:
+            raise FormatError(f"{where}: damaged zstd data") from None
+        if declared != c["size"]:
+            raise FormatError(f"{where}: zstd data declares {declared} bytes, expected {c['size']}")
+        src = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=False)
+    h, total = hashlib.sha256(), 0
+    try:
+        for piece in _iter_read(src):
+            total += len(piece)
+            if total > c["size"]:
+                raise FormatError(f"{where}: more data than its recorded size")
+            h.update(piece)
+            yield piece
+    except zstandard.ZstdError:
+        raise FormatError(f"{where}: damaged zstd data") from None
+    if total != c["size"] or h.hexdigest() != c["sha256"]:
+        raise FormatError(f"{where}: size or SHA-256 mismatch")
+
+
+def _iter_read(f) -> Iterator[bytes]:
+    while True:
+        piece = f.read(PIECE)
+        if not piece:
+            return
+        yield piece
+
+
+def _crc_ok(reader: "ContainerReader", ref: dict) -> bool:
+    crc = 0
+    for piece in _iter_read(_BlobReader(reader, ref)):
+        crc = zlib.crc32(piece, crc)
+    return crc == ref["crc32"]
 
 
 def open_container(path) -> ContainerReader:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the main process handles it (cleans up, one line),
+    # workers just stop when the pool is shut down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _done(value: Any) -> Future:
     f: Future = Future()
     f.set_result(value)
@@ -44,7 +51,8 @@ class Pool:
         if self.workers > 1:
             # fork: workers start in milliseconds and inherit the imported modules; they use only
             # numpy, zstandard and constriction, never torch's thread pools.
-            self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+            self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                          initializer=_worker_init)
 
     def __enter__(self) -> "Pool":
         return self

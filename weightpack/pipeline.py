@@ -22,7 +22,7 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorEntry, read_exact
 from .coding import streams
 from .coding.fields import UINT
-from .container import ContainerReader, ContainerWriter, carried_blob
+from .container import ContainerReader, ContainerWriter
 from .dtypes import DTYPES
 from .errors import FormatError
 from .parallel import Pool, Task
@@ -218,14 +218,6 @@ def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int
         for item in pool.ordered_map(decode_items(reader, reader.index["tensors"], targets)):
             if not isinstance(item, dict):
                 progress(sum(item))
-
-
-def carried_files(reader: ContainerReader) -> Iterator[tuple[dict, bytes]]:
-    for c in reader.index["carried"]:
-        data = carried_blob(reader, c)
-        if hashlib.sha256(data).hexdigest() != c["sha256"]:
-            raise FormatError(f"carried file {c['name']}: checksum mismatch")
-        yield c, data
 
 
 def progress_enabled(quiet: bool) -> bool:

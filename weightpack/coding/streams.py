@@ -266,8 +266,18 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
     return plan
 
 
-def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: str) -> Plan:
-    """Rebuild a Plan from a container record, validating everything before allocating."""
+@dataclass(frozen=True)
+class Params:
+    codec: str
+    chunk: int
+    layout: Optional[Layout] = None
+    block: int = 0
+    contexts: int = 0
+    alphabet: int = 0
+
+
+def check_params(dtype: str, numel: int, params, where: str) -> Params:
+    """Validate a stream's parameters against its tensor's dtype and size (types, ranges, consistency)."""
     if not isinstance(params, dict) or params.get("codec") not in ("fields", "bytes"):
         raise FormatError(f"{where}: unknown stream codec")
     dt = DTYPES.get(dtype)
@@ -277,19 +287,32 @@ def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: s
     if type(chunk) is not int or not 1 <= chunk <= MAX_CHUNK:
         raise FormatError(f"{where}: chunk size out of range")
     if params["codec"] == "bytes":
-        if len(side):
-            raise FormatError(f"{where}: unexpected side information")
-        return Plan("bytes", dtype, dt.nbytes(numel), chunk)
-    try:
-        lay = Layout.from_json(params["layout"])
-        block, C, A = (params[k] for k in ("block", "contexts", "alphabet"))
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{where}: malformed stream parameters") from None
-    if not lay.valid() or lay.bits != dt.bits or not all(type(x) is int for x in (block, C, A)):
+        if set(params) != {"codec", "chunk"}:
+            raise FormatError(f"{where}: malformed stream parameters")
+        return Params("bytes", chunk)
+    keys = ("layout", "block", "contexts", "alphabet")
+    if set(params) != {"codec", "chunk", *keys} or not isinstance(params["layout"], list) or not all(
+        type(x) is int for x in [*params["layout"], *(params[k] for k in keys[1:])]
+    ) or len(params["layout"]) != 4:
         raise FormatError(f"{where}: malformed stream parameters")
+    lay = Layout.from_json(params["layout"])
+    block, C, A = (params[k] for k in keys[1:])
+    if not lay.valid() or lay.bits != dt.bits:
+        raise FormatError(f"{where}: field layout does not fit dtype {dtype}")
     if not (1 <= block <= chunk and chunk % block == 0 and 1 <= A <= min(1 << lay.head, entropy.MAX_ALPHABET)
             and 0 <= C <= 8 and (C == 0) == (A == 1) and numel >= 1):
         raise FormatError(f"{where}: stream parameters out of range")
+    return Params("fields", chunk, lay, block, C, A)
+
+
+def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: str) -> Plan:
+    """Rebuild a Plan from a container record, validating everything before allocating."""
+    p = check_params(dtype, numel, params, where)
+    if p.codec == "bytes":
+        if len(side):
+            raise FormatError(f"{where}: unexpected side information")
+        return Plan("bytes", dtype, DTYPES[dtype].nbytes(numel), p.chunk)
+    lay, block, C, A, chunk = p.layout, p.block, p.contexts, p.alphabet, p.chunk
     nblocks = math.ceil(numel / block)
     bitmap = max(1, (1 << lay.head) // 8)
     expected = bitmap + 2 * C * A + 2 * nblocks
