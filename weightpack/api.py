@@ -238,13 +238,17 @@ def _device(device: "str | torch.device") -> "torch.device":
     return dev
 
 
-def _to_tensor(t: dict, raw: bytes, device: "torch.device") -> "torch.Tensor":
+def _to_tensor(t: dict, pieces: list[bytes], device: "torch.device") -> "torch.Tensor":
     import torch
 
     dt = torch_dtype(t["dtype"])
     if dt is None:
         raise WeightpackError(f"tensor {t['name']!r}: torch has no dtype for {t['dtype']}")
-    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    buf = torch.empty(t["nbytes"], dtype=torch.uint8)
+    view, off = memoryview(buf.numpy()), 0
+    for p in pieces:
+        view[off:off + len(p)] = p
+        off += len(p)
     x = buf.view(dt).reshape(t["shape"])
     return x.to(device) if device.type != "cpu" else x
 
@@ -253,7 +257,7 @@ def load(path: PathLike, device: "str | torch.device" = "cpu", workers: Optional
     """Decode every tensor of a container into a dict of torch tensors on `device` ("cpu", "cuda", "auto")."""
     dev = _device(device)
     with ContainerReader(path) as r:
-        return {t["name"]: _to_tensor(t, raw, dev) for t, raw in decode_tensors(r, r.index["tensors"], workers)}
+        return {t["name"]: _to_tensor(t, pieces, dev) for t, pieces in decode_tensors(r, r.index["tensors"], workers)}
 
 
 class WpkFile:
@@ -279,8 +283,8 @@ class WpkFile:
         t = self._by_name.get(name)
         if t is None:
             raise KeyError(name)
-        for rec, raw in decode_tensors(self._r, [t], workers=1):
-            return _to_tensor(rec, raw, self.device)
+        for rec, pieces in decode_tensors(self._r, [t], workers=1):
+            return _to_tensor(rec, pieces, self.device)
         raise FormatError(f"tensor {name!r}: nothing decoded")
 
     def close(self) -> None:
@@ -342,8 +346,11 @@ def verify(path: PathLike, against: Optional[PathLike] = None, *, workers: Optio
         if not problems:
             with _bar(sum(t["nbytes"] for t in idx["tensors"]), "verify", progress) as bar:
                 try:
-                    for t, raw in decode_tensors(r, idx["tensors"], workers, bar.update):
-                        h = hashlib.sha256(raw).hexdigest()
+                    for t, pieces in decode_tensors(r, idx["tensors"], workers, bar.update):
+                        hasher = hashlib.sha256()
+                        for p in pieces:
+                            hasher.update(p)
+                        h = hasher.hexdigest()
                         decoded[t["name"]] = h
                         checked += 1
                         if h != t["sha256"]:

@@ -188,27 +188,27 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
 
 
 def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Optional[int],
-                   progress: Progress = _noop) -> Iterator[tuple[dict, bytes]]:
-    """Yield (record, raw bytes) for each tensor, decoded in worker processes."""
+                   progress: Progress = _noop) -> Iterator[tuple[dict, list[bytes]]]:
+    """Yield (record, decoded chunks in order) for each tensor, decoded in worker processes."""
     with Pool(workers) as pool:
         current, pieces = None, []
         for item in pool.ordered_map(decode_items(reader, tensors)):
             if isinstance(item, dict):
                 if current is not None:
-                    yield current, _joined(current, pieces)
+                    yield current, _checked(current, pieces)
                 current, pieces = item, []
             else:
                 pieces.extend(item)
                 progress(sum(len(p) for p in item))
         if current is not None:
-            yield current, _joined(current, pieces)
+            yield current, _checked(current, pieces)
 
 
-def _joined(t: dict, pieces: list) -> bytes:
-    raw = b"".join(pieces)
-    if len(raw) != t["nbytes"]:
-        raise FormatError(f"tensor {t['name']!r}: decoded {len(raw)} bytes, expected {t['nbytes']}")
-    return raw
+def _checked(t: dict, pieces: list[bytes]) -> list[bytes]:
+    n = sum(len(p) for p in pieces)
+    if n != t["nbytes"]:
+        raise FormatError(f"tensor {t['name']!r}: decoded {n} bytes, expected {t['nbytes']}")
+    return pieces
 
 
 def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int]], workers: Optional[int],
