@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 import traceback
-import zlib
 from pathlib import Path
 
 import pytest
@@ -369,7 +368,7 @@ def _shard_cases(folder: Path, outside: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", list(_shard_cases.__code__.co_consts[0:0]) or [
+@pytest.mark.parametrize("case", [
     "index-not-json", "index-not-utf8", "index-list", "no-weight-map", "weight-map-list",
     "weight-map-values-not-strings", "missing-shard", "tensor-in-wrong-shard", "tensor-not-in-any-shard",
     "shard-dotdot", "shard-absolute", "shard-backslash", "shard-empty-component", "shard-dot-component",
@@ -394,11 +393,8 @@ def test_bad_sharded_index(tmp_path, outdir, case):
         weightpack.pack(idx, outdir / "m.wpk", workers=1)
     # The same index inside a model folder
     args = ["pack", folder, "-o", outdir / "m.wpk"]
-    if case not in ("tensor-in-wrong-shard",):
-        assert_error(cli(*args), 2, args)
-    else:
-        assert_no_traceback(cli(*args), args)
-    assert not (outdir / "m.wpk").exists() or case == "tensor-in-wrong-shard"
+    assert_error(cli(*args), 2, args)
+    assert_unchanged(outdir, before)
 
 
 # == truncated containers ==========================================================================
@@ -558,12 +554,6 @@ def test_bit_flip_in_every_blob(base, tmp_path, outdir):
             bit = (ref["offset"] + byte) * 8 + (byte % 8)
             craft.flip_bit(src, bad, bit)
             _check_flip(src, base["folder"], bad, outdir, "blob", f"{label} byte {byte}", failures)
-            res = main_inproc("unpack", bad, "-o", outdir / "restored", "-j", "1")
-            if res.returncode != 2:
-                failures.append(f"{label} byte {byte}: unpack exit {res.returncode}, expected 2")
-            res = main_inproc("verify", bad, "-j", "1")
-            if res.returncode != 1:
-                failures.append(f"{label} byte {byte}: verify exit {res.returncode}, expected 1 ({res.stderr!r})")
             if not label.startswith("carried"):
                 try:
                     weightpack.load(bad, workers=1)
@@ -643,6 +633,7 @@ def test_corrupt_payload_with_valid_crc(base, tmp_path, outdir):
     bad = tmp_path / "bad.wpk"
     rng = random.Random(99)
     failures = []
+    want = weightpack.load(src, workers=1)
     for k, (label, ref) in enumerate(refs):
         if not ref["length"]:
             continue
@@ -657,10 +648,8 @@ def test_corrupt_payload_with_valid_crc(base, tmp_path, outdir):
             _check_flip(src, base["folder"], bad, outdir, "blob*", f"{label} byte {byte} mask {mask:#x}", failures)
             try:
                 got = weightpack.load(bad, workers=1)
-                want = weightpack.load(src, workers=1)
-                if any(not torch.equal(got[n].view(torch.uint8) if got[n].dtype != torch.bool else got[n],
-                                       want[n].view(torch.uint8) if want[n].dtype != torch.bool else want[n])
-                       for n in want):
+                if set(got) != set(want) or any(
+                        not torch.equal(got[n].view(torch.uint8), want[n].view(torch.uint8)) for n in want):
                     failures.append(f"{label} byte {byte}: load SILENTLY returned different data")
             except WeightpackError:
                 pass
@@ -852,7 +841,8 @@ def _crafted_cases() -> dict:
     c["header-missing-tensor"] = _header_edit(lambda h: h.pop("layer.0.attn.bias"))
     c["header-renamed-tensor"] = _header_edit(lambda h: h.update(renamed=h.pop(E)))
     c["header-offsets-gap"] = _header_edit(lambda h: h[P].update(data_offsets=[8, 1032]))
-    c["header-offsets-beyond"] = _header_edit(lambda h: h["layer.0.attn.bias"].update(data_offsets=[44416, 99999]))
+    c["header-offsets-beyond"] = _header_edit(lambda h: h["layer.0.attn.bias"].update(
+        data_offsets=[h["layer.0.attn.bias"]["data_offsets"][0], 10**6]))
     c["header-not-json"] = lambda idx: idx["files"][0].update(header="{not json")
     c["header-json-list"] = lambda idx: idx["files"][0].update(header="[]")
     c["header-metadata-int"] = _header_edit(lambda h: h.update(__metadata__={"format": 5}))
@@ -904,9 +894,9 @@ def test_crafted_index(base, tmp_path, outdir, case):
     except WeightpackError:
         pass
     else:
-        if case.startswith("carried"):  # load reads tensors only; a damaged carried file may go unnoticed
-            return
-        pytest.fail(f"load accepted crafted index {case}")
+        # load reads tensors only: a damaged carried file may go unnoticed
+        if not case.startswith("carried"):
+            pytest.fail(f"load accepted crafted index {case}")
 
 
 def test_crafted_index_on_single_file_container(base, tmp_path, outdir):
@@ -1200,12 +1190,27 @@ def test_pack_default_output_exists(base, tmp_path):
 
 
 def test_pack_output_is_a_folder(base, tmp_path):
-    d = tmp_path / "m.wpk"
+    """`-o DIR` may mean "into DIR" (DIR/model.wpk) or be refused, but a folder is never replaced; and where
+    the container's own name is taken by a folder, pack refuses, --force or not."""
+    d = tmp_path / "out"
     d.mkdir()
     (d / "keep").write_text("keep")
-    for extra in ([], ["--force"]):
-        assert_error(cli("pack", base["single"], "-o", d, *extra), 2)
-        assert (d / "keep").read_text() == "keep"
+    res = cli("pack", base["single"], "-o", d)
+    if res.returncode == 0:
+        assert sorted(p.name for p in d.iterdir()) == ["keep", "model.wpk"], describe(res)
+        assert weightpack.verify(d / "model.wpk", against=base["single"], workers=1).ok
+        (d / "model.wpk").unlink()
+    else:
+        assert_error(res, 2)
+    assert (d / "keep").read_text() == "keep"
+    taken = d / "model.wpk"
+    taken.mkdir()
+    (taken / "inner").write_text("inner")
+    for target in (d, str(d) + "/"):  # both name out/model.wpk, which is a folder
+        for extra in ([], ["--force"]):
+            args = ["pack", base["single"], "-o", target, *extra]
+            assert_error(cli(*args), 2, args)
+            assert (taken / "inner").read_text() == "inner" and (d / "keep").read_text() == "keep"
     assert not partials(tmp_path)
 
 
@@ -1274,13 +1279,23 @@ def test_output_folder_missing_or_not_a_folder(base, tmp_path, cmd):
     plain.write_text("x")
     src = {"pack": base["single"], "unpack-single": base["single_wpk"], "unpack-folder": base["folder_wpk"]}[cmd]
     verb = cmd.split("-")[0]
-    for target in (tmp_path / "missing" / "deeper" / "x.out", plain / "x.out", str(tmp_path / "missing") + "/"):
+    targets = [tmp_path / "missing" / "deeper" / "x.out", plain / "x.out", str(plain) + "/"]
+    if cmd == "unpack-single":  # "-o DIR/": restore into DIR under the original name; DIR must exist
+        targets.append(str(tmp_path / "missing") + "/")
+    for target in targets:
         before = craft.tree(tmp_path)
         args = [verb, src, "-o", target]
         res = cli(*args)
         assert_error(res, 2, args)
         assert craft.tree(tmp_path) == before
     assert plain.read_text() == "x"
+
+
+def test_pack_output_with_trailing_slash_to_missing_folder(base, tmp_path):
+    """`-o missing/` names a folder that does not exist: an error, not a file called 'missing'."""
+    res = cli("pack", base["single"], "-o", str(tmp_path / "missing") + "/")
+    assert_error(res, 2)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_output_folder_not_writable(base, tmp_path):
@@ -1394,7 +1409,7 @@ def test_unknown_device(base):
             weightpack.load(base["single_wpk"], device=dev)
 
 
-def test_open_unknown_tensor_and_closed_file(base):
+def test_open_unknown_tensor(base):
     with weightpack.open(base["single_wpk"]) as f:
         with pytest.raises(KeyError):
             f.get_tensor("no.such.tensor")
@@ -1404,18 +1419,21 @@ def test_open_unknown_tensor_and_closed_file(base):
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
-    """~320 MiB of BF16 noise: packing takes a few seconds."""
+    """~300 MB: a tiny F32 tensor first (its task starts the worker processes), then one 288 MiB BF16 tensor
+    that the main process measures for a second or more while the workers wait: packing takes seconds,
+    and an interrupt lands while workers are idle as well as while they work."""
     from safetensors.torch import save_file
 
     d = tmp_path_factory.mktemp("big")
     g = torch.Generator().manual_seed(0)
     p = d / "big.safetensors"
-    save_file({f"layer.{i}.weight": torch.randn(4096, 4096, generator=g).to(torch.bfloat16) for i in range(10)},
-              str(p))
+    save_file({"a_tiny": torch.randn(64, generator=g),
+               "b_huge": torch.randn(16384, 9216, generator=g).to(torch.bfloat16)}, str(p))
     return p
 
 
-def _interrupt(args: list, out_folder: Path, partial_glob: str, whole_group: bool) -> subprocess.CompletedProcess:
+def _interrupt(args: list, out_folder: Path, partial_glob: str, whole_group: bool,
+               delay: float = 0.4) -> subprocess.CompletedProcess:
     p = subprocess.Popen(WP + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=ENV, start_new_session=True)
     t0 = time.monotonic()
@@ -1423,18 +1441,18 @@ def _interrupt(args: list, out_folder: Path, partial_glob: str, whole_group: boo
         time.sleep(0.01)
     assert p.poll() is None, "finished before it could be interrupted: " + describe(
         subprocess.CompletedProcess(args, p.returncode, *p.communicate()))
-    time.sleep(0.5)
+    time.sleep(delay)
     assert p.poll() is None, "finished before it could be interrupted"
     if whole_group:  # what a terminal's Ctrl-C does: the whole foreground process group
         os.killpg(p.pid, signal.SIGINT)
     else:
         p.send_signal(signal.SIGINT)
     try:
-        out, err = p.communicate(timeout=60)
+        out, err = p.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, err = p.communicate()
-        pytest.fail("did not stop within 60 s of SIGINT")
+        pytest.fail("did not stop within 30 s of SIGINT (hung); stderr: " + err[-2000:])
     return subprocess.CompletedProcess(args, p.returncode, out, err)
 
 
@@ -1455,7 +1473,8 @@ def test_sigint_during_unpack(big, tmp_path):
     weightpack.pack(big, wpk, workers=2)
     out = tmp_path / "out"
     out.mkdir()
-    res = _interrupt(["unpack", wpk, "-o", out / "big.safetensors", "-j", "2"], out, ".big.safetensors*", True)
+    res = _interrupt(["unpack", wpk, "-o", out / "big.safetensors", "-j", "2"], out, ".big.safetensors*", True,
+                     delay=0.3)
     assert res.returncode != 0, describe(res)
     assert_no_traceback(res)
     assert list(out.iterdir()) == [], f"leftovers: {list(out.iterdir())}"

@@ -58,8 +58,14 @@ class Pool:
         return self
 
     def __exit__(self, exc_type, *rest) -> None:
-        if self.ex is not None:
-            self.ex.shutdown(wait=exc_type is None, cancel_futures=True)
+        if self.ex is None:
+            return
+        if exc_type is not None:
+            # Interrupted or failed: stop the workers now rather than let them finish queued work
+            # (and never leave the interpreter waiting on them at exit).
+            for p in list(getattr(self.ex, "_processes", {}).values()):
+                p.terminate()
+        self.ex.shutdown(wait=exc_type is None, cancel_futures=True)
 
     def ordered_map(self, items: Iterable[Any], inflight: int | None = None) -> Iterator[Any]:
         it = iter(items)
