@@ -30,6 +30,7 @@ from .dtypes import torch_dtype
 from .errors import FormatError, OutputError, WeightpackError
 from .pipeline import decode_into_files, decode_tensors, pack_checkpoint, tensor_sha256
 from .recipe import Recipe, load_recipe
+from .stages import lossy
 
 PathLike = Union[str, os.PathLike]
 
@@ -73,11 +74,9 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     if level is not None:
         rec = load_recipe({**rec.to_json(), "level": level}) if level != rec.level else rec
     ckpt = open_checkpoint(src)
-    for _, _, e in ckpt.tensors():
-        rec.stages_for(e.name)  # lossless only in this version; recipes with stages were rejected on load
     target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
     with ContainerWriter(target, force) as w, _bar(ckpt.total_bytes, "pack", progress) as bar:
-        tensors = pack_checkpoint(ckpt, w, rec.level, workers, bar.update)
+        tensors = pack_checkpoint(ckpt, w, rec, workers, bar.update)
         carried = [_carry(w, name, path) for name, path in ckpt.carried]
         index = {
             "format": "weightpack", "version": list(VERSION),
@@ -315,20 +314,30 @@ class VerifyReport:
     ok: bool
     checked: int = 0
     problems: list[str] = field(default_factory=list)
+    quality: dict[str, dict] = field(default_factory=dict)  # lossy tensors: name -> {sqnr_db, rel_error}
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "tensors_checked": self.checked, "problems": self.problems}
+        return {"ok": self.ok, "tensors_checked": self.checked, "problems": self.problems, "quality": self.quality}
 
 
-def verify(path: PathLike, against: Optional[PathLike] = None, *, workers: Optional[int] = None,
+def verify(path: PathLike, against: Optional[PathLike] = None, *, min_sqnr: Optional[float] = None,
+           max_rel_error: Optional[float] = None, workers: Optional[int] = None,
            progress: bool = False) -> VerifyReport:
-    """Check every checksum and decode every tensor against its recorded SHA-256; with `against`,
-    also require every tensor, the metadata and the carried files to equal the source's, by hash.
+    """Check every checksum and decode every tensor against its recorded SHA-256.
 
-    Returns a report; `report.ok` is False on any difference. Structural damage raises FormatError.
+    With `against` (the source checkpoint), also require every lossless tensor, the metadata and the
+    carried files to equal the source's (by hash), and measure each lossy tensor's quality against the
+    source; without it, lossy tensors are judged by the quality recorded at pack time. `min_sqnr` (dB)
+    and `max_rel_error` bound that quality for every lossy tensor.
+
+    Returns a report; `report.ok` is False on any difference or missed bound. Structural damage raises
+    FormatError.
     """
     problems: list[str] = []
+    quality: dict[str, dict] = {}
     checked = 0
+    ckpt = open_checkpoint(against) if against is not None else None
+    src = {e.name: (f, e) for _, f, e in ckpt.tensors()} if ckpt else {}
     with ContainerReader(path) as r:
         idx = r.index
         for t in idx["tensors"]:
@@ -347,24 +356,54 @@ def verify(path: PathLike, against: Optional[PathLike] = None, *, workers: Optio
             with _bar(sum(t["nbytes"] for t in idx["tensors"]), "verify", progress) as bar:
                 try:
                     for t, pieces in decode_tensors(r, idx["tensors"], workers, bar.update):
+                        checked += 1
+                        if t["stages"]:  # the reconstruction was checked against decoded_sha256
+                            quality[t["name"]] = _lossy_quality(t, pieces, src.get(t["name"]))
+                            continue
                         hasher = hashlib.sha256()
                         for p in pieces:
                             hasher.update(p)
-                        h = hasher.hexdigest()
-                        decoded[t["name"]] = h
-                        checked += 1
-                        if h != t["sha256"]:
+                        decoded[t["name"]] = hasher.hexdigest()
+                        if decoded[t["name"]] != t["sha256"]:
                             problems.append(f"tensor {t['name']!r}: decoded data differs from the packed source")
                 except FormatError as e:
                     problems.append(str(e))
-        if against is not None and not problems:
-            problems += _compare_with_source(idx, decoded, open_checkpoint(against), r)
-    return VerifyReport(not problems, checked, problems)
+        if ckpt is not None and not problems:
+            problems += _compare_with_source(idx, decoded, ckpt, src)
+        problems += _quality_problems(quality, min_sqnr, max_rel_error)
+    return VerifyReport(not problems, checked, problems, quality)
 
 
-def _compare_with_source(idx: dict, decoded: dict[str, str], ckpt: Checkpoint, r: ContainerReader) -> list[str]:
+def _lossy_quality(t: dict, pieces: list[bytes], source) -> dict:
+    if source is None:
+        return dict(t["quality"], measured="at pack time")
+    f, e = source
+    if (e.dtype, e.shape) != (t["dtype"], t["shape"]):
+        return dict(t["quality"], measured="at pack time")  # reported as a mismatch by _compare_with_source
+    return dict(lossy.quality_against(t, b"".join(pieces), f.read(e)), measured="against the source")
+
+
+def _quality_problems(quality: dict[str, dict], min_sqnr: Optional[float], max_rel: Optional[float]) -> list[str]:
+    out = []
+    for name, q in quality.items():
+        sqnr, rel = q.get("sqnr_db"), q.get("rel_error")
+        if min_sqnr is not None and sqnr is not None and sqnr < min_sqnr:
+            out.append(f"tensor {name!r}: SQNR {sqnr:.2f} dB is below {min_sqnr} dB")
+        if max_rel is not None and (rel is None or rel > max_rel):
+            out.append(f"tensor {name!r}: relative error {rel} is above {max_rel}")
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with builtins.open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def _compare_with_source(idx: dict, decoded: dict[str, str], ckpt: Checkpoint, src: dict) -> list[str]:
     problems = []
-    src = {e.name: (f, e) for _, f, e in ckpt.tensors()}
     packed = {t["name"]: t for t in idx["tensors"]}
     for name in sorted(set(src) - set(packed)):
         problems.append(f"tensor {name!r} is in the source but not in the container")
@@ -375,7 +414,7 @@ def _compare_with_source(idx: dict, decoded: dict[str, str], ckpt: Checkpoint, r
         t = packed[name]
         if (e.dtype, e.shape) != (t["dtype"], t["shape"]):
             problems.append(f"tensor {name!r}: dtype/shape {t['dtype']}{t['shape']} differs from the source's {e.dtype}{e.shape}")
-        elif tensor_sha256(f.path, e) != decoded.get(name):
+        elif not t["stages"] and tensor_sha256(f.path, e) != decoded.get(name):
             problems.append(f"tensor {name!r}: decoded data differs from the source")
     src_meta = {f.rel: f.metadata for f in ckpt.files}
     for f in idx["files"]:
@@ -385,6 +424,6 @@ def _compare_with_source(idx: dict, decoded: dict[str, str], ckpt: Checkpoint, r
     carried_src = {name: p for name, p in ckpt.carried}
     for c in idx["carried"]:
         p = carried_src.get(c["name"])
-        if p is not None and hashlib.sha256(p.read_bytes()).hexdigest() != c["sha256"]:
+        if p is not None and _file_sha256(p) != c["sha256"]:
             problems.append(f"file {c['name']}: differs from the source")
     return problems

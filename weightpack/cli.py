@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "With --against, also require equality with the source checkpoint.")
     sp.add_argument("src", help="the .wpk container")
     sp.add_argument("--against", metavar="SRC", help="the source checkpoint to compare with")
+    sp.add_argument("--min-sqnr", type=float, metavar="DB", help="every lossy tensor at least this SQNR (dB)")
+    sp.add_argument("--max-rel-error", type=float, metavar="E", help="every lossy tensor at most this relative error")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     common(sp)
 
@@ -86,11 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_inspect(rep: dict) -> None:
     rows = rep["tensors"]
     w = max([len(r["name"]) for r in rows] + [6])
-    print(f"{'tensor':<{w}}  {'dtype':<7} {'shape':<16} {'stages':<9} {'before':>10} {'after':>10} {'bpw':>6}  codec")
+    print(f"{'tensor':<{w}}  {'dtype':<7} {'shape':<16} {'stages':<11} {'before':>10} {'after':>10} {'bpw':>6}"
+          f"  {'SQNR':>8}  codec")
     for r in rows:
         shape = "x".join(map(str, r["shape"])) or "scalar"
-        print(f"{r['name']:<{w}}  {r['dtype']:<7} {shape:<16} {','.join(r['stages']):<9} "
-              f"{_human(r['bytes_before']):>10} {_human(r['bytes_after']):>10} {r['bits_per_weight']:>6.2f}  {r['codec']}")
+        q = r.get("quality") or {}
+        sqnr = "exact" if not q else ("inf" if q.get("sqnr_db") is None else f"{q['sqnr_db']:.1f}dB")
+        print(f"{r['name']:<{w}}  {r['dtype']:<7} {shape:<16} {','.join(r['stages']):<11} "
+              f"{_human(r['bytes_before']):>10} {_human(r['bytes_after']):>10} {r['bits_per_weight']:>6.2f}"
+              f"  {sqnr:>8}  {r['codec']}")
     t = rep["totals"]
     print(f"{t['tensors']} tensors, {t['weights']:,} weights: {_human(t['bytes_before'])} -> "
           f"{_human(t['container_bytes'])} ({100 * t['ratio']:.2f}%), {t['bits_per_weight']:.3f} bits per weight")
@@ -119,7 +125,8 @@ def run(argv: Optional[list[str]] = None) -> int:
         rep = api.inspect(args.src)
         print(json.dumps(rep, indent=2)) if args.json else _print_inspect(rep)
     elif args.command == "verify":
-        rep = api.verify(args.src, args.against, workers=args.workers, progress=show)
+        rep = api.verify(args.src, args.against, min_sqnr=args.min_sqnr, max_rel_error=args.max_rel_error,
+                         workers=args.workers, progress=show)
         if args.json:
             print(json.dumps(rep.to_json(), indent=2))
         else:
@@ -127,6 +134,10 @@ def run(argv: Optional[list[str]] = None) -> int:
                 print(f"FAILED: {p}", file=sys.stderr)
             if rep.ok and not args.quiet:
                 what = f" and equal to {args.against}" if args.against else ""
+                if rep.quality:
+                    worst = min((q["sqnr_db"] for q in rep.quality.values() if q["sqnr_db"] is not None), default=None)
+                    what += (f"; {len(rep.quality)} lossy tensors within bounds"
+                             + (f", worst SQNR {worst:.2f} dB" if worst is not None else ""))
                 print(f"ok: {rep.checked} tensors, all checksums valid{what}")
         return 0 if rep.ok else 1
     elif args.command == "recipes":

@@ -27,6 +27,7 @@ import zstandard
 
 from .checkpoint import check_relative_name, validate_header
 from .coding.streams import check_params
+from .stages.params import params_of
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
 
@@ -214,6 +215,29 @@ def _check_ref(ref: Any, limit: int, where: str) -> None:
         _fail(where, "offset or length outside the file")
 
 
+def _check_stream(stream: dict, dtype: str, numel: int, limit: int, w: str) -> None:
+    params = check_params(dtype, numel, _get(stream, "params", dict, w), w)
+    side = stream.get("side")
+    if (side is not None) != (params.codec == "fields"):
+        _fail(w, "side information missing or unexpected")
+    if side is not None:
+        _check_ref(side, limit, w + " side information")
+    chunks = _get(stream, "chunks", list, w)
+    n = numel if params.codec == "fields" else DTYPES[dtype].nbytes(numel)
+    if len(chunks) != -(-n // params.chunk):
+        _fail(w, f"{len(chunks)} chunks recorded, {-(-n // params.chunk)} expected")
+    for k, ch in enumerate(chunks):
+        wk = f"{w} chunk {k}"
+        _check_ref(ch, limit, wk)
+        _get(ch, "raw_crc", int, wk)
+        if _get(ch, "codec", str, wk) not in ("fields", "bytes"):
+            _fail(wk, "unknown codec")
+        parts = _get(ch, "parts", list, wk)
+        if not all(isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
+                   and type(p[2]) is int and p[2] >= 0 for p in parts) or sum(p[2] for p in parts) != ch["length"]:
+            _fail(wk, "malformed parts")
+
+
 def validate_index(index: dict, file_size: int) -> None:
     """Check every structural claim of the index against the file before anything is read."""
     limit = file_size - TRAILER.size
@@ -277,28 +301,24 @@ def validate_index(index: dict, file_size: int) -> None:
             _fail(w, "nbytes does not match dtype and shape")
         _get(t, "sha256", str, w)
         if _get(t, "stages", list, w):
-            _fail(w, "unknown stages")
-        stream = _get(t, "stream", dict, w)
-        params = check_params(dtype, numel, _get(stream, "params", dict, w), w)
-        side = stream.get("side")
-        if (side is not None) != (params.codec == "fields"):
-            _fail(w, "side information missing or unexpected")
-        if side is not None:
-            _check_ref(side, limit, w + " side information")
-        chunks = _get(stream, "chunks", list, w)
-        n = numel if params.codec == "fields" else nbytes
-        if len(chunks) != -(-n // params.chunk):
-            _fail(w, f"{len(chunks)} chunks recorded, {-(-n // params.chunk)} expected")
-        for k, ch in enumerate(chunks):
-            wk = f"{w} chunk {k}"
-            _check_ref(ch, limit, wk)
-            _get(ch, "raw_crc", int, wk)
-            if _get(ch, "codec", str, wk) not in ("fields", "bytes"):
-                _fail(wk, "unknown codec")
-            parts = _get(ch, "parts", list, wk)
-            if not all(isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
-                       and type(p[2]) is int and p[2] >= 0 for p in parts) or sum(p[2] for p in parts) != ch["length"]:
-                _fail(wk, "malformed parts")
+            p = params_of(t, w)
+            _get(t, "decoded_sha256", str, w)
+            q = _get(t, "quality", dict, w)
+            if set(q) != {"sqnr_db", "rel_error"} or not all(
+                    v is None or (type(v) in (int, float) and math.isfinite(v)) for v in q.values()):
+                _fail(w, "malformed quality")
+            specs = p.parts(shape)
+            parts = _get(t, "parts", list, w)
+            if [_get(x, "name", str, w) for x in parts] != list(specs):
+                _fail(w, "parts do not match the stages")
+            for x in parts:
+                pw = f"{w} part {x['name']!r}"
+                pdtype, pshape = specs[x["name"]]
+                if _get(x, "dtype", str, pw) != pdtype or _get(x, "shape", list, pw) != pshape:
+                    _fail(pw, "dtype or shape does not match the stages")
+                _check_stream(_get(x, "stream", dict, pw), pdtype, math.prod(pshape), limit, pw)
+        else:
+            _check_stream(_get(t, "stream", dict, w), dtype, numel, limit, w)
     # Each safetensors header must describe exactly the tensors recorded for its file.
     by_file: dict[int, dict] = {}
     for t in index["tensors"]:
@@ -316,12 +336,21 @@ def validate_index(index: dict, file_size: int) -> None:
             _fail(f"file {f['name']}", "header does not match the tensor records")
 
 
+def tensor_streams(t: dict) -> list[tuple[str, dict]]:
+    """The streams of a tensor record, labelled: its own, or one per part."""
+    if t["stages"]:
+        return [(f"part {x['name']!r}", x["stream"]) for x in t["parts"]]
+    return [("", t["stream"])]
+
+
 def tensor_blob_refs(t: dict) -> list[tuple[str, dict]]:
     """Every blob of a tensor record, with a label: for checksum checks."""
     out = []
-    if t["stream"].get("side") is not None:
-        out.append(("side information", t["stream"]["side"]))
-    out += [(f"chunk {k}", ch) for k, ch in enumerate(t["stream"]["chunks"])]
+    for label, st in tensor_streams(t):
+        prefix = label + " " if label else ""
+        if st.get("side") is not None:
+            out.append((prefix + "side information", st["side"]))
+        out += [(f"{prefix}chunk {k}", ch) for k, ch in enumerate(st["chunks"])]
     return out
 
 

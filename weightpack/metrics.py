@@ -5,19 +5,27 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .container import ContainerReader
+from .container import ContainerReader, tensor_blob_refs, tensor_streams
+from .stages.params import QuantParams
 
 
 def stored_bytes(t: dict) -> int:
-    st = t["stream"]
-    return (st["side"]["length"] if st.get("side") else 0) + sum(c["length"] for c in st["chunks"])
+    return sum(ref["length"] for _, ref in tensor_blob_refs(t))
 
 
 def codec_label(t: dict) -> str:
     """What won for this tensor: 'ctx'/'order0' entropy coding of fields, zstd or raw bytes, per chunk."""
-    p = t["stream"]["params"]
     kinds = Counter()
-    for c in t["stream"]["chunks"]:
+    for _, st in tensor_streams(t):
+        _count_codecs(st, kinds)
+    if not kinds:
+        return "empty"
+    return "+".join(k for k, _ in kinds.most_common())
+
+
+def _count_codecs(st: dict, kinds: Counter) -> None:
+    p = st["params"]
+    for c in st["chunks"]:
         if c["codec"] == "fields":
             heads = [x[1] for x in c["parts"] if x[0] == "head"]
             if heads and heads[0] == "const":
@@ -26,9 +34,6 @@ def codec_label(t: dict) -> str:
                 kinds["ctx" if p.get("contexts", 1) > 1 else "order0"] += 1
         else:
             kinds[c["parts"][0][1] if c["parts"] else "raw"] += 1
-    if not kinds:
-        return "empty"
-    return "+".join(k for k, _ in kinds.most_common())
 
 
 def inspect_report(r: ContainerReader) -> dict:
@@ -38,11 +43,11 @@ def inspect_report(r: ContainerReader) -> dict:
         after = stored_bytes(t)
         rows.append({
             "name": t["name"], "dtype": t["dtype"], "shape": t["shape"],
-            "stages": [s if isinstance(s, str) else s.get("name") for s in t["stages"]] or ["lossless"],
+            "stages": [QuantParams.from_dict(s, "index").label() for s in t["stages"]] or ["lossless"],
             "bytes_before": t["nbytes"], "bytes_after": after,
             "bits_per_weight": 8 * after / numel if numel else 0.0,
             "codec": codec_label(t),
-            "contexts": t["stream"]["params"].get("contexts"),
+            "quality": t.get("quality"),
         })
     before = sum(x["bytes_before"] for x in rows)
     after = sum(x["bytes_after"] for x in rows)
@@ -56,3 +61,16 @@ def inspect_report(r: ContainerReader) -> dict:
                    "container_bytes": r.size, "ratio": r.size / before if before else 0.0,
                    "bits_per_weight": 8 * after / numel if numel else 0.0},
     }
+
+
+def quality(original, decoded) -> dict:
+    """SQNR in dB and relative error (||d - o|| / ||o||) of a decoded tensor (numpy arrays)."""
+    import numpy as np
+
+    o = np.asarray(original, dtype=np.float64).ravel()
+    err = float(np.square(np.asarray(decoded, dtype=np.float64).ravel() - o).sum())
+    sig = float(np.square(o).sum())
+    if err == 0:
+        return {"sqnr_db": None, "rel_error": 0.0}  # exact: SQNR is infinite (JSON has no inf)
+    rel = math.sqrt(err / sig) if sig else float("inf")
+    return {"sqnr_db": 10 * math.log10(sig / err) if sig else None, "rel_error": rel if sig else None}

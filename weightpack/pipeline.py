@@ -26,6 +26,8 @@ from .container import ContainerReader, ContainerWriter
 from .dtypes import DTYPES
 from .errors import FormatError
 from .parallel import Pool, Task
+from .recipe import Recipe
+from .stages import lossy
 
 TASK_BYTES = 4 << 20  # raw bytes per worker task
 HASH_PIECE = 16 << 20
@@ -74,7 +76,8 @@ def tensor_sha256(path: Path, entry: TensorEntry) -> str:
     return h.hexdigest()
 
 
-def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: int) -> list:
+def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: int) -> tuple[int, list]:
+    """Code chunks first..last-1 of a tensor, reading them from the source file."""
     unit = _unit_bytes(plan)
     out, nbytes = [], 0
     with open(path, "rb", buffering=0) as f:
@@ -82,68 +85,122 @@ def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: in
             a, b = plan.chunk_range(i)
             data = _pread_exact(f.fileno(), begin + a * unit, (b - a) * unit)
             nbytes += len(data)
-            u = np.frombuffer(data, dtype=UINT[plan.itemsize_bits] if plan.codec == "fields" else np.uint8)
-            out.append(streams.encode_chunk(plan, i, u))
+            out.append(streams.encode_chunk(plan, i, _elements(plan, data)))
     return nbytes, out
+
+
+def _encode_data_task(plan: streams.Plan, first: int, data: bytes) -> tuple[int, list]:
+    """Code consecutive chunks from `first` on, given their bytes (parts made in the main process)."""
+    unit, out, off = _unit_bytes(plan), [], 0
+    i = first
+    while off < len(data):
+        a, b = plan.chunk_range(i)
+        piece = data[off:off + (b - a) * unit]
+        out.append(streams.encode_chunk(plan, i, _elements(plan, piece)))
+        off += len(piece)
+        i += 1
+    return 0, out
+
+
+def _elements(plan: streams.Plan, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=UINT[plan.itemsize_bits] if plan.codec == "fields" else np.uint8)
+
+
+def _chunk_batches(plan: streams.Plan) -> Iterator[tuple[int, int]]:
+    per_task = max(1, TASK_BYTES // max(1, plan.chunk * _unit_bytes(plan)))
+    for first in range(0, plan.nchunks, per_task):
+        yield first, min(plan.nchunks, first + per_task)
 
 
 @dataclass
 class _TensorStart:
-    file_index: int
-    entry: TensorEntry
-    sha256: str
+    record: dict
+    plan: Optional[streams.Plan]  # None for a tensor made of parts
+
+
+@dataclass
+class _PartStart:
+    part: dict
     plan: streams.Plan
 
 
-def _pack_items(ckpt: Checkpoint, level: int) -> Iterator:
+def _stream_record(plan: streams.Plan) -> dict:
+    return {"params": plan.params(), "side": plan.side() or None, "chunks": []}
+
+
+def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
     for fi, f, e in ckpt.tensors():
-        plan = streams.make_plan(e.dtype, e.shape, _reader(f.path, e), level)
-        yield _TensorStart(fi, e, tensor_sha256(f.path, e), plan)
-        per_task = max(1, TASK_BYTES // max(1, plan.chunk * _unit_bytes(plan)))
-        for first in range(0, plan.nchunks, per_task):
-            last = min(plan.nchunks, first + per_task)
+        record = {"name": e.name, "file": fi, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes}
+        stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
+        if stages:
+            yield from _lossy_items(record, f.read(e), stages, recipe.level)
+            continue
+        plan = streams.make_plan(e.dtype, e.shape, _reader(f.path, e), recipe.level)
+        record.update(sha256=tensor_sha256(f.path, e), stages=[])
+        yield _TensorStart(record, plan)
+        for first, last in _chunk_batches(plan):
             yield Task(_encode_task, (str(f.path), e.begin, plan.for_chunks(first, last), first, last))
 
 
-def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, level: int, workers: Optional[int],
+def _lossy_items(record: dict, raw: bytearray, stages: list, level: int) -> Iterator:
+    """Apply the lossy stages in this process, then code each part they make as a stream."""
+    result = lossy.encode(record["dtype"], record["shape"], raw, stages)
+    record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=result.stages,
+                  decoded_sha256=result.decoded_sha256, quality=result.quality, parts=[])
+    yield _TensorStart(record, None)
+    for name, (dtype, shape, data) in result.parts.items():
+        u = _elements_of(dtype, data)
+        plan = streams.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
+        yield _PartStart({"name": name, "dtype": dtype, "shape": shape}, plan)
+        unit = _unit_bytes(plan)
+        for first, last in _chunk_batches(plan):
+            a, b = plan.chunk_range(first)[0], plan.chunk_range(last - 1)[1]
+            yield Task(_encode_data_task, (plan.for_chunks(first, last), first, data[a * unit:b * unit]))
+
+
+def _elements_of(dtype: str, data: bytes) -> np.ndarray:
+    bits = DTYPES[dtype].bits
+    return np.frombuffer(data, dtype=UINT[bits]) if bits in UINT else np.frombuffer(data, np.uint8)
+
+
+def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, workers: Optional[int],
                     progress: Progress = _noop) -> list[dict]:
     """Code every tensor of `ckpt` into `writer`; returns the tensor records for the index."""
     records: list[dict] = []
-    current: Optional[dict] = None
+    stream: Optional[dict] = None
     with Pool(workers) as pool:
-        for item in pool.ordered_map(_pack_items(ckpt, level)):
-            if isinstance(item, _TensorStart):
-                e, plan = item.entry, item.plan
-                side = plan.side()
-                current = {
-                    "name": e.name, "file": item.file_index, "dtype": e.dtype, "shape": e.shape,
-                    "nbytes": e.nbytes, "sha256": item.sha256, "stages": [],
-                    "stream": {"params": plan.params(), "side": writer.write_blob(side) if side else None,
-                               "chunks": []},
-                }
-                records.append(current)
-                if plan.nchunks == 0:
-                    progress(e.nbytes)
+        for item in pool.ordered_map(_pack_items(ckpt, recipe)):
+            if isinstance(item, (_TensorStart, _PartStart)):
+                if isinstance(item, _TensorStart):
+                    records.append(item.record)
+                    progress(0 if item.plan is not None else item.record["nbytes"])
+                if item.plan is not None:
+                    stream = _stream_record(item.plan)
+                    if stream["side"] is not None:
+                        stream["side"] = writer.write_blob(stream["side"])
+                    target = item.record if isinstance(item, _TensorStart) else item.part
+                    target["stream"] = stream
+                    if isinstance(item, _PartStart):
+                        records[-1]["parts"].append(item.part)
+                    if item.plan.nchunks == 0 and isinstance(item, _TensorStart):
+                        progress(item.record["nbytes"])
                 continue
             nbytes, chunks = item
             for rec, payload in chunks:
                 rec.update(writer.write_blob(payload))
-                current["stream"]["chunks"].append(rec)
+                stream["chunks"].append(rec)
             progress(nbytes)
     return records
 
 
 # -- decode --------------------------------------------------------------------------------------
 
-def tensor_plan(reader: ContainerReader, t: dict) -> streams.Plan:
-    """The validated plan of a tensor record (reads and checks its side information)."""
-    where = f"tensor {t['name']!r}"
-    st = t["stream"]
-    side = reader.read_blob(st["side"], where + " side information") if st.get("side") else b""
-    numel = math.prod(t["shape"])
-    plan = streams.plan_from_record(t["dtype"], numel, st["params"], side, where)
-    if len(st["chunks"]) != plan.nchunks:
-        raise FormatError(f"{where}: {len(st['chunks'])} chunks recorded, {plan.nchunks} expected")
+def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str) -> streams.Plan:
+    """The validated plan of a stream record (reads and checks its side information)."""
+    side = reader.read_blob(stream["side"], where + " side information") if stream.get("side") else b""
+    plan = streams.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
+    if len(stream["chunks"]) != plan.nchunks:
+        raise FormatError(f"{where}: {len(stream['chunks'])} chunks recorded, {plan.nchunks} expected")
     return plan
 
 
@@ -173,51 +230,106 @@ def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, name: st
     return results
 
 
+@dataclass
+class _Mark:
+    """In the ordered task stream: a tensor (or one of its parts) begins."""
+
+    record: dict
+    part: Optional[str] = None
+    in_memory: bool = True
+
+
+def _chunk_tasks(reader: ContainerReader, plan: streams.Plan, chunks: list, where: str,
+                 target: Optional[tuple[str, int]]) -> Iterator[Task]:
+    for first, last in _chunk_batches(plan):
+        yield Task(_decode_task, (str(reader.path), plan.for_chunks(first, last), chunks[first:last], first,
+                                  where, target[0] if target else None, target[1] if target else 0))
+
+
 def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dict] = None) -> Iterator:
-    """Tasks decoding `tensors`, each preceded by its record; `out` maps names to (path, offset)."""
+    """Tasks decoding `tensors`, each preceded by a mark; `out` maps names to (path, offset) for tensors
+    whose chunks workers write straight into a file (tensors without stages)."""
     for t in tensors:
-        plan = tensor_plan(reader, t)
-        yield t
-        chunks = t["stream"]["chunks"]
-        per_task = max(1, TASK_BYTES // max(1, plan.chunk * _unit_bytes(plan)))
+        where = f"tensor {t['name']!r}"
+        if t["stages"]:
+            lossy.params_of(t, where)
+            yield _Mark(t)
+            for part in t["parts"]:
+                w = f"{where} part {part['name']!r}"
+                plan = stream_plan(reader, part["stream"], part["dtype"], part["shape"], w)
+                yield _Mark(t, part["name"])
+                yield from _chunk_tasks(reader, plan, part["stream"]["chunks"], w, None)
+            continue
+        plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where)
         target = out.get(t["name"]) if out else None
-        for first in range(0, len(chunks), per_task):
-            last = min(len(chunks), first + per_task)
-            yield Task(_decode_task, (str(reader.path), plan.for_chunks(first, last), chunks[first:last], first,
-                                      t["name"], target[0] if target else None, target[1] if target else 0))
+        yield _Mark(t, in_memory=target is None)
+        yield from _chunk_tasks(reader, plan, t["stream"]["chunks"], where, target)
+
+
+def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[bytes]]]:
+    """(record, decoded bytes in pieces) for each tensor decoded in memory, in order."""
+    mark, parts, pieces = None, {}, []
+
+    def finish():
+        t = mark.record
+        if t["stages"]:
+            parts[mark.part] = b"".join(pieces)
+            for part in t["parts"]:
+                _checked(part, [parts[part["name"]]], f"tensor {t['name']!r} part {part['name']!r}")
+            progress(t["nbytes"])
+            return t, [lossy.decode(t, parts)]
+        return t, _checked(t, pieces, f"tensor {t['name']!r}")
+
+    for item in items:
+        if isinstance(item, _Mark):
+            if mark is not None and item.part is not None and item.record is mark.record:
+                if mark.part is not None:
+                    parts[mark.part] = b"".join(pieces)
+                mark, pieces = item, []
+                continue
+            if mark is not None and mark.in_memory:
+                yield finish()
+            mark, parts, pieces = item, {}, []
+        elif mark.in_memory:
+            pieces.extend(item)
+            if not mark.record["stages"]:
+                progress(sum(len(p) for p in item))
+        else:
+            progress(sum(item))
+    if mark is not None and mark.in_memory:
+        yield finish()
 
 
 def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Optional[int],
                    progress: Progress = _noop) -> Iterator[tuple[dict, list[bytes]]]:
-    """Yield (record, decoded chunks in order) for each tensor, decoded in worker processes."""
+    """Yield (record, decoded bytes in pieces) for each tensor, decoded in worker processes."""
     with Pool(workers) as pool:
-        current, pieces = None, []
-        for item in pool.ordered_map(decode_items(reader, tensors)):
-            if isinstance(item, dict):
-                if current is not None:
-                    yield current, _checked(current, pieces)
-                current, pieces = item, []
-            else:
-                pieces.extend(item)
-                progress(sum(len(p) for p in item))
-        if current is not None:
-            yield current, _checked(current, pieces)
+        yield from _decoded(pool.ordered_map(decode_items(reader, tensors)), progress)
 
 
-def _checked(t: dict, pieces: list[bytes]) -> list[bytes]:
+def _checked(t: dict, pieces: list[bytes], where: str) -> list[bytes]:
+    expected = DTYPES[t["dtype"]].nbytes(math.prod(t["shape"]))
     n = sum(len(p) for p in pieces)
-    if n != t["nbytes"]:
-        raise FormatError(f"tensor {t['name']!r}: decoded {n} bytes, expected {t['nbytes']}")
+    if n != expected:
+        raise FormatError(f"{where}: decoded {n} bytes, expected {expected}")
     return pieces
 
 
 def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int]], workers: Optional[int],
                       progress: Progress = _noop) -> None:
-    """Decode every tensor straight into its place in an output file: targets[name] = (path, offset)."""
+    """Decode every tensor into its place in an output file: targets[name] = (path, offset). Workers write
+    the chunks of plain tensors themselves; tensors with stages are rebuilt here and then written."""
     with Pool(workers) as pool:
-        for item in pool.ordered_map(decode_items(reader, reader.index["tensors"], targets)):
-            if not isinstance(item, dict):
-                progress(sum(item))
+        plain = {t["name"]: targets[t["name"]] for t in reader.index["tensors"] if not t["stages"]}
+        for t, pieces in _decoded(pool.ordered_map(decode_items(reader, reader.index["tensors"], plain)), progress):
+            path, offset = targets[t["name"]]
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                for p in pieces:
+                    os.pwrite(fd, p, offset)
+                    offset += len(p)
+            finally:
+                os.close(fd)
 
 
 def progress_enabled(quiet: bool) -> bool:

@@ -5,7 +5,10 @@
     level = 2                 # optional, 1 (fastest decode) .. 3 (smallest)
     [[rules]]                 # optional; the first rule whose pattern matches a tensor name applies
     match = "*.weight"        # shell-style pattern (fnmatch)
-    stages = []               # lossy stages; this version has none, every tensor is lossless
+    min_dims = 2              # optional: only tensors with at least this many dimensions
+    stages = [{name = "quantize", bits = 4, symmetric = false, granularity = "group", group = 128}]
+
+Stages apply to floating-point tensors only; a tensor no rule matches is packed losslessly.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from typing import Any
 
 from .coding.streams import DEFAULT_LEVEL, LEVELS
 from .errors import RecipeError
+from .stages.params import QuantParams
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 _PACKAGED = Path(__file__).resolve().parent / "configs"
-STAGES: dict[str, Any] = {}  # lossy stages by name: none in this version
+STAGES: dict[str, Any] = {"quantize": QuantParams.from_dict}  # lossy stages: name -> params parser
 
 
 @dataclass
 class Rule:
     match: str
-    stages: list = field(default_factory=list)
+    stages: list = field(default_factory=list)  # parsed stage parameters (QuantParams, ...)
+    min_dims: int = 0
 
 
 @dataclass
@@ -37,15 +42,16 @@ class Recipe:
     level: int = DEFAULT_LEVEL
     rules: list[Rule] = field(default_factory=list)
 
-    def stages_for(self, tensor: str) -> list:
+    def stages_for(self, tensor: str, ndim: int) -> list:
         for r in self.rules:
-            if fnmatch.fnmatchcase(tensor, r.match):
+            if fnmatch.fnmatchcase(tensor, r.match) and ndim >= r.min_dims:
                 return r.stages
         return []
 
     def to_json(self) -> dict:
-        return {"name": self.name, "level": self.level,
-                "rules": [{"match": r.match, "stages": r.stages} for r in self.rules]}
+        return {"name": self.name, "description": self.description, "level": self.level,
+                "rules": [{"match": r.match, "min_dims": r.min_dims, "stages": [s.to_json() for s in r.stages]}
+                          for r in self.rules]}
 
 
 def _typed(d: dict, key: str, typ, where: str, default=None):
@@ -71,16 +77,20 @@ def recipe_from_dict(d: dict, where: str) -> Recipe:
         w = f"{where} rules[{i}]"
         if not isinstance(r, dict):
             raise RecipeError(f"recipe {w}: must be a table")
-        unknown = sorted(set(r) - {"match", "stages"})
+        unknown = sorted(set(r) - {"match", "stages", "min_dims"})
         if unknown:
             raise RecipeError(f"recipe {w}: unknown key {unknown[0]!r}")
         match = _typed(r, "match", str, w, "*")
-        stages = _typed(r, "stages", list, w, [])
-        for s in stages:
+        min_dims = _typed(r, "min_dims", int, w, 0)
+        stages = []
+        for j, s in enumerate(_typed(r, "stages", list, w, [])):
             name = s.get("name") if isinstance(s, dict) else s
-            if name not in STAGES:
-                raise RecipeError(f"recipe {w}: unknown stage {name!r} (this version has only lossless coding)")
-        rules.append(Rule(match, stages))
+            if not isinstance(name, str) or name not in STAGES:
+                raise RecipeError(f"recipe {w}: unknown stage {name!r} (known: {', '.join(STAGES)})")
+            stages.append(STAGES[name](s, f"{w} stages[{j}]"))
+        if len(stages) > 1:
+            raise RecipeError(f"recipe {w}: at most one stage per rule in this version")
+        rules.append(Rule(match, stages, min_dims))
     return Recipe(_typed(d, "name", str, where, where), _typed(d, "description", str, where, ""), level, rules)
 
 

@@ -1,0 +1,82 @@
+"""The chain of lossy stages for one tensor: raw bytes in, coded parts out, and back.
+
+A tensor with stages is stored as parts (quantized levels, scales, ...), each coded as its own stream;
+its record carries the stages' parameters, the SHA-256 of the reconstruction (checked on every decode)
+and the quality measured at pack time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .. import metrics
+from ..dtypes import torch_dtype
+from ..errors import FormatError
+from .params import LOSSY_DTYPES, params_of
+
+@dataclass
+class Encoded:
+    stages: list[dict]
+    parts: dict[str, tuple[str, list[int], bytes]]  # name -> (safetensors dtype, shape, raw bytes)
+    decoded_sha256: str
+    quality: dict
+
+
+def can_apply(dtype: str, numel: int) -> bool:
+    return dtype in LOSSY_DTYPES and numel > 0
+
+
+def _tensor(raw, dtype: str, shape: list[int]):
+    import torch
+
+    return torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
+
+
+def _raw(x) -> bytes:
+    import torch
+
+    return x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encoded:
+    from . import quantize
+
+    import torch
+
+    (p,) = stages
+    w = _tensor(raw, dtype, shape).to(torch.float32)
+    parts = quantize.encode(w, p)
+    recon = quantize.decode(parts, p, shape).to(torch_dtype(dtype))
+    decoded = _raw(recon)
+    specs = p.parts(shape)
+    return Encoded(
+        stages=[p.to_json()],
+        parts={name: (specs[name][0], specs[name][1], _raw(t)) for name, t in parts.items()},
+        decoded_sha256=hashlib.sha256(decoded).hexdigest(),
+        quality=metrics.quality(w.numpy(), recon.to(w.dtype).numpy()),
+    )
+
+
+def decode(t: dict, parts: dict[str, bytes]) -> bytes:
+    """The reconstructed raw bytes of a tensor from its decoded parts; checks the recorded SHA-256."""
+    from . import quantize
+
+    where = f"tensor {t['name']!r}"
+    p = params_of(t, where)
+    tensors = {part["name"]: _tensor(bytearray(parts[part["name"]]), part["dtype"], part["shape"])
+               for part in t["parts"]}
+    raw = _raw(quantize.decode(tensors, p, t["shape"]).to(torch_dtype(t["dtype"])))
+    if hashlib.sha256(raw).hexdigest() != t["decoded_sha256"]:
+        raise FormatError(f"{where}: reconstruction does not match its recorded hash")
+    return raw
+
+
+def quality_against(t: dict, decoded: bytes, source: bytes) -> dict:
+    """SQNR and relative error of a decoded tensor against the source's bytes."""
+    import torch
+
+    a = _tensor(bytearray(source), t["dtype"], t["shape"]).to(torch.float64).numpy()
+    b = _tensor(bytearray(decoded), t["dtype"], t["shape"]).to(torch.float64).numpy()
+    return metrics.quality(a, b)
+

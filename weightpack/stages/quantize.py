@@ -1,0 +1,102 @@
+"""Quantization stage: round to nearest on a uniform grid, 2 to 8 bits.
+
+Symmetric (levels -2^(b-1)+1 .. 2^(b-1)-1, one scale per group) or asymmetric (levels 0 .. 2^b-1, a scale
+and a zero point per group); groups are the whole tensor, each output channel (row), or runs of `group`
+elements along the input dimension of each row. Scales minimize the squared error: for each group the
+clipping range is searched over a grid of fractions of the max-abs (or min/max) range.
+
+encode(w, params) -> Parts: integer levels "q" (int8 or uint8, the tensor's shape), "scale" (float32,
+one per group) and for asymmetric "zero" (uint8, one per group). decode(parts, params) -> float32 tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .params import QuantParams
+
+CLIP_GRID = torch.linspace(1.0, 0.5, 26).tolist()  # fractions of the range tried for error-minimizing scales
+
+
+def _groups(w: torch.Tensor, p: QuantParams) -> torch.Tensor:
+    """The tensor as (groups, elements per group), padding the last group of each row by repetition."""
+    x = w.reshape(w.shape[0], -1) if w.dim() >= 2 else w.reshape(1, -1)
+    if p.granularity == "tensor":
+        return x.reshape(1, -1)
+    if p.granularity == "channel":
+        return x
+    rows, cols = x.shape
+    g = min(p.group, cols)
+    pad = (-cols) % g
+    if pad:
+        x = torch.cat([x, x[:, -1:].expand(rows, pad)], dim=1)
+    return x.reshape(rows * (x.shape[1] // g), g)
+
+
+def _ungroup(q: torch.Tensor, shape: list[int], p: QuantParams) -> torch.Tensor:
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = math.prod(shape) // rows if rows else 0
+    x = q.reshape(rows, -1)[:, :cols]
+    return x.reshape(shape)
+
+
+def _levels(p: QuantParams) -> tuple[int, int]:
+    if p.symmetric:
+        m = (1 << (p.bits - 1)) - 1
+        return -m, m
+    return 0, (1 << p.bits) - 1
+
+
+def _quantize(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return torch.clamp(torch.round(g / scale[:, None]) + zero[:, None], lo, hi)
+
+
+SLICE = 1 << 20  # elements searched at a time: memory stays a few times this, whatever the tensor
+
+
+def _search(g: torch.Tensor, p: QuantParams, lo: int, hi: int):
+    """Levels, scale and zero point of each group (rows of g) with the least squared error."""
+    best_err = torch.full((g.shape[0],), float("inf"))
+    best = None
+    for frac in (CLIP_GRID if p.search else [1.0]):
+        if p.symmetric:
+            scale = (g.abs().amax(dim=1) * frac / hi).clamp_min(torch.finfo(torch.float32).tiny)
+            zero = torch.zeros_like(scale)
+        else:
+            mn, mx = g.amin(dim=1).clamp_max(0) * frac, g.amax(dim=1).clamp_min(0) * frac
+            scale = ((mx - mn) / hi).clamp_min(torch.finfo(torch.float32).tiny)
+            zero = torch.clamp(torch.round(-mn / scale), lo, hi)
+        q = _quantize(g, scale, zero, lo, hi)
+        err = ((q - zero[:, None]) * scale[:, None] - g).square().sum(dim=1)
+        if best is None:
+            best = [q, scale, zero]
+        else:
+            better = err < best_err
+            best[0][better], best[1][better], best[2][better] = q[better], scale[better], zero[better]
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
+def encode(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
+    g = _groups(w.detach().to(torch.float32), p)
+    lo, hi = _levels(p)
+    step = max(1, SLICE // max(1, g.shape[1]))
+    found = [_search(g[i:i + step], p, lo, hi) for i in range(0, g.shape[0], step)]
+    q, scale, zero = (torch.cat([f[k] for f in found]) for k in range(3))
+    parts = {"q": _ungroup(q, list(w.shape), p).to(torch.int8 if p.symmetric else torch.uint8),
+             "scale": scale.to(torch.float32)}
+    if not p.symmetric:
+        parts["zero"] = zero.to(torch.uint8)
+    return parts
+
+
+def decode(parts: dict[str, torch.Tensor], p: QuantParams, shape: list[int]) -> torch.Tensor:
+    q = parts["q"].to(torch.float32)
+    g = _groups(q.reshape(shape), p)
+    zero = parts["zero"].to(torch.float32) if "zero" in parts else torch.zeros(g.shape[0])
+    if parts["scale"].numel() != g.shape[0] or zero.numel() != g.shape[0]:
+        raise ValueError("scale or zero point count does not match the groups")
+    x = (g - zero[:, None]) * parts["scale"].to(torch.float32)[:, None]
+    return _ungroup(x, shape, p)
