@@ -1,0 +1,132 @@
+"""The quantization stage: round-trip properties alone, then through recipes, containers and verify."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file
+
+import weightpack
+from weightpack.errors import FormatError, RecipeError
+from weightpack.recipe import load_recipe
+from weightpack.stages import quantize as Q
+from weightpack.stages.params import QuantParams
+
+import craft
+
+CLI = [sys.executable, "-m", "weightpack"]
+
+
+def sqnr(a, b):
+    a, b = a.double(), b.double()
+    return 10 * math.log10(a.square().sum() / (a - b).square().sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.booleans(), st.sampled_from(["tensor", "channel", "group"]),
+       st.sampled_from([[37, 100], [5, 3, 4], [1000], [1, 7], [64, 64]]), st.integers(1, 200), st.integers(0, 2**31))
+def test_quantize_round_trip_properties(bits, symmetric, granularity, shape, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * torch.rand(1, generator=g).item() * 3
+    p = QuantParams(bits=bits, symmetric=symmetric, granularity=granularity, group=group, search=False)
+    parts = Q.encode(w, p)
+    assert {k: [v.shape and list(v.shape)][0] for k, v in parts.items()} == {k: s for k, (_, s) in p.parts(shape).items()}
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    q = parts["q"].to(torch.int32)
+    assert int(q.min()) >= lo and int(q.max()) <= hi
+    x = Q.decode(parts, p, shape)
+    assert x.shape == w.shape
+    # Without clipping every value is within half a step of its group's grid (plus float rounding).
+    step = parts["scale"].max().item()
+    assert (x - w).abs().max().item() <= step * (0.5 + 1e-4) + 1e-6
+    searched = QuantParams(bits=bits, symmetric=symmetric, granularity=granularity, group=group)
+    y = Q.decode(Q.encode(w, searched), searched, shape)
+    assert (y - w).square().sum() <= (x - w).square().sum() * (1 + 1e-6) + 1e-12  # the search never loses
+
+
+def test_more_bits_finer_groups_better_quality():
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1)) * 0.02
+    q = [sqnr(w, Q.decode(Q.encode(w, p), p, [256, 512]))
+         for p in (QuantParams(bits=b, symmetric=False, granularity="group", group=64) for b in (2, 3, 4, 8))]
+    assert q == sorted(q) and q[-1] > 40 and 19 < q[2] < 22  # 4-bit near the Gaussian optimum (~20 dB)
+    ch = QuantParams(bits=4, symmetric=True, granularity="channel")
+    gr = QuantParams(bits=4, symmetric=True, granularity="group", group=32)
+    assert sqnr(w, Q.decode(Q.encode(w, gr), gr, [256, 512])) > sqnr(w, Q.decode(Q.encode(w, ch), ch, [256, 512]))
+
+
+@pytest.mark.parametrize("bad, key", [({"bits": 9}, "bits"), ({"bits": "4"}, "bits"), ({"granularity": "row"}, "granularity"),
+                                      ({"group": 0}, "group"), ({"symmetric": 1}, "symmetric"), ({"bitz": 4}, "bitz")])
+def test_stage_parameters_are_checked(bad, key):
+    with pytest.raises(RecipeError, match=key):
+        load_recipe({"rules": [{"match": "*", "stages": [{"name": "quantize", **bad}]}]})
+
+
+@pytest.mark.parametrize("recipe, max_bpw, min_db", [("int8", 7.6, 29), ("int4", 4.1, 13), ("int3", 3.4, 11)])
+def test_presets_on_the_real_model(tmp_path, minilm, recipe, max_bpw, min_db):
+    wpk = tmp_path / f"{recipe}.wpk"
+    weightpack.pack(minilm, wpk, recipe=recipe)
+    rep = weightpack.inspect(wpk)
+    assert rep["totals"]["bits_per_weight"] < max_bpw
+    lossy_rows = [r for r in rep["tensors"] if r["stages"] != ["lossless"]]
+    assert len(lossy_rows) == 40 and all(len(r["shape"]) == 2 for r in lossy_rows)
+    ref, got = load_file(str(minilm)), weightpack.load(wpk)
+    out = weightpack.unpack(wpk, tmp_path / "out.safetensors")
+    back = load_file(str(out))
+    for k, v in ref.items():
+        assert torch.equal(got[k], back[k]) and got[k].dtype == v.dtype
+        if v.dim() == 2 and v.is_floating_point():
+            row = next(r for r in rep["tensors"] if r["name"] == k)
+            assert abs(row["quality"]["sqnr_db"] - sqnr(v, got[k])) < 1e-6 and sqnr(v, got[k]) > min_db
+        else:
+            assert torch.equal(got[k], v)  # norms and biases stay exact
+    report = weightpack.verify(wpk, against=minilm, min_sqnr=min_db)
+    assert report.ok and len(report.quality) == 40
+    assert not weightpack.verify(wpk, against=minilm, min_sqnr=60).ok
+
+
+def test_verify_cli_gates_on_quality(tmp_path, minilm):
+    wpk = tmp_path / "q.wpk"
+    weightpack.pack(minilm, wpk, recipe="int4")
+    ok = subprocess.run(CLI + ["verify", str(wpk), "--against", str(minilm), "--min-sqnr", "10"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "lossy tensors within bounds" in ok.stdout
+    bad = subprocess.run(CLI + ["verify", str(wpk), "--against", str(minilm), "--min-sqnr", "30"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "below 30.0 dB" in bad.stderr and "ok" not in bad.stdout
+    rel = subprocess.run(CLI + ["verify", str(wpk), "--max-rel-error", "0.001"], capture_output=True, text=True)
+    assert rel.returncode == 1 and "relative error" in rel.stderr
+
+
+def test_lossy_packs_are_deterministic(tmp_path, minilm_cast):
+    src = minilm_cast["BF16"]
+    weightpack.pack(src, tmp_path / "a.wpk", recipe="int4", workers=1)
+    weightpack.pack(src, tmp_path / "b.wpk", recipe="int4", workers=2)
+    assert (tmp_path / "a.wpk").read_bytes() == (tmp_path / "b.wpk").read_bytes()
+
+
+def test_crafted_lossy_records_are_refused(tmp_path, minilm):
+    wpk = tmp_path / "q.wpk"
+    weightpack.pack(minilm, wpk, recipe="int8")
+
+    def first_lossy(idx):
+        return next(t for t in idx["tensors"] if t["stages"])
+
+    edits = {
+        "part-shape": lambda idx: first_lossy(idx)["parts"][1].update(shape=[3]),
+        "part-dtype": lambda idx: first_lossy(idx)["parts"][0].update(dtype="U8"),
+        "bits": lambda idx: first_lossy(idx)["stages"][0].update(bits=12),
+        "stage-name": lambda idx: first_lossy(idx)["stages"][0].update(name="prune"),
+        "parts-missing": lambda idx: first_lossy(idx).update(parts=[]),
+        "quality": lambda idx: first_lossy(idx).update(quality={"sqnr_db": "high", "rel_error": 0.1}),
+        "decoded-hash": lambda idx: first_lossy(idx).update(decoded_sha256="0" * 64),
+        "on-int": lambda idx: first_lossy(idx).update(dtype="I32"),
+    }
+    for name, edit in edits.items():
+        bad = tmp_path / f"{name}.wpk"
+        craft.rewrite_index(wpk, bad, edit)
+        with pytest.raises(FormatError):
+            weightpack.load(bad)
+        r = subprocess.run(CLI + ["unpack", str(bad), "-o", str(tmp_path / f"{name}-out")], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("weightpack: error:") and "Traceback" not in r.stderr, name
+        assert not (tmp_path / f"{name}-out").exists()
