@@ -301,13 +301,13 @@ def validate_index(index: dict, file_size: int) -> None:
             _fail(w, "nbytes does not match dtype and shape")
         _get(t, "sha256", str, w)
         if _get(t, "stages", list, w):
-            p = params_of(t, w)
+            chain = params_of(t, w)
             _get(t, "decoded_sha256", str, w)
             q = _get(t, "quality", dict, w)
             if set(q) != {"sqnr_db", "rel_error"} or not all(
                     v is None or (type(v) in (int, float) and math.isfinite(v)) for v in q.values()):
                 _fail(w, "malformed quality")
-            specs = p.parts(shape)
+            specs = chain[-1].parts(shape)
             parts = _get(t, "parts", list, w)
             if [_get(x, "name", str, w) for x in parts] != list(specs):
                 _fail(w, "parts do not match the stages")

@@ -6,7 +6,7 @@ import math
 from collections import Counter
 
 from .container import ContainerReader, tensor_blob_refs, tensor_streams
-from .stages.params import QuantParams
+from .stages.params import parse_chain
 
 
 def stored_bytes(t: dict) -> int:
@@ -43,7 +43,7 @@ def inspect_report(r: ContainerReader) -> dict:
         after = stored_bytes(t)
         rows.append({
             "name": t["name"], "dtype": t["dtype"], "shape": t["shape"],
-            "stages": [QuantParams.from_dict(s, "index").label() for s in t["stages"]] or ["lossless"],
+            "stages": ["+".join(s.label() for s in parse_chain(t["stages"], "index"))] if t["stages"] else ["lossless"],
             "bytes_before": t["nbytes"], "bytes_after": after,
             "bits_per_weight": 8 * after / numel if numel else 0.0,
             "codec": codec_label(t),

@@ -7,6 +7,7 @@
     match = "*.weight"        # shell-style pattern (fnmatch)
     min_dims = 2              # optional: only tensors with at least this many dimensions
     stages = [{name = "quantize", bits = 4, symmetric = false, granularity = "group", group = 128}]
+    # or [{name = "prune", n = 2, m = 4}, {name = "quantize", ...}]: prune, then quantize
 
 Stages apply to floating-point tensors only; a tensor no rule matches is packed losslessly.
 """
@@ -17,15 +18,13 @@ import fnmatch
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .coding.streams import DEFAULT_LEVEL, LEVELS
 from .errors import RecipeError
-from .stages.params import QuantParams
+from .stages.params import parse_chain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 _PACKAGED = Path(__file__).resolve().parent / "configs"
-STAGES: dict[str, Any] = {"quantize": QuantParams.from_dict}  # lossy stages: name -> params parser
 
 
 @dataclass
@@ -82,14 +81,7 @@ def recipe_from_dict(d: dict, where: str) -> Recipe:
             raise RecipeError(f"recipe {w}: unknown key {unknown[0]!r}")
         match = _typed(r, "match", str, w, "*")
         min_dims = _typed(r, "min_dims", int, w, 0)
-        stages = []
-        for j, s in enumerate(_typed(r, "stages", list, w, [])):
-            name = s.get("name") if isinstance(s, dict) else s
-            if not isinstance(name, str) or name not in STAGES:
-                raise RecipeError(f"recipe {w}: unknown stage {name!r} (known: {', '.join(STAGES)})")
-            stages.append(STAGES[name](s, f"{w} stages[{j}]"))
-        if len(stages) > 1:
-            raise RecipeError(f"recipe {w}: at most one stage per rule in this version")
+        stages = parse_chain(_typed(r, "stages", list, w, []), w)
         rules.append(Rule(match, stages, min_dims))
     return Recipe(_typed(d, "name", str, where, where), _typed(d, "description", str, where, ""), level, rules)
 

@@ -40,18 +40,19 @@ def _raw(x) -> bytes:
 
 
 def encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encoded:
-    from . import quantize
-
     import torch
 
-    (p,) = stages
+    from . import prune, quantize
+
+    *before, p = stages
     w = _tensor(raw, dtype, shape).to(torch.float32)
-    parts = quantize.encode(w, p)
+    x = prune.apply(w, before[0]) if before else w
+    parts = quantize.encode(x, p)
     recon = quantize.decode(parts, p, shape).to(torch_dtype(dtype))
     decoded = _raw(recon)
     specs = p.parts(shape)
     return Encoded(
-        stages=[p.to_json()],
+        stages=[s.to_json() for s in stages],
         parts={name: (specs[name][0], specs[name][1], _raw(t)) for name, t in parts.items()},
         decoded_sha256=hashlib.sha256(decoded).hexdigest(),
         quality=metrics.quality(w.numpy(), recon.to(w.dtype).numpy()),
@@ -63,7 +64,7 @@ def decode(t: dict, parts: dict[str, bytes]) -> bytes:
     from . import quantize
 
     where = f"tensor {t['name']!r}"
-    p = params_of(t, where)
+    p = params_of(t, where)[-1]
     tensors = {part["name"]: _tensor(bytearray(parts[part["name"]]), part["dtype"], part["shape"])
                for part in t["parts"]}
     raw = _raw(quantize.decode(tensors, p, t["shape"]).to(torch_dtype(t["dtype"])))

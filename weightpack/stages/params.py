@@ -56,15 +56,59 @@ class QuantParams:
         return f"q{self.bits}{'s' if self.symmetric else 'a'}-{g}"
 
 
-def params_of(t: dict, where: str) -> QuantParams:
-    """The stage parameters of a container's tensor record, validated."""
-    stages = t["stages"]
-    if len(stages) != 1 or not isinstance(stages[0], dict) or stages[0].get("name") != "quantize":
-        raise FormatError(f"{where}: unknown stages")
+@dataclass(frozen=True)
+class PruneParams:
+    """Zero the smallest weights before quantization: a fraction of the tensor, or all but the n largest
+    magnitudes in every run of m consecutive elements of a row (n:m structured sparsity, e.g. 2:4)."""
+
+    sparsity: float = 0.5
+    n: int = 0  # n:m pattern when m > 0; otherwise unstructured at `sparsity`
+    m: int = 0
+
+    @staticmethod
+    def from_dict(d: dict, where: str) -> "PruneParams":
+        unknown = sorted(set(d) - {"name", "sparsity", "n", "m"})
+        if unknown:
+            raise RecipeError(f"recipe {where}: unknown key {unknown[0]!r}")
+        p = PruneParams(**{k: v for k, v in d.items() if k != "name"})
+        if type(p.sparsity) not in (int, float) or not 0 <= p.sparsity < 1:
+            raise RecipeError(f"recipe {where}: 'sparsity' must be a number from 0 to below 1")
+        if type(p.n) is not int or type(p.m) is not int or not (p.m == p.n == 0 or 0 < p.n < p.m <= 64):
+            raise RecipeError(f"recipe {where}: 'n' and 'm' must satisfy 0 < n < m <= 64 (or both be 0)")
+        return p
+
+    def to_json(self) -> dict:
+        return {"name": "prune", "sparsity": self.sparsity, "n": self.n, "m": self.m}
+
+    def label(self) -> str:
+        return f"{self.n}of{self.m}" if self.m else f"prune{round(100 * self.sparsity)}"
+
+
+STAGE_PARSERS = {"quantize": QuantParams.from_dict, "prune": PruneParams.from_dict}
+
+
+def parse_chain(stages: list, where: str) -> list:
+    """Stage parameters from data: [quantize] or [prune, quantize]."""
+    out = []
+    for j, s in enumerate(stages):
+        name = s.get("name") if isinstance(s, dict) else s
+        if not isinstance(name, str) or name not in STAGE_PARSERS:
+            raise RecipeError(f"recipe {where}: unknown stage {name!r} (known: {', '.join(STAGE_PARSERS)})")
+        out.append(STAGE_PARSERS[name](s, f"{where} stages[{j}]"))
+    kinds = [type(p) for p in out]
+    if kinds not in ([], [QuantParams], [PruneParams, QuantParams]):
+        raise RecipeError(f"recipe {where}: stages must be [quantize] or [prune, quantize]")
+    return out
+
+
+def params_of(t: dict, where: str) -> list:
+    """The stage chain of a container's tensor record, validated: [quantize] or [prune, quantize]."""
     try:
-        p = QuantParams.from_dict(stages[0], where)
+        chain = parse_chain(t["stages"], where)
     except (RecipeError, TypeError) as e:
-        raise FormatError(f"{where}: malformed stage parameters ({e})") from None
+        raise FormatError(f"{where}: malformed stages ({e})") from None
+    if not chain:
+        raise FormatError(f"{where}: unknown stages")
     if t["dtype"] not in LOSSY_DTYPES:
         raise FormatError(f"{where}: stages on a {t['dtype']} tensor")
-    return p
+    return chain
