@@ -180,3 +180,13 @@ def test_side_information_is_validated():
             streams.plan_from_record("F16", u.size, bad, side, "t")
     with pytest.raises(FormatError):
         streams.plan_from_record("F16", u.size, params, side[:-3], "t")
+
+
+def test_16bit_integers_with_few_distinct_values_are_entropy_coded():
+    rng = np.random.default_rng(11)
+    u = np.clip(np.round(rng.standard_normal(200000) * 40) + 1000, 0, 65535).astype(np.uint16)
+    plan, recs = _round_trip("U16", [400, 500], u, 2)
+    assert plan.codec == "fields" and sum(len(p) for _, p in recs) < 0.5 * u.nbytes
+    many = rng.integers(0, 65536, size=50000, dtype=np.uint16)
+    plan, _ = _round_trip("I16", [50000], many, 2)
+    assert plan.codec == "bytes"

@@ -33,9 +33,9 @@ class Layout:
         return Layout(*[int(x) for x in v])
 
     def valid(self) -> bool:
-        return self.bits in UINT and self.sign in (0, 1) and 1 <= self.head <= 12 and self.tail >= 0 and (
-            self.sign + self.head + self.tail == self.bits
-        )
+        whole16 = self.head == self.bits == 16 and self.sign == self.tail == 0
+        return self.bits in UINT and self.sign in (0, 1) and (1 <= self.head <= 12 or whole16) and (
+            self.tail >= 0 and self.sign + self.head + self.tail == self.bits)
 
 
 def layout_for(dtype: DType, mantissa_head_bits: int) -> Layout | None:
@@ -48,6 +48,8 @@ def layout_for(dtype: DType, mantissa_head_bits: int) -> Layout | None:
         return Layout(dtype.bits, s, dtype.exponent + k, dtype.mantissa - k)
     if dtype.bits == 8:  # I8, U8, BOOL: the whole byte is the symbol
         return Layout(8, 0, 8, 0)
+    if dtype.bits == 16:  # I16, U16: whole values, when there are few distinct ones (else plain bytes)
+        return Layout(16, 0, 16, 0)
     return None
 
 

@@ -198,6 +198,12 @@ def _block_length(n: int, shape: list[int]) -> int:
     return max(1, min(n, DEFAULT_BLOCK))
 
 
+def _bytes_plan(dtype: str, n: int, cfg: dict) -> Plan:
+    dt = DTYPES[dtype]
+    planes = _planes(dt.bits)
+    return Plan("bytes", dtype, dt.nbytes(n), max(planes, (BYTES_CHUNK // planes) * planes), cfg["zstd"])
+
+
 def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT_LEVEL) -> Plan:
     """Measure a tensor (two passes through `reader`) and choose its codec, contexts and tables."""
     cfg = LEVELS[level]
@@ -205,10 +211,7 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
     n = math.prod(shape)
     lay = layout_for(dt, cfg["k"])
     if lay is None or n == 0:
-        nbytes = dt.nbytes(n)
-        planes = _planes(dt.bits)
-        chunk = max(planes, (BYTES_CHUNK // planes) * planes)
-        return Plan("bytes", dtype, nbytes, chunk, cfg["zstd"])
+        return _bytes_plan(dtype, n, cfg)
     L = _block_length(n, shape)
     chunk = max(1, CHUNK_TARGET // L) * L
     nblocks = math.ceil(n / L)
@@ -226,6 +229,8 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
             low = np.bitwise_or.reduceat(v & np.uint64((1 << lay.tail) - 1), starts)
             tz[b0:b0 + len(starts)] = trailing_zeros(low, lay.tail)
     alphabet = np.flatnonzero(hist).astype(np.int64)
+    if len(alphabet) > entropy.MAX_ALPHABET:  # too many distinct whole values (16-bit integers)
+        return _bytes_plan(dtype, n, cfg)
     plan = Plan("fields", dtype, n, chunk, cfg["zstd"], cfg["try_bytes"], lay, L, alphabet,
                 np.zeros((0, len(alphabet)), np.uint32), np.zeros(nblocks, np.uint8), tz)
     if len(alphabet) < 2:
