@@ -172,3 +172,21 @@ def test_stage_chains_are_checked():
         load_recipe({"rules": [{"stages": [{"name": "prune", "sparsity": 1.5}, {"name": "quantize"}]}]})
     with pytest.raises(RecipeError, match="'n' and 'm'"):
         load_recipe({"rules": [{"stages": [{"name": "prune", "n": 4, "m": 2}, {"name": "quantize"}]}]})
+
+
+def test_ecsq_reaches_its_quality_with_the_fewest_bits(tmp_path, minilm):
+    w = torch.randn(300, 400, generator=torch.Generator().manual_seed(5)) * 0.03
+    for db in (10.0, 22.8, 34.4):
+        p = QuantParams(mode="ecsq", sqnr=db)
+        got = sqnr(w, Q.decode(Q.encode(w, p), p, [300, 400]))
+        assert db <= got < db + 0.2  # at least the target, and not wastefully above it
+    r = subprocess.run(CLI + ["pack", str(minilm), "-o", str(tmp_path / "e.wpk"), "--min-sqnr", "22.8", "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = weightpack.inspect(tmp_path / "e.wpk")
+    lossy_rows = [x for x in rep["tensors"] if x["stages"] != ["lossless"]]
+    assert len(lossy_rows) == 40 and min(x["quality"]["sqnr_db"] for x in lossy_rows) >= 22.8
+    bits = sum(x["bytes_after"] for x in lossy_rows) * 8 / sum(math.prod(x["shape"]) for x in lossy_rows)
+    assert bits < 4.2  # GGUF Q4_K needs 4.5 at this quality; docs/BENCHMARKS.md has the measured figures
+    report = weightpack.verify(tmp_path / "e.wpk", against=minilm, min_sqnr=22.8)
+    assert report.ok

@@ -62,10 +62,13 @@ def _output_path(dst: PathLike, name: str) -> Path:
 
 
 def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe | dict | None" = "lossless",
-         level: Optional[int] = None, workers: Optional[int] = None, force: bool = False,
-         progress: bool = False) -> dict:
+         level: Optional[int] = None, min_sqnr: Optional[float] = None, workers: Optional[int] = None,
+         force: bool = False, progress: bool = False) -> dict:
     """Pack a safetensors file, a sharded index (`*.safetensors.index.json`) or a model folder.
 
+    `recipe` is a preset name, a TOML file, a dict or a Recipe; `level` (1-3) trades decode speed for
+    size; `min_sqnr` replaces the recipe's rules: every matrix (2+ dimensions, floating point) is
+    quantized with one uniform step chosen so that its SQNR is at least `min_sqnr` dB.
     Writes `dst` (default: beside `src`, with the `.wpk` suffix) atomically and returns a summary:
     ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``.
     """
@@ -73,6 +76,9 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     rec = load_recipe(recipe)
     if level is not None:
         rec = load_recipe({**rec.to_json(), "level": level}) if level != rec.level else rec
+    if min_sqnr is not None:  # every matrix: entropy-constrained quantization at that quality
+        rec = load_recipe({"name": f"{rec.name}, min SQNR {min_sqnr} dB", "level": rec.level, "rules": [
+            {"match": "*", "min_dims": 2, "stages": [{"name": "quantize", "mode": "ecsq", "sqnr": min_sqnr}]}]})
     ckpt = open_checkpoint(src)
     target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
     with ContainerWriter(target, force) as w, _bar(ckpt.total_bytes, "pack", progress) as bar:

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-r", "--recipe", default="lossless", help="preset name or TOML file (default: lossless)")
     sp.add_argument("-l", "--level", type=int, choices=[1, 2, 3], default=None,
                     help="1 fastest decode, 2 default, 3 smallest")
+    sp.add_argument("--min-sqnr", type=float, metavar="DB",
+                    help="lossy: quantize every matrix with the coarsest uniform step keeping SQNR >= DB "
+                         "(replaces the recipe's rules)")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     common(sp)
@@ -110,8 +113,8 @@ def run(argv: Optional[list[str]] = None) -> int:
         return 2
     show = progress_enabled(getattr(args, "quiet", False))
     if args.command == "pack":
-        res = api.pack(args.src, args.output, recipe=args.recipe, level=args.level, workers=args.workers,
-                       force=args.force, progress=show)
+        res = api.pack(args.src, args.output, recipe=args.recipe, level=args.level, min_sqnr=args.min_sqnr,
+                       workers=args.workers, force=args.force, progress=show)
         if args.json:
             print(json.dumps(res, indent=2))
         elif not args.quiet:

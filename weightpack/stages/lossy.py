@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .. import metrics
 from ..dtypes import torch_dtype
-from ..errors import FormatError
+from ..errors import FormatError, RecipeError
 from .params import LOSSY_DTYPES, params_of
 
 @dataclass
@@ -47,13 +47,17 @@ def encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encode
     *before, p = stages
     w = _tensor(raw, dtype, shape).to(torch.float32)
     x = prune.apply(w, before[0]) if before else w
-    parts = quantize.encode(x, p)
+    try:
+        parts = quantize.encode(x, p)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     recon = quantize.decode(parts, p, shape).to(torch_dtype(dtype))
     decoded = _raw(recon)
     specs = p.parts(shape)
     return Encoded(
         stages=[s.to_json() for s in stages],
-        parts={name: (specs[name][0], specs[name][1], _raw(t)) for name, t in parts.items()},
+        parts={name: (specs[name][0], specs[name][1], _raw(t.to(torch_dtype(specs[name][0]))))
+               for name, t in parts.items()},
         decoded_sha256=hashlib.sha256(decoded).hexdigest(),
         quality=metrics.quality(w.numpy(), recon.to(w.dtype).numpy()),
     )

@@ -11,21 +11,32 @@ LOSSY_DTYPES = ("F64", "F32", "F16", "BF16")
 GRANULARITIES = ("tensor", "channel", "group")
 
 
+MODES = ("rtn", "ecsq")
+
+
 @dataclass(frozen=True)
 class QuantParams:
+    """mode "rtn": `bits`-bit levels on a grid per group (see quantize.py). mode "ecsq": one uniform step
+    for the whole tensor, the coarsest whose SQNR is at least `sqnr` dB; the levels are left to the
+    entropy coder (entropy-constrained scalar quantization)."""
+
     bits: int = 8
     symmetric: bool = True
     granularity: str = "channel"
     group: int = 128
     search: bool = True  # error-minimizing clipping search
+    mode: str = "rtn"
+    sqnr: float = 0.0
 
     @staticmethod
     def from_dict(d: dict, where: str) -> "QuantParams":
-        known = {"name", "bits", "symmetric", "granularity", "group", "search"}
+        known = {"name", "bits", "symmetric", "granularity", "group", "search", "mode", "sqnr"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise RecipeError(f"recipe {where}: unknown key {unknown[0]!r}")
         p = QuantParams(**{k: v for k, v in d.items() if k != "name"})
+        if p.mode not in MODES:
+            raise RecipeError(f"recipe {where}: 'mode' must be one of {', '.join(MODES)}")
         if type(p.bits) is not int or not 2 <= p.bits <= 8:
             raise RecipeError(f"recipe {where}: 'bits' must be an integer from 2 to 8")
         if not isinstance(p.symmetric, bool) or not isinstance(p.search, bool):
@@ -34,14 +45,20 @@ class QuantParams:
             raise RecipeError(f"recipe {where}: 'granularity' must be one of {', '.join(GRANULARITIES)}")
         if type(p.group) is not int or not 1 <= p.group <= 1 << 20:
             raise RecipeError(f"recipe {where}: 'group' must be a positive integer")
+        if type(p.sqnr) not in (int, float) or not (p.mode != "ecsq" or 0 < p.sqnr <= 90):
+            raise RecipeError(f"recipe {where}: 'sqnr' must be a number of dB from above 0 to 90 for mode ecsq")
         return p
 
     def to_json(self) -> dict:
+        if self.mode == "ecsq":
+            return {"name": "quantize", "mode": "ecsq", "sqnr": self.sqnr}
         return {"name": "quantize", "bits": self.bits, "symmetric": self.symmetric,
                 "granularity": self.granularity, "group": self.group, "search": self.search}
 
     def parts(self, shape: list[int]) -> dict[str, tuple[str, list[int]]]:
         """The parts quantize.encode makes for a tensor of `shape`: name -> (safetensors dtype, shape)."""
+        if self.mode == "ecsq":
+            return {"q": ("U16", list(shape)), "step": ("F32", [1]), "offset": ("I32", [1])}
         rows = shape[0] if len(shape) >= 2 else 1
         cols = math.prod(shape) // rows if rows else 0
         n = {"tensor": 1, "channel": rows,
@@ -52,6 +69,8 @@ class QuantParams:
         return out
 
     def label(self) -> str:
+        if self.mode == "ecsq":
+            return f"ecsq{self.sqnr:g}dB"
         g = {"tensor": "t", "channel": "ch", "group": f"g{self.group}"}[self.granularity]
         return f"q{self.bits}{'s' if self.symmetric else 'a'}-{g}"
 

@@ -80,6 +80,8 @@ def _search(g: torch.Tensor, p: QuantParams, lo: int, hi: int):
 
 
 def encode(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
+    if p.mode == "ecsq":
+        return _encode_ecsq(w.detach().to(torch.float32), p)
     g = _groups(w.detach().to(torch.float32), p)
     lo, hi = _levels(p)
     step = max(1, SLICE // max(1, g.shape[1]))
@@ -92,7 +94,36 @@ def encode(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     return parts
 
 
+def _mse(w: torch.Tensor, step: float) -> float:
+    return float(((torch.round(w / step) * step - w).double().square().mean()))
+
+
+def _encode_ecsq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
+    """The coarsest uniform step whose SQNR reaches p.sqnr (bisection in log-step), and the levels."""
+    signal = float(w.double().square().mean())
+    target = signal / 10 ** (p.sqnr / 10)
+    if target == 0:  # an all-zero tensor
+        step = 1.0
+    else:
+        lo, hi = math.sqrt(12 * target) / 8, math.sqrt(12 * target) * 4
+        while _mse(w, lo) > target and lo > 1e-30:
+            lo /= 4
+        for _ in range(24):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if _mse(w, mid) <= target else (lo, mid)
+        step = lo
+    q = torch.round(w / step).to(torch.int64)
+    offset = int(q.min()) if q.numel() else 0
+    if q.numel() and int(q.max()) - offset > 65535:
+        raise ValueError(f"SQNR {p.sqnr} dB needs more than 65536 levels for this tensor")
+    return {"q": (q - offset).to(torch.int32), "step": torch.tensor([step], dtype=torch.float32),
+            "offset": torch.tensor([offset], dtype=torch.int32)}
+
+
 def decode(parts: dict[str, torch.Tensor], p: QuantParams, shape: list[int]) -> torch.Tensor:
+    if p.mode == "ecsq":
+        q = parts["q"].to(torch.int64) + parts["offset"].to(torch.int64)[0]
+        return (q.to(torch.float32) * parts["step"].to(torch.float32)[0]).reshape(shape)
     q = parts["q"].to(torch.float32)
     g = _groups(q.reshape(shape), p)
     zero = parts["zero"].to(torch.float32) if "zero" in parts else torch.zeros(g.shape[0])
