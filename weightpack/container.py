@@ -238,6 +238,19 @@ def _check_stream(stream: dict, dtype: str, numel: int, limit: int, w: str) -> N
             _fail(wk, "malformed parts")
 
 
+def _output_name(entry: Any, seen: set[str], where: str) -> str:
+    """A file name unpack will write: safe (relative, no '..') and not listed before."""
+    name = _get(entry, "name", str, where)
+    try:
+        check_relative_name(name, "index")
+    except CheckpointError as e:
+        raise FormatError(str(e)) from None
+    if name in seen:
+        _fail(f"{where} {name}", "listed twice")
+    seen.add(name)
+    return name
+
+
 def validate_index(index: dict, file_size: int) -> None:
     """Check every structural claim of the index against the file before anything is read."""
     limit = file_size - TRAILER.size
@@ -252,26 +265,12 @@ def validate_index(index: dict, file_size: int) -> None:
     if "name" in recipe:
         _get(recipe, "name", str, "recipe")
     files = _get(index, "files", list, "top")
-    names_seen = set()
+    names_seen: set[str] = set()
     for i, f in enumerate(files):
-        name = _get(f, "name", str, f"file {i}")
-        try:
-            check_relative_name(name, "index")
-        except CheckpointError as e:
-            raise FormatError(str(e)) from None
-        if name in names_seen:
-            _fail(f"file {name}", "listed twice")
-        names_seen.add(name)
+        name = _output_name(f, names_seen, f"file {i}")
         _get(f, "header", str, f"file {name}")
     for c in _get(index, "carried", list, "top"):
-        name = _get(c, "name", str, "carried file")
-        try:
-            check_relative_name(name, "index")
-        except CheckpointError as e:
-            raise FormatError(str(e)) from None
-        if name in names_seen:
-            _fail(f"carried file {name}", "listed twice")
-        names_seen.add(name)
+        name = _output_name(c, names_seen, "carried file")
         size = _get(c, "size", int, name)
         if size < 0 or size > 1 << 40:
             _fail(name, "size out of range")
