@@ -55,17 +55,22 @@ class SafetensorsFile:
         return read_exact(self.path, entry.begin, entry.nbytes)
 
 
-def read_exact(path: Path, offset: int, length: int) -> bytearray:
+def pread_exact(fd: int, offset: int, length: int, error: type = CheckpointError, what: str = "file") -> bytes:
+    """Exactly `length` bytes at `offset` of an open file; `error` if the file ends first."""
     buf = bytearray(length)
-    with open(path, "rb", buffering=0) as f:
-        view = memoryview(buf)
-        got = 0
-        while got < length:
-            n = os.preadv(f.fileno(), [view[got:]], offset + got)
-            if n <= 0:
-                raise CheckpointError(f"{path}: file ended early (truncated?)")
-            got += n
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise error(f"{what}: ended early (truncated?)")
+        got += n
     return buf
+
+
+def read_exact(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return pread_exact(f.fileno(), offset, length, CheckpointError, str(path))
 
 
 def validate_header(header_text: str, data_size: int, where: str) -> tuple[Optional[dict], list[TensorEntry]]:

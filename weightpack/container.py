@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import zstandard
 
-from .checkpoint import check_relative_name, validate_header
+from .checkpoint import check_relative_name, pread_exact, validate_header
 from .coding.streams import check_params
 from .stages.params import params_of
 from .dtypes import DTYPES
@@ -142,10 +142,7 @@ class ContainerReader:
         self.close()
 
     def _pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.f.fileno(), length, offset)
-        if len(data) != length:
-            raise FormatError(f"{self.path}: truncated")
-        return data
+        return pread_exact(self.f.fileno(), offset, length, FormatError, f"{self.path}")
 
     def _read_index(self) -> dict:
         where = str(self.path)

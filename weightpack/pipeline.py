@@ -19,12 +19,12 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorEntry, read_exact
+from .checkpoint import Checkpoint, TensorEntry, pread_exact, read_exact
 from .coding import streams
 from .coding.fields import UINT
 from .container import ContainerReader, ContainerWriter
 from .dtypes import DTYPES
-from .errors import FormatError
+from .errors import CheckpointError, FormatError
 from .parallel import Pool, Task
 from .recipe import Recipe
 from .stages import lossy
@@ -37,18 +37,6 @@ Progress = Callable[[int], None]
 
 def _noop(_: int) -> None:
     pass
-
-
-def _pread_exact(fd: int, offset: int, length: int) -> bytes:
-    out = bytearray(length)
-    view = memoryview(out)
-    got = 0
-    while got < length:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            raise FormatError("file ended early (truncated?)")
-        got += n
-    return bytes(out)
 
 
 def _unit_bytes(plan: streams.Plan) -> int:
@@ -83,7 +71,7 @@ def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: in
     with open(path, "rb", buffering=0) as f:
         for i in range(first, last):
             a, b = plan.chunk_range(i)
-            data = _pread_exact(f.fileno(), begin + a * unit, (b - a) * unit)
+            data = pread_exact(f.fileno(), begin + a * unit, (b - a) * unit, CheckpointError, path)
             nbytes += len(data)
             out.append(streams.encode_chunk(plan, i, _elements(plan, data)))
     return nbytes, out
@@ -204,8 +192,9 @@ def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[i
     return plan
 
 
-def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, name: str,
-                 out_path: Optional[str], out_offset: int):
+def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: str,
+                 out_path: Optional[str], out_offset: int) -> list:
+    """Decode chunks first.. of a stream: write them into `out_path` at their place, or return them."""
     unit = _unit_bytes(plan)
     results = []
     with open(path, "rb", buffering=0) as f:
@@ -213,8 +202,8 @@ def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, name: st
         try:
             for k, rec in enumerate(recs):
                 i = first + k
-                where = f"tensor {name!r} chunk {i}"
-                payload = _pread_exact(f.fileno(), rec["offset"], rec["length"])
+                where = f"{what} chunk {i}"
+                payload = pread_exact(f.fileno(), rec["offset"], rec["length"], FormatError, where)
                 if zlib.crc32(payload) != rec["crc32"]:
                     raise FormatError(f"{where}: checksum mismatch (damaged data)")
                 raw = streams.decode_chunk(plan, i, rec, memoryview(payload), where)
