@@ -228,31 +228,57 @@ class _Mark:
     in_memory: bool = True
 
 
-def _chunk_tasks(reader: ContainerReader, plan: streams.Plan, chunks: list, where: str,
-                 target: Optional[tuple[str, int]]) -> Iterator[Task]:
+def _chunk_task_args(reader: ContainerReader, plan: streams.Plan, chunks: list, where: str,
+                     target: Optional[tuple[str, int]]) -> Iterator[tuple]:
     for first, last in _chunk_batches(plan):
-        yield Task(_decode_task, (str(reader.path), plan.for_chunks(first, last), chunks[first:last], first,
-                                  where, target[0] if target else None, target[1] if target else 0))
+        yield (str(reader.path), plan.for_chunks(first, last), chunks[first:last], first,
+               where, target[0] if target else None, target[1] if target else 0)
+
+
+def _decode_batch(batch: list[tuple]) -> list:
+    """Several small decode tasks in one round trip to a worker."""
+    return [r for args in batch for r in _decode_task(*args)]
 
 
 def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dict] = None) -> Iterator:
     """Tasks decoding `tensors`, each preceded by a mark; `out` maps names to (path, offset) for tensors
-    whose chunks workers write straight into a file (tensors without stages)."""
+    whose chunks workers write straight into a file (tensors without stages). Small tensors written
+    straight to files share tasks, so a model of many small tensors costs few round trips."""
+    batch: list[tuple] = []
+    batch_bytes = 0
+
+    def flush():
+        nonlocal batch, batch_bytes
+        if batch:
+            yield Task(_decode_batch, (batch,))
+        batch, batch_bytes = [], 0
+
     for t in tensors:
         where = f"tensor {t['name']!r}"
         if t["stages"]:
+            yield from flush()
             lossy.params_of(t, where)
             yield _Mark(t)
             for part in t["parts"]:
                 w = f"{where} part {part['name']!r}"
                 plan = stream_plan(reader, part["stream"], part["dtype"], part["shape"], w)
                 yield _Mark(t, part["name"])
-                yield from _chunk_tasks(reader, plan, part["stream"]["chunks"], w, None)
+                yield from (Task(_decode_task, a) for a in _chunk_task_args(reader, plan, part["stream"]["chunks"], w, None))
             continue
         plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where)
         target = out.get(t["name"]) if out else None
+        args = list(_chunk_task_args(reader, plan, t["stream"]["chunks"], where, target))
+        if target is not None and t["nbytes"] < TASK_BYTES:
+            if batch_bytes + t["nbytes"] > TASK_BYTES:
+                yield from flush()
+            yield _Mark(t, in_memory=False)
+            batch += args
+            batch_bytes += t["nbytes"]
+            continue
+        yield from flush()
         yield _Mark(t, in_memory=target is None)
-        yield from _chunk_tasks(reader, plan, t["stream"]["chunks"], where, target)
+        yield from (Task(_decode_task, a) for a in args)
+    yield from flush()
 
 
 def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[bytes]]]:
