@@ -37,11 +37,13 @@ MAX_BLOCK = 1 << 16
 MAX_CHUNK = 1 << 22  # a reader refuses larger chunks: what one chunk may make it allocate is bounded
 DEFAULT_BLOCK = 4096
 
-# Per level: mantissa bits in the head, most contexts, zstd level, whether bytes coding is tried per chunk.
+# Per level: mantissa bits in the head (at most), the largest head alphabet for 16-bit floats (decode
+# speed falls as the alphabet grows: fewer mantissa bits are taken above it), most contexts, zstd level,
+# whether bytes coding is tried per chunk.
 LEVELS = {
-    1: dict(k=0, contexts=1, zstd=3, try_bytes=False),
-    2: dict(k=2, contexts=4, zstd=3, try_bytes=True),
-    3: dict(k=3, contexts=8, zstd=19, try_bytes=True),
+    1: dict(k=0, alphabet16=4096, contexts=1, zstd=3, try_bytes=False),
+    2: dict(k=2, alphabet16=64, contexts=4, zstd=3, try_bytes=True),
+    3: dict(k=3, alphabet16=4096, contexts=8, zstd=19, try_bytes=True),
 }
 DEFAULT_LEVEL = 2
 
@@ -228,6 +230,10 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
         if lay.tail:
             low = np.bitwise_or.reduceat(v & np.uint64((1 << lay.tail) - 1), starts)
             tz[b0:b0 + len(starts)] = trailing_zeros(low, lay.tail)
+    floor = layout_for(dt, 0).head
+    while lay.bits == 16 and lay.head > floor and np.count_nonzero(hist) > cfg["alphabet16"]:
+        hist = hist.reshape(-1, 2).sum(axis=1)  # one mantissa bit less in the head, one more in the tail
+        lay = Layout(lay.bits, lay.sign, lay.head - 1, lay.tail + 1)
     alphabet = np.flatnonzero(hist).astype(np.int64)
     if len(alphabet) > entropy.MAX_ALPHABET:  # too many distinct whole values (16-bit integers)
         return _bytes_plan(dtype, n, cfg)
