@@ -101,7 +101,7 @@ def _print_inspect(rep: dict) -> None:
               f"{_human(r['bytes_before']):>10} {_human(r['bytes_after']):>10} {r['bits_per_weight']:>6.2f}"
               f"  {sqnr:>8}  {r['codec']}")
     t = rep["totals"]
-    print(f"{t['tensors']} tensors, {t['weights']:,} weights: {_human(t['bytes_before'])} -> "
+    print(f"{t['tensors']} tensors, {t['weights']:,} weights: {_human(t['source_bytes'])} -> "
           f"{_human(t['container_bytes'])} ({100 * t['ratio']:.2f}%), {t['bits_per_weight']:.3f} bits per weight")
 
 

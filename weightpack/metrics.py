@@ -50,6 +50,8 @@ def inspect_report(r: ContainerReader) -> dict:
             "quality": t.get("quality"),
         })
     before = sum(x["bytes_before"] for x in rows)
+    # The safetensors files as they were (length, header, data): what pack's ratio is measured against.
+    source = sum(8 + len(f["header"].encode("utf-8")) for f in r.index["files"]) + before
     after = sum(x["bytes_after"] for x in rows)
     numel = sum(math.prod(t["shape"]) for t in r.index["tensors"])
     return {
@@ -58,7 +60,7 @@ def inspect_report(r: ContainerReader) -> dict:
         "carried": [c["name"] for c in r.index["carried"]],
         "tensors": rows,
         "totals": {"tensors": len(rows), "weights": numel, "bytes_before": before, "bytes_after": after,
-                   "container_bytes": r.size, "ratio": r.size / before if before else 0.0,
+                   "source_bytes": source, "container_bytes": r.size, "ratio": r.size / source if source else 0.0,
                    "bits_per_weight": 8 * after / numel if numel else 0.0},
     }
 
