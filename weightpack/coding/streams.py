@@ -76,7 +76,7 @@ class Plan:
 
     @property
     def nchunks(self) -> int:
-        return max(1, math.ceil(self.n / self.chunk)) if self.n else 0
+        return math.ceil(self.n / self.chunk)
 
     def chunk_range(self, i: int) -> tuple[int, int]:
         a = i * self.chunk
@@ -101,11 +101,7 @@ class Plan:
             self.cls.astype(np.uint8).tobytes(),
             self.tz.astype(np.uint8).tobytes(),
         ])
-        return zstandard.ZstdCompressor(level=19).compress(raw)
-
-    @property
-    def nblocks(self) -> int:
-        return math.ceil(self.n / self.block) if self.block else 0
+        return _zstd(raw, 19)
 
     def models(self):
         if self._models is None:
