@@ -95,6 +95,48 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
 FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
+class Contention:
+    """CPU time used by other processes on this machine while a step runs (/proc/stat busy time minus
+    this process's and its reaped children's CPU time). Two cores are shared: other load skews speeds."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def _busy(self) -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return (sum(v[:8]) - idle) / self.hz
+
+    @staticmethod
+    def _ours() -> float:
+        import resource
+
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+    def __enter__(self):
+        self.t, self.b, self.o = time.perf_counter(), self._busy(), self._ours()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t
+        self.others_cpu_s = max(0.0, (self._busy() - self.b) - (self._ours() - self.o))
+        self.others_pct = 100.0 * self.others_cpu_s / self.wall if self.wall > 0 else 0.0
+
+
+def wait_idle(limit: float, threshold: float = 0.15) -> float:
+    """Wait (at most `limit` seconds) until other processes use less than `threshold` of a core over 1 s."""
+    c = Contention()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        b = c._busy()
+        time.sleep(1.0)
+        if c._busy() - b < threshold:
+            break
+    return time.perf_counter() - t0
+
+
 def sha256(b) -> str:
     return hashlib.sha256(b).hexdigest()
 
@@ -311,11 +353,13 @@ def fmt(v, spec):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | size (% of file) | bytes | compress / pack MB/s | decompress / unpack MB/s |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| method | size (% of file) | bytes | compress / pack MB/s | decompress / unpack MB/s | "
+             "other load during the step |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        other = r.get("others_cpu_pct_during_step")
         lines.append(f"| {r['method']} | {r['ratio_pct']:.2f}% | {r['bytes']:,} | {fmt(r['compress_MBps'], '.1f')} | "
-                     f"{fmt(r['decompress_MBps'], '.1f')} |")
+                     f"{fmt(r['decompress_MBps'], '.1f')} | {fmt(other, '.0f')}{'%' if other is not None else ''} |")
     return "\n".join(lines)
 
 
@@ -345,12 +389,13 @@ def machine() -> dict:
         vers["torch"] = torch.__version__
     except Exception:
         pass
-    try:
-        import constriction
+    from importlib.metadata import PackageNotFoundError, version
 
-        vers["constriction"] = getattr(constriction, "__version__", "?")
-    except Exception:
-        pass
+    for pkg in ("constriction", "safetensors", "zipnn"):
+        try:
+            vers[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
     return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model, "mem_bytes": mem,
             "platform": platform.platform(), "versions": vers}
 
@@ -373,6 +418,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="skip level 3 and zstd -19; one run per measurement")
     ap.add_argument("--runs", type=int, default=None, help="runs per speed measurement (default 3; 1 with --quick)")
     ap.add_argument("--dtypes", default="BF16,F16,F32", help="comma-separated subset of BF16,F16,F32")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                    help="before each step, wait up to S seconds until other processes leave the CPUs idle "
+                         "(the machine has 2 cores; other load skews speeds). Default 0: do not wait")
     args = ap.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     out = Path(args.out)
@@ -394,7 +442,9 @@ def main(argv=None) -> int:
         print(f"NOTE: ZipNN not available ({zipnn_error}); install it with `pip install zipnn`. "
               f"Continuing without it.", file=sys.stderr)
 
-    results = {"machine": machine(), "git": git_state(), "runs": runs, "quick": args.quick,
+    with open("/proc/loadavg") as f:
+        load_start = f.read().split()[:3]
+    results = {"machine": machine(), "loadavg_at_start": load_start, "git": git_state(), "runs": runs, "quick": args.quick,
                "mb": "10^6 bytes", "zipnn": {"version": zipnn_version, "error": zipnn_error}, "files": {}}
     failures = []
     for dt, path in files.items():
@@ -405,15 +455,23 @@ def main(argv=None) -> int:
         rows = []
 
         def step(what, fn):
-            t = time.perf_counter()
+            if args.wait_idle:
+                waited = wait_idle(args.wait_idle)
+                if waited > 1.5:
+                    print(f"  (waited {waited:.0f} s for other processes to go quiet)", file=sys.stderr, flush=True)
             try:
-                r = fn()
+                with Contention() as c:
+                    r = fn()
             except BenchFailure as e:
                 failures.append(str(e))
                 print(f"FAILED: {e}", file=sys.stderr, flush=True)
                 return []
-            print(f"  {what}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-            return r if isinstance(r, list) else [r]
+            print(f"  {what}: {c.wall:.1f} s (other processes: {c.others_pct:.0f}% of a core)", file=sys.stderr,
+                  flush=True)
+            r = r if isinstance(r, list) else [r]
+            for x in r:
+                x["others_cpu_pct_during_step"] = round(c.others_pct, 1)
+            return r
 
         for zl in zlevels:
             rows += step(f"zstd -{zl}", lambda: bench_zstd(data, zl, runs if zl < 10 else 1))
@@ -436,6 +494,11 @@ def main(argv=None) -> int:
         if floor:
             rows.append(floor)
         print(table(rows), flush=True)
+        busy = [r for r in rows if r.get("others_cpu_pct_during_step", 0) > 10]
+        if busy:
+            print("\nNOTE: other processes used more than 10% of a core during: "
+                  + "; ".join(f"{r['method']} ({r['others_cpu_pct_during_step']:.0f}%)" for r in busy)
+                  + " -- their speeds are understated.")
         if ZipNN is None:
             print(f"\n(ZipNN not measured: {zipnn_error})")
         results["files"][dt] = {"path": str(path), "bytes": nbytes, "sha256": ref, "rows": rows}

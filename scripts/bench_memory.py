@@ -148,8 +148,16 @@ def _pss(pid: int) -> int | None:
     return None
 
 
+def _machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def run_measured(cmd: list[str], interval: float, pss: bool = True) -> dict:
     """Run cmd; sample its process tree's memory until it exits."""
+    busy0 = _machine_busy()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     root = proc.pid
@@ -176,6 +184,7 @@ def run_measured(cmd: list[str], interval: float, pss: bool = True) -> dict:
             break
         time.sleep(interval)
     wall = time.perf_counter() - t0
+    others = max(0.0, _machine_busy() - busy0 - (ru.ru_utime + ru.ru_stime))
     proc.returncode = os.waitstatus_to_exitcode(status)
     output = proc.stdout.read().decode(errors="replace")
     workers = {p: v for p, v in peak.items() if p != root}
@@ -187,6 +196,8 @@ def run_measured(cmd: list[str], interval: float, pss: bool = True) -> dict:
         "peak_sum_rss": peak_sum_rss,
         "peak_sum_pss": peak_sum_pss if pss else None,
         "kernel_maxrss_largest_process": ru.ru_maxrss * 1024,  # Linux: kB; max over the process and its reaped children
+        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "others_cpu_pct": round(100.0 * others / wall, 1) if wall > 0 else 0.0,
     }
 
 
@@ -206,12 +217,13 @@ def gib(n):
 
 def table(runs: dict, nbytes: int) -> str:
     lines = ["| command | wall s | MB/s of checkpoint | main peak RSS | max worker peak RSS | peak sum RSS | "
-             "peak sum PSS | workers seen | kernel maxrss (largest process) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak sum PSS | workers seen | kernel maxrss (largest process) | CPU s | other load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for what, r in runs.items():
         lines.append(f"| {what} | {r['wall_s']:.1f} | {nbytes / MB / r['wall_s']:.1f} | {gib(r['main_peak_rss'])} | "
                      f"{gib(r['max_worker_peak_rss'])} | {gib(r['peak_sum_rss'])} | {gib(r['peak_sum_pss'])} | "
-                     f"{r['worker_processes']} | {gib(r['kernel_maxrss_largest_process'])} |")
+                     f"{r['worker_processes']} | {gib(r['kernel_maxrss_largest_process'])} | {r['cpu_s']:.0f} | "
+                     f"{r['others_cpu_pct']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -224,7 +236,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tensors", type=int, default=16, help="tensors of 256 MiB (default 16: ~4.3 GB)")
     ap.add_argument("--interval", type=float, default=0.05, help="sampling interval, seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--generate-only", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.generate_only:
+        gen = generate(Path(args.generate_only), args.tensors, args.seed)
+        Path(args.generate_only + ".gen.json").write_text(json.dumps(gen))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     src = out / "mem-bf16-4g.safetensors"
@@ -236,7 +253,12 @@ def main(argv=None) -> int:
     ok = True
     try:
         print(f"generating {src} ...", file=sys.stderr, flush=True)
-        results["checkpoint"] = gen = generate(src, args.tensors, args.seed)
+        # in a child process, so that this process stays small: the kernel's maxrss of a command started
+        # from here counts this process's RSS (its memory is what the command is forked/exec'd from)
+        subprocess.run([sys.executable, __file__, "--generate-only", str(src), "--tensors", str(args.tensors),
+                        "--seed", str(args.seed)], check=True)
+        results["checkpoint"] = gen = json.loads(Path(str(src) + ".gen.json").read_text())
+        Path(str(src) + ".gen.json").unlink()
         print(f"  {gen['bytes']:,} bytes in {gen['generate_s']:.1f} s", file=sys.stderr, flush=True)
         src_sha = file_sha256(src)
         runs = {}
@@ -264,6 +286,9 @@ def main(argv=None) -> int:
                 except ValueError:
                     pass
         results["runs"] = runs
+        import resource
+
+        results["bench_process_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if ok:
             results["container_bytes"] = wpk.stat().st_size
             results["ratio_pct"] = 100.0 * wpk.stat().st_size / gen["bytes"]
@@ -281,6 +306,10 @@ def main(argv=None) -> int:
                   f"byte-identical: {results['unpacked_identical']}")
         print()
         print(table(runs, gen["bytes"]))
+        print(f"\n(kernel maxrss: wait4() of the command, the largest single process of its tree; it cannot be less "
+              f"than this bench process's own peak, {gib(results['bench_process_peak_rss'])}, the memory the "
+              f"command was started from. 'other load': CPU used by other processes during the command, in % "
+              f"of one core.)")
         print(f"\nwrote {out / 'bench_memory.json'}")
     finally:
         if not args.keep:
