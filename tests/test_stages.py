@@ -190,3 +190,19 @@ def test_ecsq_reaches_its_quality_with_the_fewest_bits(tmp_path, minilm):
     assert bits < 4.2  # GGUF Q4_K needs 4.5 at this quality; docs/BENCHMARKS.md has the measured figures
     report = weightpack.verify(tmp_path / "e.wpk", against=minilm, min_sqnr=22.8)
     assert report.ok
+
+
+def test_tensors_with_nan_or_inf_stay_lossless_under_a_lossy_recipe(tmp_path):
+    from safetensors.torch import save_file
+
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    bad = w.clone()
+    bad[3, 5], bad[7, 1] = float("nan"), float("inf")
+    src = tmp_path / "nan.safetensors"
+    save_file({"ok.weight": w, "bad.weight": bad}, str(src))
+    weightpack.pack(src, tmp_path / "n.wpk", recipe="int8")
+    rows = {r["name"]: r for r in weightpack.inspect(tmp_path / "n.wpk")["tensors"]}
+    assert rows["bad.weight"]["stages"] == ["lossless"] and rows["ok.weight"]["stages"] != ["lossless"]
+    got = weightpack.load(tmp_path / "n.wpk")
+    assert torch.equal(got["bad.weight"].view(torch.int32), bad.view(torch.int32))
+    assert weightpack.verify(tmp_path / "n.wpk", against=src).ok

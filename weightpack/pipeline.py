@@ -121,8 +121,11 @@ def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
         record = {"name": e.name, "file": fi, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes}
         stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
         if stages:
-            yield from _lossy_items(record, f.read(e), stages, recipe.level)
-            continue
+            raw = f.read(e)
+            result = lossy.encode(e.dtype, e.shape, raw, stages)
+            if result is not None:
+                yield from _lossy_items(record, raw, result, recipe.level)
+                continue
         plan = streams.make_plan(e.dtype, e.shape, _reader(f.path, e), recipe.level)
         record.update(sha256=tensor_sha256(f.path, e), stages=[])
         yield _TensorStart(record, plan)
@@ -130,9 +133,8 @@ def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
             yield Task(_encode_task, (str(f.path), e.begin, plan.for_chunks(first, last), first, last))
 
 
-def _lossy_items(record: dict, raw: bytearray, stages: list, level: int) -> Iterator:
-    """Apply the lossy stages in this process, then code each part they make as a stream."""
-    result = lossy.encode(record["dtype"], record["shape"], raw, stages)
+def _lossy_items(record: dict, raw: bytearray, result: lossy.Encoded, level: int) -> Iterator:
+    """Code each part the lossy stages made (in this process) as a stream."""
     record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=result.stages,
                   decoded_sha256=result.decoded_sha256, quality=result.quality, parts=[])
     yield _TensorStart(record, None)

@@ -15,6 +15,7 @@ from ..dtypes import torch_dtype
 from ..errors import FormatError, RecipeError
 from .params import LOSSY_DTYPES, params_of
 
+
 @dataclass
 class Encoded:
     stages: list[dict]
@@ -39,13 +40,16 @@ def _raw(x) -> bytes:
     return x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encoded:
+def encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encoded | None:
+    """Apply the stages; None when the tensor holds NaN or infinity (it is then packed losslessly)."""
     import torch
 
     from . import prune, quantize
 
     *before, p = stages
     w = _tensor(raw, dtype, shape).to(torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        return None
     x = prune.apply(w, before[0]) if before else w
     try:
         parts = quantize.encode(x, p)
