@@ -95,22 +95,35 @@ def encode(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
 
 
 def _mse(w: torch.Tensor, step: float) -> float:
-    return float(((torch.round(w / step) * step - w).double().square().mean()))
+    return float((torch.round(w / step) * step - w).square().sum(dtype=torch.float64)) / max(1, w.numel())
+
+
+SAMPLE = 1 << 20  # elements the step search runs on before it is checked on the whole tensor
 
 
 def _encode_ecsq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
-    """The coarsest uniform step whose SQNR reaches p.sqnr (bisection in log-step), and the levels."""
-    signal = float(w.double().square().mean())
+    """The coarsest uniform step whose SQNR reaches p.sqnr, and the levels: a bisection in log-step on an
+    evenly strided sample, then a short one on the whole tensor (whose result always meets the target)."""
+    flat = w.reshape(-1)
+    signal = float(flat.double().square().mean()) if flat.numel() else 0.0
     target = signal / 10 ** (p.sqnr / 10)
-    if target == 0:  # an all-zero tensor
+    if target == 0:  # an all-zero (or empty) tensor
         step = 1.0
     else:
+        sample = flat[:: max(1, flat.numel() // SAMPLE)].contiguous()
+        goal = target * float(sample.double().square().mean()) / signal if sample.abs().max() > 0 else target
         lo, hi = math.sqrt(12 * target) / 8, math.sqrt(12 * target) * 4
-        while _mse(w, lo) > target and lo > 1e-30:
+        while _mse(sample, lo) > goal and lo > 1e-30:
             lo /= 4
-        for _ in range(24):
+        for _ in range(30):
             mid = math.sqrt(lo * hi)
-            lo, hi = (mid, hi) if _mse(w, mid) <= target else (lo, mid)
+            lo, hi = (mid, hi) if _mse(sample, mid) <= goal else (lo, mid)
+        lo, hi = lo * 0.97, lo * 1.03  # the whole tensor's step is close: bisect again in a narrow bracket
+        while _mse(flat, lo) > target and lo > 1e-30:
+            lo *= 0.9
+        for _ in range(6):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if _mse(flat, mid) <= target else (lo, mid)
         step = lo
     q = torch.round(w / step).to(torch.int64)
     offset = int(q.min()) if q.numel() else 0
