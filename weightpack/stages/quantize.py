@@ -21,7 +21,8 @@ CLIP_GRID = torch.linspace(1.0, 0.5, 26).tolist()  # fractions of the range trie
 
 
 def _groups(w: torch.Tensor, p: QuantParams) -> torch.Tensor:
-    """The tensor as (groups, elements per group), padding the last group of each row by repetition."""
+    """The tensor as (groups, elements per group). The last group of each row is padded with zeros: zero
+    lies inside every group's range and quantizes exactly, so padding changes neither scales nor errors."""
     x = w.reshape(w.shape[0], -1) if w.dim() >= 2 else w.reshape(1, -1)
     if p.granularity == "tensor":
         return x.reshape(1, -1)
@@ -31,7 +32,7 @@ def _groups(w: torch.Tensor, p: QuantParams) -> torch.Tensor:
     g = min(p.group, cols)
     pad = (-cols) % g
     if pad:
-        x = torch.cat([x, x[:, -1:].expand(rows, pad)], dim=1)
+        x = torch.cat([x, torch.zeros(rows, pad, dtype=x.dtype)], dim=1)
     return x.reshape(rows * (x.shape[1] // g), g)
 
 
