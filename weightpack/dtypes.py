@@ -34,6 +34,8 @@ _ALL = [
     DType("BF16", 16, 8, 7),
     DType("F8_E4M3", 8, 4, 3),
     DType("F8_E5M2", 8, 5, 2),
+    DType("F8_E4M3FNUZ", 8, 4, 3),
+    DType("F8_E5M2FNUZ", 8, 5, 2),
     DType("F8_E8M0", 8, 8, 0, signed_float=False),
     DType("F6_E2M3", 6),
     DType("F6_E3M2", 6),
@@ -47,12 +49,14 @@ _ALL = [
     DType("U16", 16),
     DType("U8", 8),
     DType("BOOL", 8),
+    DType("C64", 64),  # complex64: two F32, coded as byte planes
 ]
 DTYPES: dict[str, DType] = {d.name: d for d in _ALL}
 
 _TORCH_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }
