@@ -8,6 +8,7 @@ and the quality measured at pack time.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .. import metrics
@@ -28,6 +29,20 @@ def can_apply(dtype: str, numel: int) -> bool:
     return dtype in LOSSY_DTYPES and numel > 0
 
 
+@contextmanager
+def _one_torch_thread():
+    """Torch's own thread pool busy-waits and slows 15-40x when any other process wants the cores (the
+    pack's coder workers do): the stages run in one thread, the parallelism is the worker pool's."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _tensor(raw, dtype: str, shape: list[int]):
     import torch
 
@@ -42,6 +57,11 @@ def _raw(x) -> bytes:
 
 def encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encoded | None:
     """Apply the stages; None when the tensor holds NaN or infinity (it is then packed losslessly)."""
+    with _one_torch_thread():
+        return _encode(dtype, shape, raw, stages)
+
+
+def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encoded | None:
     import torch
 
     from . import prune, quantize
@@ -75,7 +95,8 @@ def decode(t: dict, parts: dict[str, bytes]) -> bytes:
     p = params_of(t, where)[-1]
     tensors = {part["name"]: _tensor(bytearray(parts[part["name"]]), part["dtype"], part["shape"])
                for part in t["parts"]}
-    raw = _raw(quantize.decode(tensors, p, t["shape"]).to(torch_dtype(t["dtype"])))
+    with _one_torch_thread():
+        raw = _raw(quantize.decode(tensors, p, t["shape"]).to(torch_dtype(t["dtype"])))
     if hashlib.sha256(raw).hexdigest() != t["decoded_sha256"]:
         raise FormatError(f"{where}: reconstruction does not match its recorded hash")
     return raw
