@@ -126,7 +126,10 @@ def run(argv: Optional[list[str]] = None) -> int:
             print(f"{out}")
     elif args.command == "inspect":
         rep = api.inspect(args.src)
-        print(json.dumps(rep, indent=2)) if args.json else _print_inspect(rep)
+        if args.json:
+            print(json.dumps(rep, indent=2))
+        else:
+            _print_inspect(rep)
     elif args.command == "verify":
         rep = api.verify(args.src, args.against, min_sqnr=args.min_sqnr, max_rel_error=args.max_rel_error,
                          workers=args.workers, progress=show)
@@ -139,7 +142,8 @@ def run(argv: Optional[list[str]] = None) -> int:
                 what = f" and equal to {args.against}" if args.against else ""
                 if rep.quality:
                     worst = min((q["sqnr_db"] for q in rep.quality.values() if q["sqnr_db"] is not None), default=None)
-                    what += (f"; {len(rep.quality)} lossy tensors within bounds"
+                    bounded = args.min_sqnr is not None or args.max_rel_error is not None
+                    what += (f"; {len(rep.quality)} lossy tensors" + (" within bounds" if bounded else "")
                              + (f", worst SQNR {worst:.2f} dB" if worst is not None else ""))
                 print(f"ok: {rep.checked} tensors, all checksums valid{what}")
         return 0 if rep.ok else 1
