@@ -112,8 +112,11 @@ class _PartStart:
     plan: streams.Plan
 
 
-def _stream_record(plan: streams.Plan) -> dict:
-    return {"params": plan.params(), "side": plan.side() or None, "chunks": []}
+def _open_stream(writer: ContainerWriter, owner: dict, plan: streams.Plan) -> dict:
+    """Start the stream record of a tensor or part (its side information written); chunks follow."""
+    side = plan.side()
+    owner["stream"] = {"params": plan.params(), "side": writer.write_blob(side) if side else None, "chunks": []}
+    return owner["stream"]
 
 
 def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
@@ -160,38 +163,33 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
     stream: Optional[dict] = None
     with Pool(workers) as pool:
         for item in pool.ordered_map(_pack_items(ckpt, recipe)):
-            if isinstance(item, (_TensorStart, _PartStart)):
-                if isinstance(item, _TensorStart):
-                    records.append(item.record)
-                    progress(0 if item.plan is not None else item.record["nbytes"])
-                if item.plan is not None:
-                    stream = _stream_record(item.plan)
-                    if stream["side"] is not None:
-                        stream["side"] = writer.write_blob(stream["side"])
-                    target = item.record if isinstance(item, _TensorStart) else item.part
-                    target["stream"] = stream
-                    if isinstance(item, _PartStart):
-                        records[-1]["parts"].append(item.part)
-                    if item.plan.nchunks == 0 and isinstance(item, _TensorStart):
-                        progress(item.record["nbytes"])
-                continue
-            nbytes, chunks = item
-            for rec, payload in chunks:
-                rec.update(writer.write_blob(payload))
-                stream["chunks"].append(rec)
-            progress(nbytes)
+            if isinstance(item, _TensorStart):
+                records.append(item.record)
+                if item.plan is None:  # a tensor made of parts: theirs follow
+                    progress(item.record["nbytes"])
+                    continue
+                stream = _open_stream(writer, item.record, item.plan)
+                if item.plan.nchunks == 0:
+                    progress(item.record["nbytes"])
+            elif isinstance(item, _PartStart):
+                records[-1]["parts"].append(item.part)
+                stream = _open_stream(writer, item.part, item.plan)
+            else:
+                nbytes, chunks = item
+                for rec, payload in chunks:
+                    rec.update(writer.write_blob(payload))
+                    stream["chunks"].append(rec)
+                progress(nbytes)
     return records
 
 
 # -- decode --------------------------------------------------------------------------------------
 
 def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str) -> streams.Plan:
-    """The validated plan of a stream record (reads and checks its side information)."""
+    """The plan of a stream record (its side information read and checked; the chunk count was checked with
+    the whole index when the container was opened)."""
     side = reader.read_blob(stream["side"], where + " side information") if stream.get("side") else b""
-    plan = streams.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
-    if len(stream["chunks"]) != plan.nchunks:
-        raise FormatError(f"{where}: {len(stream['chunks'])} chunks recorded, {plan.nchunks} expected")
-    return plan
+    return streams.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
 
 
 def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: str,
