@@ -215,19 +215,19 @@ def _check_ref(ref: Any, limit: int, where: str) -> None:
 def _check_stream(stream: dict, dtype: str, numel: int, limit: int, w: str) -> None:
     params = check_params(dtype, numel, _get(stream, "params", dict, w), w)
     side = stream.get("side")
-    if (side is not None) != (params.codec == "fields"):
+    if (side is not None) != (params.codec in ("fields", "trellis")):
         _fail(w, "side information missing or unexpected")
     if side is not None:
         _check_ref(side, limit, w + " side information")
     chunks = _get(stream, "chunks", list, w)
-    n = numel if params.codec == "fields" else DTYPES[dtype].nbytes(numel)
+    n = numel if params.codec != "bytes" else DTYPES[dtype].nbytes(numel)
     if len(chunks) != -(-n // params.chunk):
         _fail(w, f"{len(chunks)} chunks recorded, {-(-n // params.chunk)} expected")
     for k, ch in enumerate(chunks):
         wk = f"{w} chunk {k}"
         _check_ref(ch, limit, wk)
         _get(ch, "raw_crc", int, wk)
-        if _get(ch, "codec", str, wk) not in ("fields", "bytes"):
+        if _get(ch, "codec", str, wk) not in ("fields", "bytes", "trellis"):
             _fail(wk, "unknown codec")
         parts = _get(ch, "parts", list, wk)
         if not all(isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)

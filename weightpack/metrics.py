@@ -26,7 +26,9 @@ def codec_label(t: dict) -> str:
 def _count_codecs(st: dict, kinds: Counter) -> None:
     p = st["params"]
     for c in st["chunks"]:
-        if c["codec"] == "fields":
+        if c["codec"] == "trellis":
+            kinds["trellis"] += 1
+        elif c["codec"] == "fields":
             heads = [x[1] for x in c["parts"] if x[0] == "head"]
             if heads and heads[0] == "const":
                 kinds["const"] += 1

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from .checkpoint import Checkpoint, TensorEntry, pread_exact, read_exact
-from .coding import streams
+from .coding import streams, trellis
 from .coding.fields import UINT
 from .container import ContainerReader, ContainerWriter
 from .dtypes import DTYPES
@@ -40,8 +40,8 @@ def _noop(_: int) -> None:
 
 
 def _unit_bytes(plan: streams.Plan) -> int:
-    """Bytes per stream element: an element of the tensor for fields, a byte for bytes."""
-    return plan.itemsize_bits // 8 if plan.codec == "fields" else 1
+    """Bytes per stream element: an element of the tensor for fields and trellis levels, a byte for bytes."""
+    return plan.itemsize_bits // 8 if plan.codec != "bytes" else 1
 
 
 # -- pack ----------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def _encode_data_task(plan: streams.Plan, first: int, data: bytes) -> tuple[int,
 
 
 def _elements(plan: streams.Plan, data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=UINT[plan.itemsize_bits] if plan.codec == "fields" else np.uint8)
+    return np.frombuffer(data, dtype=UINT[plan.itemsize_bits] if plan.codec != "bytes" else np.uint8)
 
 
 def _chunk_batches(plan: streams.Plan) -> Iterator[tuple[int, int]]:
@@ -103,20 +103,22 @@ def _chunk_batches(plan: streams.Plan) -> Iterator[tuple[int, int]]:
 @dataclass
 class _TensorStart:
     record: dict
-    plan: Optional[streams.Plan]  # None for a tensor made of parts
-
-
-@dataclass
-class _PartStart:
-    part: dict
     plan: streams.Plan
 
 
-def _open_stream(writer: ContainerWriter, owner: dict, plan: streams.Plan) -> dict:
+def _open_stream(writer: ContainerWriter, owner: dict, params: dict, side: bytes) -> dict:
     """Start the stream record of a tensor or part (its side information written); chunks follow."""
-    side = plan.side()
-    owner["stream"] = {"params": plan.params(), "side": writer.write_blob(side) if side else None, "chunks": []}
+    owner["stream"] = {"params": params, "side": writer.write_blob(side) if side else None, "chunks": []}
     return owner["stream"]
+
+
+@dataclass
+class _Coded:
+    """A tensor coded whole in a worker: its record and, per stream (the tensor's, or each part's), the
+    stream's parameters, side information and coded chunks."""
+
+    record: dict
+    streams: list[tuple[Optional[dict], dict, bytes, list]]  # (part record or None, params, side, chunks)
 
 
 def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
@@ -124,11 +126,8 @@ def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
         record = {"name": e.name, "file": fi, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes}
         stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
         if stages:
-            raw = f.read(e)
-            result = lossy.encode(e.dtype, e.shape, raw, stages)
-            if result is not None:
-                yield from _lossy_items(record, raw, result, recipe.level)
-                continue
+            yield Task(_lossy_task, (str(f.path), e, record, stages, recipe.level))
+            continue
         plan = streams.make_plan(e.dtype, e.shape, _reader(f.path, e), recipe.level)
         record.update(sha256=tensor_sha256(f.path, e), stages=[])
         yield _TensorStart(record, plan)
@@ -136,19 +135,30 @@ def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
             yield Task(_encode_task, (str(f.path), e.begin, plan.for_chunks(first, last), first, last))
 
 
-def _lossy_items(record: dict, raw: bytearray, result: lossy.Encoded, level: int) -> Iterator:
-    """Code each part the lossy stages made (in this process) as a stream."""
+def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: int) -> _Coded:
+    """Apply a tensor's lossy stages and code their parts (in a worker: the stages are the slow part). A
+    tensor holding NaN or infinity is coded losslessly instead."""
+    raw = read_exact(Path(path), e.begin, e.nbytes)
+    result = lossy.encode(e.dtype, e.shape, raw, stages)
+    if result is None:
+        u = _elements_of(e.dtype, bytes(raw))
+        plan = streams.make_plan(e.dtype, e.shape, lambda a, c: u[a:a + c], level)
+        record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=[])
+        return _Coded(record, [(None, plan.params(), plan.side(), _encode_data_task(plan, 0, bytes(raw))[1])])
     record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=result.stages,
                   decoded_sha256=result.decoded_sha256, quality=result.quality, parts=[])
-    yield _TensorStart(record, None)
+    del raw
+    quant = result.params[-1]
+    coded = []
     for name, (dtype, shape, data) in result.parts.items():
         u = _elements_of(dtype, data)
-        plan = streams.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
-        yield _PartStart({"name": name, "dtype": dtype, "shape": shape}, plan)
-        unit = _unit_bytes(plan)
-        for first, last in _chunk_batches(plan):
-            a, b = plan.chunk_range(first)[0], plan.chunk_range(last - 1)[1]
-            yield Task(_encode_data_task, (plan.for_chunks(first, last), first, data[a * unit:b * unit]))
+        if quant.coder(name) == "trellis":
+            plan = trellis.make_plan(u.view(np.int16), shape)
+        else:
+            plan = streams.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
+        coded.append(({"name": name, "dtype": dtype, "shape": shape}, plan.params(), plan.side(),
+                      _encode_data_task(plan, 0, data)[1]))
+    return _Coded(record, coded)
 
 
 def _elements_of(dtype: str, data: bytes) -> np.ndarray:
@@ -161,24 +171,30 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
     """Code every tensor of `ckpt` into `writer`; returns the tensor records for the index."""
     records: list[dict] = []
     stream: Optional[dict] = None
+
+    def write_chunks(chunks):
+        for rec, payload in chunks:
+            rec.update(writer.write_blob(payload))
+            stream["chunks"].append(rec)
+
     with Pool(workers) as pool:
         for item in pool.ordered_map(_pack_items(ckpt, recipe)):
             if isinstance(item, _TensorStart):
                 records.append(item.record)
-                if item.plan is None:  # a tensor made of parts: theirs follow
-                    progress(item.record["nbytes"])
-                    continue
-                stream = _open_stream(writer, item.record, item.plan)
+                stream = _open_stream(writer, item.record, item.plan.params(), item.plan.side())
                 if item.plan.nchunks == 0:
                     progress(item.record["nbytes"])
-            elif isinstance(item, _PartStart):
-                records[-1]["parts"].append(item.part)
-                stream = _open_stream(writer, item.part, item.plan)
+            elif isinstance(item, _Coded):
+                records.append(item.record)
+                for part, params, side, chunks in item.streams:
+                    if part is not None:
+                        item.record["parts"].append(part)
+                    stream = _open_stream(writer, part if part is not None else item.record, params, side)
+                    write_chunks(chunks)
+                progress(item.record["nbytes"])
             else:
                 nbytes, chunks = item
-                for rec, payload in chunks:
-                    rec.update(writer.write_blob(payload))
-                    stream["chunks"].append(rec)
+                write_chunks(chunks)
                 progress(nbytes)
     return records
 

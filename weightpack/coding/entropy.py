@@ -65,17 +65,9 @@ def ans_encode(groups: list[tuple[np.ndarray, object]]) -> np.ndarray:
 
 def ans_decode(words: np.ndarray, groups: list[tuple[int, object]], where: str) -> list[np.ndarray]:
     """Decode groups of (count, model) from one stream; the stream must be used up exactly."""
-    coder = _Ans(np.ascontiguousarray(words, dtype=np.uint32))
-    out = []
-    try:
-        for n, model in groups:
-            out.append(coder.decode(model, n) if n else np.empty(0, dtype=np.int32))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # constriction may raise (or panic) on corrupt data
-        raise FormatError(f"{where}: entropy-coded data is corrupt ({e})") from None
-    if not coder.is_empty():
-        raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
+    dec = Decoder(words, where)
+    out = [dec.decode(model, n) if n else np.empty(0, dtype=np.int32) for n, model in groups]
+    dec.finish()
     return out
 
 
@@ -92,3 +84,23 @@ def bits_with_table(counts: np.ndarray, f16: np.ndarray) -> float:
     f24 = widen_table(f16).astype(np.float64)
     nz = counts > 0
     return float(-(counts[nz] * np.log2(f24[nz] / (1 << MODEL_BITS))).sum())
+
+
+class Decoder:
+    """Decodes groups of symbols from one stream, one call per group; `finish` checks it was used up."""
+
+    def __init__(self, words: np.ndarray, where: str):
+        self.coder = _Ans(np.ascontiguousarray(words, dtype=np.uint32))
+        self.where = where
+
+    def decode(self, model, n: int) -> np.ndarray:
+        try:
+            return self.coder.decode(model, n)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # constriction may raise (or panic) on corrupt data
+            raise FormatError(f"{self.where}: entropy-coded data is corrupt ({e})") from None
+
+    def finish(self) -> None:
+        if not self.coder.is_empty():
+            raise FormatError(f"{self.where}: entropy-coded data is corrupt (stream not used up)")

@@ -27,7 +27,7 @@ import zstandard
 
 from ..dtypes import DTYPES
 from ..errors import FormatError
-from . import entropy
+from . import entropy, trellis
 from .fields import (UINT, Layout, join, layout_for, pack_bits, packed_size, split, tail_values, trailing_zeros,
                      unpack_bits, work_dtype)
 
@@ -285,8 +285,13 @@ class Params:
 
 def check_params(dtype: str, numel: int, params, where: str) -> Params:
     """Validate a stream's parameters against its tensor's dtype and size (types, ranges, consistency)."""
-    if not isinstance(params, dict) or params.get("codec") not in ("fields", "bytes"):
+    if not isinstance(params, dict) or params.get("codec") not in ("fields", "bytes", "trellis"):
         raise FormatError(f"{where}: unknown stream codec")
+    if params["codec"] == "trellis":
+        if dtype != "I16":
+            raise FormatError(f"{where}: trellis-coded levels must be I16")
+        p = trellis.check_params(numel, params, where)
+        return Params("trellis", p["chunk"])
     dt = DTYPES.get(dtype)
     if dt is None:
         raise FormatError(f"{where}: unknown dtype {dtype!r}")
@@ -315,6 +320,8 @@ def check_params(dtype: str, numel: int, params, where: str) -> Params:
 def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: str) -> Plan:
     """Rebuild a Plan from a container record, validating everything before allocating."""
     p = check_params(dtype, numel, params, where)
+    if p.codec == "trellis":
+        return trellis.plan_from_record(numel, params, side, where)
     if p.codec == "bytes":
         if len(side):
             raise FormatError(f"{where}: unexpected side information")
@@ -385,6 +392,8 @@ class _BlockGroups:
 
 def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     """Code chunk `i` (elements as raw uint array, or bytes for the bytes codec); returns record and payload."""
+    if plan.codec == "trellis":
+        return trellis.encode_chunk(plan, i, u)
     raw = u.tobytes()
     rec = {"codec": plan.codec, "raw_crc": zlib.crc32(raw)}
     planes = _planes(plan.itemsize_bits)
@@ -436,6 +445,10 @@ def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
 
 def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str) -> bytes:
     """Decode one chunk's payload back to its raw bytes, checking its checksum."""
+    if plan.codec == "trellis":
+        if rec.get("codec") != "trellis":
+            raise FormatError(f"{where}: unknown chunk codec {rec.get('codec')!r}")
+        return trellis.decode_chunk(plan, i, rec, payload, where)
     a, b = plan.chunk_range(i)
     m = b - a
     parts = rec.get("parts")

@@ -23,6 +23,7 @@ class Encoded:
     parts: dict[str, tuple[str, list[int], bytes]]  # name -> (safetensors dtype, shape, raw bytes)
     decoded_sha256: str
     quality: dict
+    params: list  # the stages' parameters (QuantParams last)
 
 
 def can_apply(dtype: str, numel: int) -> bool:
@@ -84,6 +85,7 @@ def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encod
                for name, t in parts.items()},
         decoded_sha256=hashlib.sha256(decoded).hexdigest(),
         quality=metrics.quality(w.numpy(), recon.to(w.dtype).numpy()),
+        params=list(stages),
     )
 
 

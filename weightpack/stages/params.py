@@ -11,14 +11,17 @@ LOSSY_DTYPES = ("F64", "F32", "F16", "BF16")
 GRANULARITIES = ("tensor", "channel", "group")
 
 
-MODES = ("rtn", "ecsq")
+MODES = ("rtn", "ecsq", "tcq")
+LAMBDA = 0.3  # tcq: default rate weight, in units of delta^2 per bit
 
 
 @dataclass(frozen=True)
 class QuantParams:
     """mode "rtn": `bits`-bit levels on a grid per group (see quantize.py). mode "ecsq": one uniform step
-    for the whole tensor, the coarsest whose SQNR is at least `sqnr` dB; the levels are left to the
-    entropy coder (entropy-constrained scalar quantization)."""
+    for the whole tensor, the coarsest whose SQNR is at least `sqnr` dB (or the given `step`); the levels
+    are left to the entropy coder (entropy-constrained scalar quantization). mode "tcq": trellis-coded
+    quantization (coding/trellis.py) with one step for the tensor, chosen the same way, and levels picked
+    by a search that weighs rate by `lam`."""
 
     bits: int = 8
     symmetric: bool = True
@@ -27,10 +30,12 @@ class QuantParams:
     search: bool = True  # error-minimizing clipping search
     mode: str = "rtn"
     sqnr: float = 0.0
+    step: float = 0.0  # ecsq/tcq: a fixed step (rate control sets one for all tensors) instead of `sqnr`
+    lam: float = LAMBDA
 
     @staticmethod
     def from_dict(d: dict, where: str) -> "QuantParams":
-        known = {"name", "bits", "symmetric", "granularity", "group", "search", "mode", "sqnr"}
+        known = {"name", "bits", "symmetric", "granularity", "group", "search", "mode", "sqnr", "step", "lam"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise RecipeError(f"recipe {where}: unknown key {unknown[0]!r}")
@@ -45,13 +50,19 @@ class QuantParams:
             raise RecipeError(f"recipe {where}: 'granularity' must be one of {', '.join(GRANULARITIES)}")
         if type(p.group) is not int or not 1 <= p.group <= 1 << 20:
             raise RecipeError(f"recipe {where}: 'group' must be a positive integer")
-        if type(p.sqnr) not in (int, float) or not (p.mode != "ecsq" or 0 < p.sqnr <= 90):
-            raise RecipeError(f"recipe {where}: 'sqnr' must be a number of dB from above 0 to 90 for mode ecsq")
+        if type(p.step) not in (int, float) or not (math.isfinite(p.step) and 0 <= p.step <= 1e30):
+            raise RecipeError(f"recipe {where}: 'step' must be a finite number, at least 0")
+        if type(p.sqnr) not in (int, float) or not (p.mode == "rtn" or p.step > 0 or 0 < p.sqnr <= 90):
+            raise RecipeError(f"recipe {where}: 'sqnr' must be a number of dB from above 0 to 90 for mode {p.mode}")
+        if type(p.lam) not in (int, float) or not 0 <= p.lam <= 100:
+            raise RecipeError(f"recipe {where}: 'lam' must be a number from 0 to 100")
         return p
 
     def to_json(self) -> dict:
         if self.mode == "ecsq":
-            return {"name": "quantize", "mode": "ecsq", "sqnr": self.sqnr}
+            return {"name": "quantize", "mode": "ecsq", "sqnr": self.sqnr, "step": self.step}
+        if self.mode == "tcq":
+            return {"name": "quantize", "mode": "tcq", "sqnr": self.sqnr, "step": self.step, "lam": self.lam}
         return {"name": "quantize", "bits": self.bits, "symmetric": self.symmetric,
                 "granularity": self.granularity, "group": self.group, "search": self.search}
 
@@ -59,6 +70,8 @@ class QuantParams:
         """The parts quantize.encode makes for a tensor of `shape`: name -> (safetensors dtype, shape)."""
         if self.mode == "ecsq":
             return {"q": ("U16", list(shape)), "step": ("F32", [1]), "offset": ("I32", [1])}
+        if self.mode == "tcq":
+            return {"q": ("I16", list(shape)), "step": ("F32", [1])}
         rows = shape[0] if len(shape) >= 2 else 1
         cols = math.prod(shape) // rows if rows else 0
         n = {"tensor": 1, "channel": rows,
@@ -68,9 +81,13 @@ class QuantParams:
             out["zero"] = ("U8", [n])
         return out
 
+    def coder(self, part: str) -> str:
+        """How a part's stream is coded: 'trellis' (contexts from the trellis walk) or 'fields'."""
+        return "trellis" if self.mode == "tcq" and part == "q" else "fields"
+
     def label(self) -> str:
-        if self.mode == "ecsq":
-            return f"ecsq{self.sqnr:g}dB"
+        if self.mode in ("ecsq", "tcq"):
+            return f"{self.mode}{self.sqnr:g}dB" if not self.step else f"{self.mode}-step{self.step:.3g}"
         g = {"tensor": "t", "channel": "ch", "group": f"g{self.group}"}[self.granularity]
         return f"q{self.bits}{'s' if self.symmetric else 'a'}-{g}"
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from ..coding import trellis
 from .params import QuantParams
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 26).tolist()  # fractions of the range tried for error-minimizing scales
@@ -83,6 +85,8 @@ def _search(g: torch.Tensor, p: QuantParams, lo: int, hi: int):
 def encode(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     if p.mode == "ecsq":
         return _encode_ecsq(w.detach().to(torch.float32), p)
+    if p.mode == "tcq":
+        return _encode_tcq(w.detach().to(torch.float32), p)
     g = _groups(w.detach().to(torch.float32), p)
     lo, hi = _levels(p)
     step = max(1, SLICE // max(1, g.shape[1]))
@@ -108,7 +112,9 @@ def _encode_ecsq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     flat = w.reshape(-1)
     signal = float(flat.double().square().mean()) if flat.numel() else 0.0
     target = signal / 10 ** (p.sqnr / 10)
-    if target == 0:  # an all-zero (or empty) tensor
+    if p.step:
+        step = p.step
+    elif target == 0:  # an all-zero (or empty) tensor
         step = 1.0
     else:
         sample = flat[:: max(1, flat.numel() // SAMPLE)].contiguous()
@@ -134,7 +140,75 @@ def _encode_ecsq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
             "offset": torch.tensor([offset], dtype=torch.int32)}
 
 
+TCQ_SAMPLE_LANES = 1024  # lanes (of trellis.LANE elements) the step search runs on before the whole tensor
+
+
+def _tcq_levels(x, cols: int, delta: float, p: QuantParams):
+    levels = trellis.search(x, cols, delta, p.lam)
+    if levels.size and max(-int(levels.min()), int(levels.max())) > trellis.LEVEL_MAX:
+        raise ValueError(f"the step is too fine for this tensor (levels beyond {trellis.LEVEL_MAX})")
+    return levels
+
+
+def _tcq_recon(r, delta: float):
+    """The reconstruction of multiples of the step (float32 arithmetic: the same on every decoder)."""
+    return r.astype(np.float32) * np.float32(delta)
+
+
+def _encode_tcq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
+    """Trellis-coded quantization at a fixed step, or at the coarsest step (within ~1%) whose SQNR reaches
+    p.sqnr: the distortion of a trellis quantizer grows about as the square of its step, so the step is
+    scaled by the square root of the distortion ratio measured on a sample of lanes, then on the tensor."""
+    x = w.reshape(-1).double().numpy()
+    n = x.size
+    cols = n // w.shape[0] if w.dim() >= 2 and w.shape[0] and n else max(1, n)
+    signal = float(np.square(x).sum())
+    target = signal / 10 ** (p.sqnr / 10)  # the squared error allowed
+    if p.step:
+        delta = p.step
+    elif target == 0:
+        delta = 1.0
+    else:
+        delta = math.sqrt(12 * target / n) / 2  # half the step of a uniform quantizer with that error
+        stride = max(1, -(-n // trellis.LANE) // TCQ_SAMPLE_LANES)
+        if stride > 1:
+            sample = trellis.lanes(x)[::stride]
+            goal = target * float(np.square(sample).sum()) / signal
+            for _ in range(3):
+                lv = trellis.search(x, cols, delta, p.lam, stride=stride)
+                err = float(np.square(trellis.reconstruct(lv, trellis.walk(lv)) * delta - sample).sum())
+                if goal <= 0 or err <= 0:
+                    break
+                delta *= math.sqrt(goal / err)
+                if abs(err / goal - 1) < 0.005:
+                    break
+            delta *= 0.99  # the sample's estimate is within ~1% of the tensor's: aim a little fine
+    best = None
+    for _ in range(8):
+        delta = float(np.float32(delta))  # the step as stored
+        levels = trellis.multiples(_tcq_levels(x, cols, delta, p))
+        err = float(np.square(_tcq_recon(levels, delta).astype(np.float64) - x).sum())
+        if p.step or target == 0 or delta < 1e-30:
+            best = (levels, delta)
+            break
+        if err <= target:
+            best = (levels, delta)
+            if err >= 0.97 * target:
+                break
+            delta *= math.sqrt(target / err) * 0.995  # too fine: coarser, keeping this result if that misses
+        elif best is not None:
+            break
+        else:
+            delta *= min(0.995, math.sqrt(target / err))
+    if best is None:
+        raise ValueError(f"cannot reach {p.sqnr} dB with trellis-coded quantization")
+    levels, delta = best
+    return {"q": torch.from_numpy(levels).reshape(w.shape), "step": torch.tensor([delta], dtype=torch.float32)}
+
+
 def decode(parts: dict[str, torch.Tensor], p: QuantParams, shape: list[int]) -> torch.Tensor:
+    if p.mode == "tcq":  # q: the multiples of the step each element reconstructs to (coding/trellis.py)
+        return (parts["q"].to(torch.float32) * parts["step"].to(torch.float32)[0]).reshape(shape)
     if p.mode == "ecsq":
         q = parts["q"].to(torch.int64) + parts["offset"].to(torch.int64)[0]
         return (q.to(torch.float32) * parts["step"].to(torch.float32)[0]).reshape(shape)

@@ -1,0 +1,486 @@
+"""Trellis-coded quantization: the state machine, the encoder's rate-distortion search, and the context
+coder of the levels.
+
+The machine (the decoder walks it): 8 states; states 0-3 use quantizer Q0 (even multiples of the step
+delta: level k -> 2k), states 4-7 use Q1 (odd multiples and zero: k -> 2k - sign(k)); the parity of each
+level picks the next state (NEXT[state, k & 1]). A tensor, flattened, is cut into lanes of LANE elements;
+each lane starts in state 0. The reconstruction of level k in state s is (2k - Q(s) * sign(k)) * delta.
+
+The encoder (`search`) chooses the levels by a Viterbi search over the lanes (all lanes advance together,
+one element per step) minimizing squared error + lambda * rate, with the rate taken from tables per
+quantizer and row class that a first pass estimates.
+
+The coder (`LevelPlan`, `encode_chunk`, `decode_chunk`): the levels are entropy-coded with constriction,
+each symbol under the table of its context: the quantizer of its trellis state, whether the previous level
+of its lane was zero, negative or positive (optional), and the class of its row (1, 2 or 4 classes ranked
+by the row's mean magnitude). The decoder knows every context before it decodes the symbol: within a
+chunk the symbols are ordered step by step (element j of every lane, then element j + 1), and within a
+step grouped by context, so each group is one constriction call.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import numpy as np
+
+from ..errors import FormatError
+from . import entropy
+
+STATES = 8
+# next state = NEXT[state, parity]: a feedback shift register (state bits b2 b1 b0 -> (p ^ b2 ^ b1 ^ b0) b2 b1)
+NEXT = np.array([[((p ^ (bin(s).count("1") & 1)) << 2) | (s >> 1) for p in (0, 1)] for s in range(STATES)],
+                dtype=np.int64)
+QUANT = np.arange(STATES, dtype=np.int64) >> 2  # quantizer of each state
+LANE = 64
+CHUNK_TARGET = 1 << 20  # elements per chunk (a whole number of lanes)
+ROW_CLASSES = (1, 2, 4)
+LEVEL_MAX = 16383  # |level|: the multiples 2k - sign(k) are stored as int16
+
+
+def lanes(x: np.ndarray) -> np.ndarray:
+    """A flat array as (lanes, LANE), the last lane padded with zeros."""
+    n = len(x)
+    out = np.zeros((-(-n // LANE), LANE), dtype=x.dtype)
+    out.reshape(-1)[:n] = x
+    return out
+
+
+def _machine_tables(group: int = 4):
+    """The machine run over `group` steps at once. Each element carries a 2-bit symbol: bit q is the parity
+    its level would have on quantizer q (for a level, both bits are its parity). SKIP[s, b] is the state
+    after the group of symbols b (2 bits per step, first step lowest), QGROUP[s, b, i] the quantizer of step i."""
+    nb = 1 << (2 * group)
+    skip = np.zeros((STATES, nb), dtype=np.int64)
+    qgroup = np.zeros((STATES, nb, group), dtype=np.int64)
+    for s0 in range(STATES):
+        for b in range(nb):
+            s = s0
+            for i in range(group):
+                q = QUANT[s]
+                qgroup[s0, b, i] = q
+                s = NEXT[s, ((b >> (2 * i)) >> q) & 1]
+            skip[s0, b] = s
+    return skip, qgroup
+
+
+GROUP = 4
+SKIP, QGROUP = _machine_tables(GROUP)
+
+
+def _run(sym2: np.ndarray) -> np.ndarray:
+    """The quantizer of each element of (lanes, LANE) 2-bit symbols, each lane starting in state 0."""
+    L = sym2.shape[0]
+    g = sym2.reshape(L, LANE // GROUP, GROUP).astype(np.int64)
+    b = g[..., 0] | (g[..., 1] << 2) | (g[..., 2] << 4) | (g[..., 3] << 6)
+    q = np.empty((L, LANE // GROUP, GROUP), dtype=np.int64)
+    state = np.zeros(L, dtype=np.int64)
+    for i in range(LANE // GROUP):
+        q[:, i] = QGROUP[state, b[:, i]]
+        state = SKIP[state, b[:, i]]
+    return q.reshape(L, LANE)
+
+
+def walk(levels: np.ndarray) -> np.ndarray:
+    """The quantizer (0 or 1) of each element of a (lanes, LANE) array of levels."""
+    p = levels & 1
+    return _run(p | (p << 1))
+
+
+def reconstruct(levels: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Multiples of delta: 2k on Q0, 2k - sign(k) on Q1."""
+    k = levels.astype(np.int64)
+    return 2 * k - q * np.sign(k)
+
+
+def multiples(levels: np.ndarray) -> np.ndarray:
+    """The multiples of delta (int16) that flat levels reconstruct to."""
+    n = len(levels)
+    lv = lanes(levels.astype(np.int64))
+    return reconstruct(lv, walk(lv)).reshape(-1)[:n].astype(np.int16)
+
+
+def levels_of(r: np.ndarray) -> np.ndarray:
+    """The levels (lanes, LANE) behind flat multiples; ValueError when they are not a trellis path."""
+    rv = lanes(r.astype(np.int64))
+    sgn = np.sign(rv)
+    k0, k1 = rv >> 1, (rv + sgn) >> 1  # the level on Q0 and on Q1
+    q = _run((k0 & 1) | ((k1 & 1) << 1))
+    odd = (rv & 1) == 1
+    if np.any((q == 0) & odd) or np.any((q == 1) & ~odd & (rv != 0)):
+        raise ValueError("multiples off the trellis")
+    return np.where(q == 0, k0, k1)
+
+
+# -- the encoder's search ------------------------------------------------------------------------
+
+def _candidates(t: np.ndarray) -> np.ndarray:
+    """The levels around t (in units of delta), (lanes, quantizer, parity): on each quantizer the two
+    nearest levels, one even and one odd."""
+    a0 = np.floor(t * 0.5)
+    pos = t >= 0
+    a1 = np.where(pos, np.floor((t + 1) * 0.5), -np.floor((1 - t) * 0.5))
+    b1 = a1 + np.where(pos, 1, -1)
+    out = np.empty(t.shape + (2, 2), dtype=np.float32)
+    even0 = (a0.astype(np.int32) & 1) == 0
+    out[..., 0, 0] = np.where(even0, a0, a0 + 1)
+    out[..., 0, 1] = np.where(even0, a0 + 1, a0)
+    even1 = (a1.astype(np.int32) & 1) == 0
+    out[..., 1, 0] = np.where(even1, a1, b1)
+    out[..., 1, 1] = np.where(even1, b1, a1)
+    return out
+
+
+# predecessors of each state: NEXT[PRED_STATE[s, i], PRED_PARITY[s, i]] == s for i in (0, 1)
+PRED_STATE = np.array([[s for s in range(STATES) for p in (0, 1) if NEXT[s, p] == s2] for s2 in range(STATES)])
+PRED_PARITY = np.array([[p for s in range(STATES) for p in (0, 1) if NEXT[s, p] == s2] for s2 in range(STATES)])
+_RECON_Q = np.array([0, 1], dtype=np.float32)[:, None]  # (quantizer, parity)
+
+
+BLOCK_LANES = 4096  # lanes searched at a time (memory: ~150 bytes per element of a block)
+
+
+def viterbi(x: np.ndarray, lam: float, rate: np.ndarray, lo: int, rc: Optional[np.ndarray] = None) -> np.ndarray:
+    """Levels of x (lanes, LANE), in units of delta, minimizing (x - reconstruction)^2 + lam * bits.
+
+    rate[q, r, k - lo] is the cost in bits of level k on quantizer q in row class r (rc: the class of each
+    element, (lanes, LANE); None for one class); levels outside the table cost its last column.
+    """
+    out = np.empty(x.shape, dtype=np.int64)
+    flat_rate = (lam * rate).astype(np.float32).reshape(-1)
+    for a in range(0, x.shape[0], BLOCK_LANES):
+        b = min(x.shape[0], a + BLOCK_LANES)
+        out[a:b] = _viterbi_block(x[a:b], flat_rate, rate.shape[1], rate.shape[2], lo,
+                                  rc[a:b] if rc is not None else None)
+    return out
+
+
+def _viterbi_block(x, flat_rate, R: int, A: int, lo: int, rc) -> np.ndarray:
+    L, m = x.shape
+    xt = np.ascontiguousarray(x.T, dtype=np.float32)  # (step, lane): each step's data contiguous
+    k = _candidates(xt)  # (step, lane, quantizer, parity)
+    d = xt[..., None, None] - (2 * k - _RECON_Q * np.sign(k))
+    idx = np.clip(k.astype(np.int64) - lo, 0, A - 1) + (np.arange(2) * R * A)[:, None]
+    if rc is not None:
+        idx += (rc.T * A)[..., None, None]
+    J = (d * d + flat_rate[idx]).reshape(m, L, 4)
+    del d, idx
+    sa, sb = PRED_STATE[:, 0], PRED_STATE[:, 1]
+    ia = QUANT[sa] * 2 + PRED_PARITY[:, 0]  # the (quantizer, parity) branch from each predecessor
+    ib = QUANT[sb] * 2 + PRED_PARITY[:, 1]
+    cost = np.full((L, STATES), np.inf, dtype=np.float32)
+    cost[:, 0] = 0.0
+    choice = np.empty((m, L, STATES), dtype=bool)  # whether the second predecessor won
+    for j in range(m):
+        Jj = J[j]
+        ca = cost[:, sa] + Jj[:, ia]
+        cb = cost[:, sb] + Jj[:, ib]
+        np.less(cb, ca, out=choice[j])
+        cost = np.minimum(ca, cb)
+    out = np.empty((L, m), dtype=np.int64)
+    state = np.argmin(cost, axis=1)
+    ix = np.arange(L)
+    pa, pb = PRED_PARITY[:, 0], PRED_PARITY[:, 1]
+    for j in range(m - 1, -1, -1):
+        won_b = choice[j, ix, state]
+        prev = np.where(won_b, sb[state], sa[state])
+        par = np.where(won_b, pb[state], pa[state])
+        out[:, j] = k[j, ix, QUANT[prev], par]
+        state = prev
+    return out
+
+
+def _rate_table(levels: np.ndarray, q: np.ndarray, rc: Optional[np.ndarray], R: int, lo: int, A: int) -> np.ndarray:
+    """Bits of each level per quantizer and row class, from counts (add-half smoothing)."""
+    key = (q * R + (rc if rc is not None else 0)) * A + np.clip(levels - lo, 0, A - 1)
+    counts = np.bincount(key.reshape(-1), minlength=2 * R * A).reshape(2, R, A) + 0.5
+    return -np.log2(counts / counts.sum(axis=2, keepdims=True))
+
+
+def row_classes(stat: np.ndarray, R: int) -> np.ndarray:
+    """Class 0..R-1 of each row by a per-row statistic (quantiles)."""
+    if R == 1 or len(stat) == 0:
+        return np.zeros(len(stat), dtype=np.uint8)
+    th = np.quantile(stat, np.arange(1, R) / R)
+    return np.searchsorted(th, stat, side="right").astype(np.uint8)
+
+
+SEARCH_CLASSES = 4
+RATE_SAMPLE_LANES = 2048
+
+
+def search(w: np.ndarray, cols: int, delta: float, lam: float, passes: int = 2, stride: int = 1) -> np.ndarray:
+    """Levels of a flat float array for step delta: a first pass (on a sample of lanes) with the rates of
+    plain rounding, then passes with the rates the previous pass measured, per quantizer and row class.
+    With stride > 1, only every stride-th lane is searched and the levels come back as (lanes, LANE): a
+    sample, for step searches."""
+    n = len(w)
+    ids = np.arange(0, -(-n // LANE), stride)
+    x = lanes(np.asarray(w, dtype=np.float64) / delta)[ids]
+    rows = n // cols if cols else 0
+    R = SEARCH_CLASSES if rows * cols == n and rows >= 4 * SEARCH_CLASSES else 1
+    rc = None
+    if R > 1:
+        rcls = row_classes(np.abs(w).reshape(rows, cols).mean(axis=1), R).astype(np.int64)
+        rc = rcls[np.minimum((ids[:, None] * LANE + np.arange(LANE)) // cols, rows - 1)]
+    sub = max(1, len(x) // RATE_SAMPLE_LANES)  # the passes before the last only measure rates
+    k0 = np.round(x[::sub] * 0.5).astype(np.int64)
+    lo = int(k0.min()) - 2
+    A = max(int(np.abs(x).max() * 0.5) + 3 - lo, int(k0.max()) + 3 - lo)
+    rate = _rate_table(k0, np.zeros_like(k0), rc[::sub] if rc is not None else None, R, lo, A)
+    for p in range(passes):
+        s = sub if p < passes - 1 else 1
+        xs, rs = x[::s], (rc[::s] if rc is not None else None)
+        levels = viterbi(xs, lam, rate, lo, rs)
+        if p < passes - 1:
+            rate = _rate_table(levels, walk(levels), rs, R, lo, A)
+    return levels if stride > 1 else levels.reshape(-1)[:n]
+
+
+# -- the context coder ---------------------------------------------------------------------------
+
+@dataclass
+class LevelPlan:
+    """Everything needed to code (and decode) the level stream of one tensor."""
+
+    n: int
+    row: int  # elements per row (row classes)
+    chunk: int
+    lo: int = 0  # symbol = level - lo
+    alphabet: int = 1
+    prev: int = 0  # 1: contexts on the previous level's sign class
+    classes: int = 1  # row classes
+    tables: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint32))
+    rcls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    codec: str = "trellis"
+    itemsize_bits: int = 16
+    dtype: str = "I16"
+    _models: Optional[list] = None
+
+    @property
+    def nchunks(self) -> int:
+        return math.ceil(self.n / self.chunk)
+
+    @property
+    def contexts(self) -> int:
+        return 2 * (3 if self.prev else 1) * self.classes if self.alphabet > 1 else 0
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        a = i * self.chunk
+        return a, min(self.n, a + self.chunk)
+
+    def params(self) -> dict:
+        return {"codec": "trellis", "chunk": self.chunk, "lane": LANE, "row": self.row, "lo": self.lo,
+                "alphabet": self.alphabet, "prev": self.prev, "classes": self.classes}
+
+    def side(self) -> bytes:
+        raw = self.tables.astype("<u2").tobytes() + self.rcls.astype(np.uint8).tobytes()
+        return entropy_side(raw)
+
+    def models(self):
+        if self._models is None:
+            self._models = [entropy.make_model(t) for t in self.tables]
+        return self._models
+
+    def for_chunks(self, first: int, last: int) -> "LevelPlan":
+        return replace(self, _models=None)
+
+    def contexts_of(self, prevcls: np.ndarray, q: np.ndarray, rc: np.ndarray) -> np.ndarray:
+        c = q * (3 if self.prev else 1) + (prevcls if self.prev else 0)
+        return c * self.classes + rc
+
+
+def entropy_side(raw: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=19).compress(raw)
+
+
+def _sign_class(levels: np.ndarray) -> np.ndarray:
+    """0 negative, 1 zero, 2 positive."""
+    return np.sign(levels) + 1
+
+
+def _element_contexts(lv: np.ndarray, first: int, row: int):
+    """(quantizer, previous-level class, row index) of each element of (lanes, LANE) levels whose first
+    element is element `first` of the tensor."""
+    q = walk(lv)
+    prev = np.ones(lv.shape, dtype=np.int64)  # a lane starts as if after a zero
+    prev[:, 1:] = _sign_class(lv[:, :-1])
+    rows = (first + np.arange(lv.size).reshape(lv.shape)) // row
+    return q, prev, rows
+
+
+def make_plan(r: np.ndarray, shape: list[int]) -> LevelPlan:
+    """Measure a tensor's multiples (flat int16) and choose the contexts of its levels by total cost,
+    tables and side information included."""
+    n = len(r)
+    row = n // shape[0] if len(shape) >= 2 and shape[0] and n else max(1, n)
+    plan = LevelPlan(n=n, row=row, chunk=CHUNK_TARGET, rcls=np.zeros(-(-n // row), np.uint8))
+    if n == 0:
+        return plan
+    lv = levels_of(r)
+    valid = (np.arange(lv.size) < n).reshape(lv.shape)
+    lo, hi = int(lv[valid].min()), int(lv[valid].max())
+    plan.lo, plan.alphabet = lo, hi - lo + 1
+    if plan.alphabet == 1:
+        return plan
+    if plan.alphabet > entropy.MAX_ALPHABET or lo < -LEVEL_MAX - 1 or hi > LEVEL_MAX:
+        raise ValueError(f"levels from {lo} to {hi}: too many or too large to code")
+    nrows = len(plan.rcls)
+    stat = np.bincount(np.arange(n) // row, weights=np.abs(lv.reshape(-1)[:n]).astype(np.float64), minlength=nrows)
+    q, prev, rows = _element_contexts(lv, 0, row)
+    A = plan.alphabet
+    best = None
+    for R in ROW_CLASSES:
+        if R > 1 and nrows < 8 * R:
+            continue
+        rcls = row_classes(stat, R)
+        rc = rcls[np.minimum(rows, nrows - 1)].astype(np.int64)
+        fine = np.bincount((((q * 3 + prev) * R + rc) * A + (lv - lo))[valid], minlength=6 * R * A)
+        fine = fine.reshape(2, 3, R, A)
+        for use_prev in (0, 1):
+            counts = fine if use_prev else fine.sum(axis=1, keepdims=True)
+            counts = counts.reshape(-1, A)
+            tables = np.stack([entropy.quantize_counts(h if h.sum() else np.ones(A, np.int64)) for h in counts])
+            bits = sum(entropy.bits_with_table(h, t) for h, t in zip(counts, tables))
+            cand = replace(plan, prev=use_prev, classes=R, tables=tables.astype(np.uint32), rcls=rcls)
+            bits += 8 * len(cand.side())
+            if best is None or bits < best[0]:
+                best = (bits, cand)
+    return best[1]
+
+
+def _order(ctx: np.ndarray, C: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions sorted by context (stable) and the count of each context."""
+    ctx = ctx.astype(np.uint8)
+    return np.argsort(ctx, kind="stable"), np.bincount(ctx, minlength=C)
+
+
+def encode_chunk(plan: LevelPlan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
+    """Code chunk i of the multiples (int16 elements as uint16)."""
+    raw = u.tobytes()
+    rec = {"codec": "trellis", "raw_crc": zlib.crc32(raw)}
+    if plan.alphabet == 1:
+        rec["parts"] = [["levels", "const", 0]]
+        return rec, b""
+    a, _ = plan.chunk_range(i)
+    m = len(u)
+    lv = levels_of(u.view(np.int16))
+    q, prev, rows = _element_contexts(lv, a, plan.row)
+    rc = plan.rcls[np.minimum(rows, len(plan.rcls) - 1)].astype(np.int64)
+    ctx = plan.contexts_of(prev, q, rc)
+    sym = (lv - plan.lo).astype(np.int32)
+    models = plan.models()
+    C = plan.contexts
+    groups = []
+    for j in range(LANE):
+        active = -(-(m - j) // LANE)  # lanes that have an element j
+        order, counts = _order(ctx[:active, j], C)
+        s = sym[:active, j][order]
+        off = 0
+        for c in np.flatnonzero(counts):
+            groups.append((s[off:off + counts[c]], models[c]))
+            off += counts[c]
+    words = entropy.ans_encode(groups).astype("<u4").tobytes()
+    rec["parts"] = [["levels", "ans", len(words)]]
+    return rec, words
+
+
+def decode_chunk(plan: LevelPlan, i: int, rec: dict, payload, where: str) -> bytes:
+    """Decode chunk i back to the raw bytes of its multiples (int16), checking its checksum."""
+    a, b = plan.chunk_range(i)
+    m = b - a
+    parts = rec.get("parts")
+    if not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], list) or len(parts[0]) != 3 \
+            or parts[0][0] != "levels" or parts[0][2] != len(payload):
+        raise FormatError(f"{where}: malformed chunk parts")
+    codec = parts[0][1]
+    if plan.alphabet == 1:
+        if codec != "const" or len(payload):
+            raise FormatError(f"{where}: malformed level part")
+        k = np.full(lanes(np.zeros(m)).shape, plan.lo, dtype=np.int64)
+        out = reconstruct(k, walk(k)).reshape(-1)[:m].astype("<i2")
+    else:
+        if codec != "ans" or not len(payload) or len(payload) % 4:
+            raise FormatError(f"{where}: malformed level part")
+        out = _decode_multiples(plan, a, m, np.frombuffer(payload, dtype="<u4"), where)
+    raw = out.tobytes()
+    if zlib.crc32(raw) != rec.get("raw_crc"):
+        raise FormatError(f"{where}: decoded data fails its checksum")
+    return raw
+
+
+def _decode_multiples(plan: LevelPlan, a: int, m: int, words: np.ndarray, where: str) -> np.ndarray:
+    """Step by step over the lanes of a chunk: each lane's context from its state, previous level and row;
+    the symbols of each context decoded in one call; the multiples written as they come."""
+    coder = entropy.Decoder(words, where)
+    L = -(-m // LANE)
+    out = np.zeros((LANE, L), dtype="<i2")  # step-major while decoding
+    state = np.zeros(L, dtype=np.int64)
+    prev = np.ones(L, dtype=np.int64)
+    lane_start = a + np.arange(L) * LANE
+    models = plan.models()
+    C, A = plan.contexts, plan.alphabet
+    nr = len(plan.rcls)
+    rcls = plan.rcls.astype(np.int64)
+    for j in range(LANE):
+        active = -(-(m - j) // LANE)
+        st = state[:active]
+        q = QUANT[st]
+        rc = rcls[np.minimum((lane_start[:active] + j) // plan.row, nr - 1)] if plan.classes > 1 else 0
+        ctx = plan.contexts_of(prev[:active], q, rc)
+        if C > 1:
+            order, counts = _order(ctx, C)
+            sym = np.empty(active, dtype=np.int32)
+            off = 0
+            for c in np.flatnonzero(counts):
+                sym[off:off + counts[c]] = coder.decode(models[c], int(counts[c]))
+                off += counts[c]
+            k = np.empty(active, dtype=np.int64)
+            k[order] = sym
+        else:
+            k = coder.decode(models[0], active).astype(np.int64)
+        if active and (k.min() < 0 or k.max() >= A):
+            raise FormatError(f"{where}: entropy-coded data is corrupt")
+        k += plan.lo
+        sgn = np.sign(k)
+        out[j, :active] = 2 * k - q * sgn
+        state[:active] = NEXT[st, k & 1]
+        prev[:active] = sgn + 1
+    coder.finish()
+    return out.T.reshape(-1)[:m]
+
+
+def check_params(numel: int, params: dict, where: str) -> dict:
+    keys = {"codec", "chunk", "lane", "row", "lo", "alphabet", "prev", "classes"}
+    if set(params) != keys or not all(type(params[k]) is int for k in keys - {"codec"}):
+        raise FormatError(f"{where}: malformed stream parameters")
+    p = params
+    if not (p["lane"] == LANE and 1 <= p["chunk"] <= 1 << 22 and p["chunk"] % LANE == 0 and 1 <= p["row"]
+            and numel >= 1 and 1 <= p["alphabet"] <= entropy.MAX_ALPHABET and p["prev"] in (0, 1)
+            and p["classes"] in ROW_CLASSES and -LEVEL_MAX - 1 <= p["lo"]
+            and p["lo"] + p["alphabet"] - 1 <= LEVEL_MAX):
+        raise FormatError(f"{where}: stream parameters out of range")
+    return p
+
+
+def plan_from_record(numel: int, params: dict, side: bytes, where: str) -> LevelPlan:
+    from .streams import unzstd
+
+    p = check_params(numel, params, where)
+    plan = LevelPlan(n=numel, row=p["row"], chunk=p["chunk"], lo=p["lo"], alphabet=p["alphabet"], prev=p["prev"],
+                     classes=p["classes"])
+    nrows = -(-numel // plan.row)
+    C, A = plan.contexts, plan.alphabet
+    raw = unzstd(side, 2 * C * A + nrows, where + " side information")
+    plan.tables = np.frombuffer(raw, "<u2", C * A).reshape(C, A).astype(np.uint32)
+    plan.rcls = np.frombuffer(raw, np.uint8, nrows, 2 * C * A)
+    for t in plan.tables:
+        entropy.check_table(t, where)
+    if nrows and int(plan.rcls.max()) >= plan.classes:
+        raise FormatError(f"{where}: malformed row classes")
+    return plan
