@@ -30,6 +30,7 @@ from .recipe import Recipe
 from .stages import lossy
 
 TASK_BYTES = 4 << 20  # raw bytes per worker task
+PACK_INFLIGHT = 16  # pack tasks queued or done but not yet written, per worker
 HASH_PIECE = 16 << 20
 
 Progress = Callable[[int], None]
@@ -178,7 +179,8 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
             stream["chunks"].append(rec)
 
     with Pool(workers) as pool:
-        for item in pool.ordered_map(_pack_items(ckpt, recipe)):
+        # a slow tensor (lossy stages on a big matrix) holds back the output: let the other workers run ahead
+        for item in pool.ordered_map(_pack_items(ckpt, recipe), inflight=PACK_INFLIGHT * pool.workers):
             if isinstance(item, _TensorStart):
                 records.append(item.record)
                 stream = _open_stream(writer, item.record, item.plan.params(), item.plan.side())

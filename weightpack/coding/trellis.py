@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
+import zstandard
 
 from ..errors import FormatError
 from . import entropy
@@ -35,9 +36,9 @@ STATES = 8
 NEXT = np.array([[((p ^ (bin(s).count("1") & 1)) << 2) | (s >> 1) for p in (0, 1)] for s in range(STATES)],
                 dtype=np.int64)
 QUANT = np.arange(STATES, dtype=np.int64) >> 2  # quantizer of each state
-LANE = 64
-CHUNK_TARGET = 1 << 20  # elements per chunk (a whole number of lanes)
-ROW_CLASSES = (1, 2, 4)
+LANE = 256  # elements per lane: each lane starts in state 0 (shorter lanes lose more at their starts)
+CHUNK_TARGET = 1 << 22  # elements per chunk (a whole number of lanes): big, so each step decodes many symbols
+ROW_CLASSES = (1, 2, 4, 8, 16)
 LEVEL_MAX = 16383  # |level|: the multiples 2k - sign(k) are stored as int16
 
 
@@ -49,25 +50,25 @@ def lanes(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _machine_tables(group: int = 4):
+def _machine_tables(group: int):
     """The machine run over `group` steps at once. Each element carries a 2-bit symbol: bit q is the parity
     its level would have on quantizer q (for a level, both bits are its parity). SKIP[s, b] is the state
     after the group of symbols b (2 bits per step, first step lowest), QGROUP[s, b, i] the quantizer of step i."""
     nb = 1 << (2 * group)
-    skip = np.zeros((STATES, nb), dtype=np.int64)
-    qgroup = np.zeros((STATES, nb, group), dtype=np.int64)
+    b = np.arange(nb)
+    skip = np.zeros((STATES, nb), dtype=np.int8)
+    qgroup = np.zeros((STATES, nb, group), dtype=np.int8)
     for s0 in range(STATES):
-        for b in range(nb):
-            s = s0
-            for i in range(group):
-                q = QUANT[s]
-                qgroup[s0, b, i] = q
-                s = NEXT[s, ((b >> (2 * i)) >> q) & 1]
-            skip[s0, b] = s
+        s = np.full(nb, s0)
+        for i in range(group):
+            q = QUANT[s]
+            qgroup[s0, :, i] = q
+            s = NEXT[s, ((b >> (2 * i)) >> q) & 1]
+        skip[s0] = s
     return skip, qgroup
 
 
-GROUP = 4
+GROUP = 8
 SKIP, QGROUP = _machine_tables(GROUP)
 
 
@@ -75,13 +76,15 @@ def _run(sym2: np.ndarray) -> np.ndarray:
     """The quantizer of each element of (lanes, LANE) 2-bit symbols, each lane starting in state 0."""
     L = sym2.shape[0]
     g = sym2.reshape(L, LANE // GROUP, GROUP).astype(np.int64)
-    b = g[..., 0] | (g[..., 1] << 2) | (g[..., 2] << 4) | (g[..., 3] << 6)
-    q = np.empty((L, LANE // GROUP, GROUP), dtype=np.int64)
+    b = g[..., 0].copy()
+    for i in range(1, GROUP):
+        b |= g[..., i] << (2 * i)
+    q = np.empty((L, LANE // GROUP, GROUP), dtype=np.int8)
     state = np.zeros(L, dtype=np.int64)
     for i in range(LANE // GROUP):
         q[:, i] = QGROUP[state, b[:, i]]
         state = SKIP[state, b[:, i]]
-    return q.reshape(L, LANE)
+    return q.reshape(L, LANE).astype(np.int64)
 
 
 def walk(levels: np.ndarray) -> np.ndarray:
@@ -103,8 +106,9 @@ def multiples(levels: np.ndarray) -> np.ndarray:
     return reconstruct(lv, walk(lv)).reshape(-1)[:n].astype(np.int16)
 
 
-def levels_of(r: np.ndarray) -> np.ndarray:
-    """The levels (lanes, LANE) behind flat multiples; ValueError when they are not a trellis path."""
+def levels_of(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The levels (lanes, LANE) behind flat multiples, and their quantizers; ValueError when the multiples
+    are not a trellis path."""
     rv = lanes(r.astype(np.int64))
     sgn = np.sign(rv)
     k0, k1 = rv >> 1, (rv + sgn) >> 1  # the level on Q0 and on Q1
@@ -112,35 +116,31 @@ def levels_of(r: np.ndarray) -> np.ndarray:
     odd = (rv & 1) == 1
     if np.any((q == 0) & odd) or np.any((q == 1) & ~odd & (rv != 0)):
         raise ValueError("multiples off the trellis")
-    return np.where(q == 0, k0, k1)
+    return np.where(q == 0, k0, k1), q
 
 
 # -- the encoder's search ------------------------------------------------------------------------
 
-def _candidates(t: np.ndarray) -> np.ndarray:
-    """The levels around t (in units of delta), (lanes, quantizer, parity): on each quantizer the two
-    nearest levels, one even and one odd."""
-    a0 = np.floor(t * 0.5)
-    pos = t >= 0
-    a1 = np.where(pos, np.floor((t + 1) * 0.5), -np.floor((1 - t) * 0.5))
-    b1 = a1 + np.where(pos, 1, -1)
-    out = np.empty(t.shape + (2, 2), dtype=np.float32)
-    even0 = (a0.astype(np.int32) & 1) == 0
-    out[..., 0, 0] = np.where(even0, a0, a0 + 1)
-    out[..., 0, 1] = np.where(even0, a0 + 1, a0)
-    even1 = (a1.astype(np.int32) & 1) == 0
-    out[..., 1, 0] = np.where(even1, a1, b1)
-    out[..., 1, 1] = np.where(even1, b1, a1)
-    return out
+def _candidates(t: np.ndarray) -> list[np.ndarray]:
+    """The levels around t (in units of delta) on each quantizer, one even and one odd:
+    [Q0 even, Q0 odd, Q1 even, Q1 odd] (float32 arrays shaped like t)."""
+    a = np.floor(t * np.float32(0.5))  # Q0: levels a, a + 1 (reconstructions 2a <= t < 2a + 2)
+    e0 = np.ceil(a * np.float32(0.5)) * 2
+    o0 = 2 * a + 1 - e0
+    sgn = np.where(t >= 0, np.float32(1), np.float32(-1))
+    m = np.floor((np.abs(t) + 1) * np.float32(0.5))  # Q1 (on |t|): levels m, m + 1
+    e1 = np.ceil(m * np.float32(0.5)) * 2
+    o1 = (2 * m + 1 - e1) * sgn
+    e1 *= sgn
+    return [e0, o0, e1, o1]
 
 
 # predecessors of each state: NEXT[PRED_STATE[s, i], PRED_PARITY[s, i]] == s for i in (0, 1)
 PRED_STATE = np.array([[s for s in range(STATES) for p in (0, 1) if NEXT[s, p] == s2] for s2 in range(STATES)])
 PRED_PARITY = np.array([[p for s in range(STATES) for p in (0, 1) if NEXT[s, p] == s2] for s2 in range(STATES)])
-_RECON_Q = np.array([0, 1], dtype=np.float32)[:, None]  # (quantizer, parity)
 
 
-BLOCK_LANES = 4096  # lanes searched at a time (memory: ~150 bytes per element of a block)
+BLOCK_LANES = (1 << 20) // LANE  # lanes searched at a time (memory: ~100 bytes per element of a block)
 
 
 def viterbi(x: np.ndarray, lam: float, rate: np.ndarray, lo: int, rc: Optional[np.ndarray] = None) -> np.ndarray:
@@ -161,25 +161,34 @@ def viterbi(x: np.ndarray, lam: float, rate: np.ndarray, lo: int, rc: Optional[n
 def _viterbi_block(x, flat_rate, R: int, A: int, lo: int, rc) -> np.ndarray:
     L, m = x.shape
     xt = np.ascontiguousarray(x.T, dtype=np.float32)  # (step, lane): each step's data contiguous
-    k = _candidates(xt)  # (step, lane, quantizer, parity)
-    d = xt[..., None, None] - (2 * k - _RECON_Q * np.sign(k))
-    idx = np.clip(k.astype(np.int64) - lo, 0, A - 1) + (np.arange(2) * R * A)[:, None]
-    if rc is not None:
-        idx += (rc.T * A)[..., None, None]
-    J = (d * d + flat_rate[idx]).reshape(m, L, 4)
+    cands = _candidates(xt)
+    rbase = (rc.T.astype(np.int32) * A) if rc is not None else 0
+    J = np.empty((m, L, 4), dtype=np.float32)  # branch costs, [.., quantizer * 2 + parity]
+    for i, k in enumerate(cands):
+        q = i >> 1
+        d = xt - (2 * k - np.sign(k)) if q else xt - 2 * k
+        idx = k.astype(np.int32)
+        idx -= lo
+        np.clip(idx, 0, A - 1, out=idx)
+        idx += q * R * A + rbase
+        J[..., i] = d * d + flat_rate[idx]
     del d, idx
     sa, sb = PRED_STATE[:, 0], PRED_STATE[:, 1]
-    ia = QUANT[sa] * 2 + PRED_PARITY[:, 0]  # the (quantizer, parity) branch from each predecessor
+    ia = QUANT[sa] * 2 + PRED_PARITY[:, 0]  # the branch (quantizer, parity) from each predecessor
     ib = QUANT[sb] * 2 + PRED_PARITY[:, 1]
     cost = np.full((L, STATES), np.inf, dtype=np.float32)
     cost[:, 0] = 0.0
+    ca, cb, ja, jb = (np.empty_like(cost) for _ in range(4))
     choice = np.empty((m, L, STATES), dtype=bool)  # whether the second predecessor won
     for j in range(m):
-        Jj = J[j]
-        ca = cost[:, sa] + Jj[:, ia]
-        cb = cost[:, sb] + Jj[:, ib]
+        np.take(cost, sa, axis=1, out=ca)
+        np.take(cost, sb, axis=1, out=cb)
+        np.take(J[j], ia, axis=1, out=ja)
+        np.take(J[j], ib, axis=1, out=jb)
+        ca += ja
+        cb += jb
         np.less(cb, ca, out=choice[j])
-        cost = np.minimum(ca, cb)
+        np.minimum(ca, cb, out=cost)
     out = np.empty((L, m), dtype=np.int64)
     state = np.argmin(cost, axis=1)
     ix = np.arange(L)
@@ -188,7 +197,8 @@ def _viterbi_block(x, flat_rate, R: int, A: int, lo: int, rc) -> np.ndarray:
         won_b = choice[j, ix, state]
         prev = np.where(won_b, sb[state], sa[state])
         par = np.where(won_b, pb[state], pa[state])
-        out[:, j] = k[j, ix, QUANT[prev], par]
+        branch = QUANT[prev] * 2 + par
+        out[:, j] = np.choose(branch, [c[j] for c in cands])
         state = prev
     return out
 
@@ -209,7 +219,7 @@ def row_classes(stat: np.ndarray, R: int) -> np.ndarray:
 
 
 SEARCH_CLASSES = 4
-RATE_SAMPLE_LANES = 2048
+RATE_SAMPLE_LANES = (1 << 17) // LANE  # lanes the rate-measuring passes run on
 
 
 def search(w: np.ndarray, cols: int, delta: float, lam: float, passes: int = 2, stride: int = 1) -> np.ndarray:
@@ -276,9 +286,9 @@ class LevelPlan:
         return {"codec": "trellis", "chunk": self.chunk, "lane": LANE, "row": self.row, "lo": self.lo,
                 "alphabet": self.alphabet, "prev": self.prev, "classes": self.classes}
 
-    def side(self) -> bytes:
+    def side(self, level: int = 19) -> bytes:
         raw = self.tables.astype("<u2").tobytes() + self.rcls.astype(np.uint8).tobytes()
-        return entropy_side(raw)
+        return zstandard.ZstdCompressor(level=level).compress(raw)
 
     def models(self):
         if self._models is None:
@@ -293,25 +303,18 @@ class LevelPlan:
         return c * self.classes + rc
 
 
-def entropy_side(raw: bytes) -> bytes:
-    import zstandard
-
-    return zstandard.ZstdCompressor(level=19).compress(raw)
-
-
 def _sign_class(levels: np.ndarray) -> np.ndarray:
     """0 negative, 1 zero, 2 positive."""
     return np.sign(levels) + 1
 
 
 def _element_contexts(lv: np.ndarray, first: int, row: int):
-    """(quantizer, previous-level class, row index) of each element of (lanes, LANE) levels whose first
-    element is element `first` of the tensor."""
-    q = walk(lv)
+    """(previous-level class, row index) of each element of (lanes, LANE) levels whose first element is
+    element `first` of the tensor."""
     prev = np.ones(lv.shape, dtype=np.int64)  # a lane starts as if after a zero
     prev[:, 1:] = _sign_class(lv[:, :-1])
     rows = (first + np.arange(lv.size).reshape(lv.shape)) // row
-    return q, prev, rows
+    return prev, rows
 
 
 def make_plan(r: np.ndarray, shape: list[int]) -> LevelPlan:
@@ -322,7 +325,7 @@ def make_plan(r: np.ndarray, shape: list[int]) -> LevelPlan:
     plan = LevelPlan(n=n, row=row, chunk=CHUNK_TARGET, rcls=np.zeros(-(-n // row), np.uint8))
     if n == 0:
         return plan
-    lv = levels_of(r)
+    lv, q = levels_of(r)
     valid = (np.arange(lv.size) < n).reshape(lv.shape)
     lo, hi = int(lv[valid].min()), int(lv[valid].max())
     plan.lo, plan.alphabet = lo, hi - lo + 1
@@ -332,23 +335,24 @@ def make_plan(r: np.ndarray, shape: list[int]) -> LevelPlan:
         raise ValueError(f"levels from {lo} to {hi}: too many or too large to code")
     nrows = len(plan.rcls)
     stat = np.bincount(np.arange(n) // row, weights=np.abs(lv.reshape(-1)[:n]).astype(np.float64), minlength=nrows)
-    q, prev, rows = _element_contexts(lv, 0, row)
+    prev, rows = _element_contexts(lv, 0, row)
     A = plan.alphabet
+    # one histogram on the finest row classes; coarser ones merge neighbours (quantile classes nest)
+    Rmax = max(R for R in ROW_CLASSES if R == 1 or nrows >= 8 * R)
+    fine_cls = row_classes(stat, Rmax)
+    rc = fine_cls[np.minimum(rows, nrows - 1)].astype(np.int64)
+    fine = np.bincount((((q * 3 + prev) * Rmax + rc) * A + (lv - lo))[valid], minlength=6 * Rmax * A)
+    fine = fine.reshape(2, 3, Rmax, A)
     best = None
-    for R in ROW_CLASSES:
-        if R > 1 and nrows < 8 * R:
-            continue
-        rcls = row_classes(stat, R)
-        rc = rcls[np.minimum(rows, nrows - 1)].astype(np.int64)
-        fine = np.bincount((((q * 3 + prev) * R + rc) * A + (lv - lo))[valid], minlength=6 * R * A)
-        fine = fine.reshape(2, 3, R, A)
+    for R in (R for R in ROW_CLASSES if R <= Rmax):
+        byR = fine.reshape(2, 3, R, Rmax // R, A).sum(axis=3)
+        rcls = (fine_cls // (Rmax // R)).astype(np.uint8)
         for use_prev in (0, 1):
-            counts = fine if use_prev else fine.sum(axis=1, keepdims=True)
-            counts = counts.reshape(-1, A)
+            counts = (byR if use_prev else byR.sum(axis=1, keepdims=True)).reshape(-1, A)
             tables = np.stack([entropy.quantize_counts(h if h.sum() else np.ones(A, np.int64)) for h in counts])
             bits = sum(entropy.bits_with_table(h, t) for h, t in zip(counts, tables))
             cand = replace(plan, prev=use_prev, classes=R, tables=tables.astype(np.uint32), rcls=rcls)
-            bits += 8 * len(cand.side())
+            bits += 8 * len(cand.side(level=3))  # a quick estimate of the side information's size
             if best is None or bits < best[0]:
                 best = (bits, cand)
     return best[1]
@@ -369,8 +373,8 @@ def encode_chunk(plan: LevelPlan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
         return rec, b""
     a, _ = plan.chunk_range(i)
     m = len(u)
-    lv = levels_of(u.view(np.int16))
-    q, prev, rows = _element_contexts(lv, a, plan.row)
+    lv, q = levels_of(u.view(np.int16))
+    prev, rows = _element_contexts(lv, a, plan.row)
     rc = plan.rcls[np.minimum(rows, len(plan.rcls) - 1)].astype(np.int64)
     ctx = plan.contexts_of(prev, q, rc)
     sym = (lv - plan.lo).astype(np.int32)
@@ -419,38 +423,40 @@ def _decode_multiples(plan: LevelPlan, a: int, m: int, words: np.ndarray, where:
     the symbols of each context decoded in one call; the multiples written as they come."""
     coder = entropy.Decoder(words, where)
     L = -(-m // LANE)
+    models = plan.models()
+    C, R = plan.contexts, plan.classes
+    # per (state, symbol): the multiple it decodes to, and the next state; per symbol: its sign class
+    k = np.arange(plan.alphabet) + plan.lo
+    multiple = (2 * k[None, :] - QUANT[:, None] * np.sign(k)[None, :]).astype("<i2")
+    following = NEXT[:, k & 1]
+    sign_class = np.sign(k) + 1
+    state_ctx = QUANT * (3 if plan.prev else 1) * R
+    # the row class of every element, step-major
+    rows = (a + np.arange(L)[None, :] * LANE + np.arange(LANE)[:, None]) // plan.row
+    rc = plan.rcls[np.minimum(rows, len(plan.rcls) - 1)].astype(np.int64) if R > 1 else np.zeros((LANE, L), np.int64)
     out = np.zeros((LANE, L), dtype="<i2")  # step-major while decoding
     state = np.zeros(L, dtype=np.int64)
     prev = np.ones(L, dtype=np.int64)
-    lane_start = a + np.arange(L) * LANE
-    models = plan.models()
-    C, A = plan.contexts, plan.alphabet
-    nr = len(plan.rcls)
-    rcls = plan.rcls.astype(np.int64)
+    sym = np.empty(L, dtype=np.int64)
     for j in range(LANE):
         active = -(-(m - j) // LANE)
         st = state[:active]
-        q = QUANT[st]
-        rc = rcls[np.minimum((lane_start[:active] + j) // plan.row, nr - 1)] if plan.classes > 1 else 0
-        ctx = plan.contexts_of(prev[:active], q, rc)
-        if C > 1:
-            order, counts = _order(ctx, C)
-            sym = np.empty(active, dtype=np.int32)
-            off = 0
-            for c in np.flatnonzero(counts):
-                sym[off:off + counts[c]] = coder.decode(models[c], int(counts[c]))
-                off += counts[c]
-            k = np.empty(active, dtype=np.int64)
-            k[order] = sym
-        else:
-            k = coder.decode(models[0], active).astype(np.int64)
-        if active and (k.min() < 0 or k.max() >= A):
-            raise FormatError(f"{where}: entropy-coded data is corrupt")
-        k += plan.lo
-        sgn = np.sign(k)
-        out[j, :active] = 2 * k - q * sgn
-        state[:active] = NEXT[st, k & 1]
-        prev[:active] = sgn + 1
+        ctx = state_ctx[st] + rc[j, :active]
+        if plan.prev:
+            ctx += prev[:active] * R
+        order, counts = _order(ctx, C)
+        got = np.empty(active, dtype=np.int32)
+        off = 0
+        for c in np.flatnonzero(counts):
+            n = int(counts[c])
+            got[off:off + n] = coder.decode(models[c], n)
+            off += n
+        s = sym[:active]
+        s[order] = got
+        out[j, :active] = multiple[st, s]
+        state[:active] = following[st, s]
+        if plan.prev:
+            prev[:active] = sign_class[s]
     coder.finish()
     return out.T.reshape(-1)[:m]
 

@@ -140,7 +140,7 @@ def _encode_ecsq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
             "offset": torch.tensor([offset], dtype=torch.int32)}
 
 
-TCQ_SAMPLE_LANES = 1024  # lanes (of trellis.LANE elements) the step search runs on before the whole tensor
+TCQ_SAMPLE_LANES = (1 << 16) // trellis.LANE  # lanes the step search runs on before the whole tensor
 
 
 def _tcq_levels(x, cols: int, delta: float, p: QuantParams):
