@@ -247,6 +247,11 @@ class Scorer:
 
 # -- methods ---------------------------------------------------------------------------------------
 
+def ecsq_recipe(sqnr: float) -> dict:
+    return {"name": f"ecsq {sqnr:g} dB", "rules": [
+        {"match": "*", "min_dims": 2, "stages": [{"name": "quantize", "mode": "ecsq", "sqnr": float(sqnr)}]}]}
+
+
 def rtn_recipe(bits: int, channel: bool) -> dict:
     q = ({"name": "quantize", "bits": bits, "symmetric": True, "granularity": "channel"} if channel else
          {"name": "quantize", "bits": bits, "symmetric": False, "granularity": "group", "group": 128})
@@ -269,12 +274,16 @@ def run_weightpack(label: str, family: str, src: Path, work: Path, scorer: Score
                            f"(extra {sorted(names - set(scorer.mats))[:3]}, missing {sorted(set(scorer.mats) - names)[:3]})")
     nbytes = sum(r["bytes_after"] for r in lossy)
     weights = sum(math.prod(r["shape"]) for r in lossy)
+    # the whole file but the lossless tensors' coded bytes: the container's header, index and trailer count
+    # against the lossy matrices too (the carried files of a folder are not there: a single file is packed)
+    all_in = wpk.stat().st_size - sum(r["bytes_after"] for r in rows if r["stages"] == ["lossless"])
     decoded = {k: tensors[k].to(torch.float32).numpy() for k in scorer.mats}
     sq = scorer.sqnr(decoded)
     # Per-tensor SQNR recorded at pack time, against ours: a consistency check.
     recorded = [r["quality"]["sqnr_db"] for r in lossy if r.get("quality") and r["quality"].get("sqnr_db") is not None]
     stages = sorted({r["stages"][0] for r in lossy})
-    return {"family": family, "method": label, "bpw": 8 * nbytes / weights, "sqnr_db": sq, "encode_s": enc,
+    return {"family": family, "method": label, "bpw": 8 * nbytes / weights, "bpw_all_in": 8 * all_in / weights,
+            "sqnr_db": sq, "encode_s": enc,
             "decode_s": dec, "encode_others": enc_others, "decode_others": dec_others, "bytes": nbytes,
             "container_bytes": wpk.stat().st_size, "stages": stages,
             "min_tensor_sqnr_db": min(recorded) if recorded else None, "path": str(wpk)}
@@ -458,7 +467,9 @@ def machine() -> dict:
 FAMILY_LABELS = {
     "wp-rtn-g128": "weightpack rtn g128 asym",
     "wp-rtn-ch": "weightpack rtn per-channel sym",
-    "wp-ecsq": "weightpack ecsq (min_sqnr)",
+    "wp-ecsq": "weightpack ecsq (one step per tensor, SQNR target)",
+    "wp-tcq": "weightpack tcq (min_sqnr: one step per tensor)",
+    "wp-tcq-bits": "weightpack tcq (--bits: one step for all)",
     "wp-preset": "weightpack presets",
     "gguf": "GGUF (numpy, legacy + MXFP4)",
     "nncodec": "NNCodec",
@@ -468,12 +479,14 @@ FAMILY_LABELS = {
 def report(results: list[dict], info: dict) -> str:
     has_cos = any(r.get("cosine") is not None for r in results)
     L = []
-    L.append("| method | bpw | pooled SQNR dB | encode s | decode s | others' CPU % |" + (" mean cosine |" if has_cos else ""))
-    L.append("|---|---:|---:|---:|---:|---:|" + ("---:|" if has_cos else ""))
+    L.append("| method | bpw | bpw all-in | pooled SQNR dB | encode s | decode s | others' CPU % |"
+             + (" mean cosine |" if has_cos else ""))
+    L.append("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if has_cos else ""))
     for fam, rs in curves(results).items():
         for r in sorted(rs, key=lambda r: r["bpw"]):
             others = 100 * max(r.get("encode_others", 0), r.get("decode_others", 0))
-            L.append(f"| {r['method']} | {fmt(r['bpw'], 3)} | {fmt(r['sqnr_db'])} | {fmt(r['encode_s'], 1)} | "
+            L.append(f"| {r['method']} | {fmt(r['bpw'], 3)} | {fmt(r.get('bpw_all_in'), 3)} | {fmt(r['sqnr_db'])} | "
+                     f"{fmt(r['encode_s'], 1)} | "
                      f"{fmt(r['decode_s'], 2)} | {others:.0f} |" + (f" {fmt(r.get('cosine'), 4)} |" if has_cos else ""))
     L.append("")
     L.append("Interpolated bits per weight at equal quality (measured curves here; '–': outside the measured range):")
@@ -482,10 +495,11 @@ def report(results: list[dict], info: dict) -> str:
     L.append(head)
     L.append("|---|" + "---:|" * (len(QUALITY_POINTS) + (1 if has_cos else 0)))
     for fam, rs in info["interp"].items():
-        cells = [fmt(rs.get(str(q)), 2) for q in QUALITY_POINTS]
+        cells = [fmt(rs.get(str(q)), 3) for q in QUALITY_POINTS]
         if has_cos:
-            cells.append(fmt(rs.get("cos"), 2))
-        L.append(f"| {FAMILY_LABELS.get(fam, fam)} (measured) | " + " | ".join(cells) + " |")
+            cells.append(fmt(rs.get("cos"), 3))
+        base, _, all_in = fam.partition("/")
+        L.append(f"| {FAMILY_LABELS.get(base, base)}{' all-in' if all_in else ''} (measured) | " + " | ".join(cells) + " |")
     for name, vals in FIELD.items():
         cells = [fmt(v, 2) for v in vals[:3]] + ([fmt(vals[3], 2)] if has_cos else [])
         L.append(f"| {name} (FIELD.md) | " + " | ".join(cells) + " |")
@@ -502,7 +516,7 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if has_cos else 1, figsize=(14 if has_cos else 8, 6.2), squeeze=False)
     ax = axes[0][0]
     style = {"wp-rtn-g128": ("tab:blue", "o-"), "wp-rtn-ch": ("tab:cyan", "s-"), "wp-ecsq": ("tab:green", "D-"),
-             "nncodec": ("tab:red", "v-")}
+             "wp-tcq": ("tab:olive", "^-"), "wp-tcq-bits": ("black", "*-"), "nncodec": ("tab:red", "v-")}
     fams = curves(results)
     for fam, (color, st) in style.items():
         rs = sorted(fams.get(fam, []), key=lambda r: r["bpw"])
@@ -603,6 +617,7 @@ def main() -> int:
     bits = [3, 4, 6, 8] if args.quick else [2, 3, 4, 5, 6, 7, 8]
     targets = [13, 22.8, 30, 34.4] if args.quick else [10, 13, 16.3, 19, 22.8, 26, 30, 34.4, 40]
     qps = [-28, -36] if args.quick else [-22, -26, -30, -34, -38]
+    tcq_bits = [2.8, 3.8, 5.7] if args.quick else [2, 2.5, 2.8, 3.2, 3.5, 3.8, 4.2, 5, 5.7, 6.5, 7.5]
 
     jobs = []  # (label, family, pack kwargs)
     for b in bits:
@@ -610,7 +625,11 @@ def main() -> int:
     for b in bits:
         jobs.append((f"weightpack rtn{b} ch-sym", "wp-rtn-ch", {"recipe": rtn_recipe(b, True)}))
     for t in targets:
-        jobs.append((f"weightpack ecsq {t:g} dB", "wp-ecsq", {"min_sqnr": float(t)}))
+        jobs.append((f"weightpack ecsq {t:g} dB", "wp-ecsq", {"recipe": ecsq_recipe(t)}))
+    for t in targets:
+        jobs.append((f"weightpack tcq {t:g} dB", "wp-tcq", {"min_sqnr": float(t)}))
+    for b in tcq_bits:
+        jobs.append((f"weightpack tcq --bits {b:g}", "wp-tcq-bits", {"bits": float(b)}))
     for preset in ("int3", "prune50-int4", "2of4-int4"):
         jobs.append((f"weightpack {preset}", "wp-preset", {"recipe": preset}))
 
@@ -708,11 +727,14 @@ def main() -> int:
     for fam, rs in curves(results).items():
         if fam in ("wp-preset", "gguf"):
             continue
-        pts = [(r["sqnr_db"], r["bpw"]) for r in rs]
-        row = {str(q): interp_bpw(pts, q) for q in QUALITY_POINTS}
-        cos_pts = [(r.get("cosine"), r["bpw"]) for r in rs if r.get("cosine") is not None and r["cosine"] < 1]
-        row["cos"] = interp_bpw(cos_pts, COSINE_POINT, lambda c: -math.log(1 - c)) if cos_pts else None
-        interp[fam] = row
+        for key, name in (("bpw", fam), ("bpw_all_in", fam + "/all-in")):
+            if key == "bpw_all_in" and not fam.startswith("wp-"):
+                continue
+            pts = [(r["sqnr_db"], r[key]) for r in rs]
+            row = {str(q): interp_bpw(pts, q) for q in QUALITY_POINTS}
+            cos_pts = [(r.get("cosine"), r[key]) for r in rs if r.get("cosine") is not None and r["cosine"] < 1]
+            row["cos"] = interp_bpw(cos_pts, COSINE_POINT, lambda c: -math.log(1 - c)) if cos_pts else None
+            interp[name] = row
     info["interp"] = interp
     info["seconds_total"] = time.perf_counter() - t_start
     info["machine"]["loadavg_end"] = os.getloadavg()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -22,12 +23,13 @@ import zstandard
 from tqdm import tqdm
 
 from . import metrics
+from .metrics import stored_bytes
 from .checkpoint import Checkpoint, open_checkpoint, validate_header
 from .container import (VERSION, ContainerReader, ContainerWriter, carried_pieces, check_output_file,
                         tensor_blob_refs)
 from .coding.streams import compress_best
 from .dtypes import torch_dtype
-from .errors import FormatError, OutputError, WeightpackError
+from .errors import FormatError, OutputError, RecipeError, WeightpackError
 from .pipeline import decode_into_files, decode_tensors, pack_checkpoint, tensor_sha256
 from .recipe import Recipe, load_recipe
 from .stages import lossy
@@ -62,25 +64,44 @@ def _output_path(dst: PathLike, name: str) -> Path:
 
 
 def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe | dict | None" = "lossless",
-         level: Optional[int] = None, min_sqnr: Optional[float] = None, workers: Optional[int] = None,
-         force: bool = False, progress: bool = False) -> dict:
+         level: Optional[int] = None, min_sqnr: Optional[float] = None, bits: Optional[float] = None,
+         size: "int | str | None" = None, workers: Optional[int] = None, force: bool = False,
+         progress: bool = False) -> dict:
     """Pack a safetensors file, a sharded index (`*.safetensors.index.json`) or a model folder.
 
     `recipe` is a preset name, a TOML file, a dict or a Recipe; `level` (1-3) trades decode speed for
-    size; `min_sqnr` replaces the recipe's rules: every matrix (2+ dimensions, floating point) is
-    quantized with one uniform step chosen so that its SQNR is at least `min_sqnr` dB.
+    size. At most one target overrides the recipe's quality: `min_sqnr` (dB): every matrix (2+ dimensions,
+    floating point) trellis-coded with the coarsest step that keeps its SQNR at least this; `bits`: the
+    ecsq/tcq matrices (q-tcq's when the recipe has none) get one step, the finest whose lossy tensors
+    average at most this many bits per weight; `size` (bytes, or a string such as "9.5MiB"): the same, for
+    the whole file at most this size. One step for all is the allocation of least total squared error.
     Writes `dst` (default: beside `src`, with the `.wpk` suffix) atomically and returns a summary:
-    ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``.
+    ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``, plus ``"allocation"`` under
+    `bits` or `size` (the step, the target, what was reached, and each lossy tensor's bits and SQNR).
     """
     t0 = time.perf_counter()
+    if sum(x is not None for x in (min_sqnr, bits, size)) > 1:
+        raise RecipeError("give at most one of min_sqnr, bits and size")
     rec = load_recipe(recipe)
     if level is not None:
         rec = load_recipe({**rec.to_json(), "level": level}) if level != rec.level else rec
-    if min_sqnr is not None:  # every matrix: entropy-constrained quantization at that quality
+    if min_sqnr is not None:  # every matrix: trellis-coded quantization at that quality
         rec = load_recipe({"name": f"{rec.name}, min SQNR {min_sqnr} dB", "level": rec.level, "rules": [
-            {"match": "*", "min_dims": 2, "stages": [{"name": "quantize", "mode": "ecsq", "sqnr": min_sqnr}]}]})
+            {"match": "*", "min_dims": 2, "stages": [{"name": "quantize", "mode": "tcq", "sqnr": min_sqnr}]}]})
     ckpt = open_checkpoint(src)
     target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
+    if bits is None and size is None:
+        tensors, out_size = _pack_once(ckpt, target, rec, workers, force, progress)
+        extra = {}
+    else:
+        tensors, out_size, extra = _pack_to_budget(ckpt, target, rec, bits, size, workers, force, progress)
+    bytes_in = sum(f.size for f in ckpt.files)
+    return {"path": str(target), "bytes_in": bytes_in, "bytes_out": out_size,
+            "ratio": out_size / bytes_in if bytes_in else 0.0, "seconds": time.perf_counter() - t0,
+            "tensors": len(tensors), **extra}
+
+
+def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: bool) -> tuple[list, int]:
     with ContainerWriter(target, force) as w, _bar(ckpt.total_bytes, "pack", progress) as bar:
         tensors = pack_checkpoint(ckpt, w, rec, workers, bar.update)
         carried = [_carry(w, name, path) for name, path in ckpt.carried]
@@ -90,11 +111,51 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
             "files": [{"name": f.rel, "header": f.header_text} for f in ckpt.files],
             "carried": carried, "tensors": tensors,
         }
-        size = w.commit(index)
-    bytes_in = sum(f.size for f in ckpt.files)
-    return {"path": str(target), "bytes_in": bytes_in, "bytes_out": size,
-            "ratio": size / bytes_in if bytes_in else 0.0, "seconds": time.perf_counter() - t0,
-            "tensors": len(tensors)}
+        return tensors, w.commit(index)
+
+
+BUDGET_TRIES = 3
+
+
+def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, workers, force: bool, progress: bool):
+    """Rate control (ratecontrol.py): estimate the step, pack, measure; when the result is over the budget,
+    scale the budget by what the estimate missed and pack again. A result that never fits is removed."""
+    from . import ratecontrol
+
+    if bits is not None and not (isinstance(bits, (int, float)) and 0 < bits <= 32):
+        raise RecipeError("bits must be a number of bits per weight above 0 and at most 32")
+    limit = ratecontrol.parse_size(size) if isinstance(size, str) else size
+    if limit is not None and (type(limit) is not int or limit <= 0):
+        raise RecipeError("size must be a positive number of bytes")
+    rec = ratecontrol.default_recipe(rec)
+    samples, fixed_lossy, fixed_other, lossy_weights = ratecontrol.collect(ckpt, rec)
+    if not lossy_weights:
+        raise RecipeError("rate control: the recipe quantizes no tensor of this checkpoint")
+    goal = bits * lossy_weights if bits is not None else 8.0 * limit
+    fixed = fixed_lossy if bits is not None else fixed_lossy + fixed_other  # --bits counts lossy tensors only
+    budget = goal
+    for attempt in range(BUDGET_TRIES):
+        step = ratecontrol.find_step(samples, fixed, budget)
+        tensors, out_size = _pack_once(ckpt, target, ratecontrol.with_step(rec, step), workers,
+                                       force or attempt > 0, progress)
+        lossy_rows = [t for t in tensors if t["stages"]]
+        lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)
+        reached = lossy_bits if bits is not None else 8.0 * out_size
+        if reached <= goal:
+            break
+        budget *= goal / reached * 0.998
+    else:
+        target.unlink(missing_ok=True)
+        what = f"{bits} bits per weight" if bits is not None else f"{limit} bytes"
+        raise WeightpackError(f"rate control: could not meet {what} (closest: "
+                              f"{reached / lossy_weights if bits is not None else reached / 8:.4g})")
+    allocation = {
+        "step": step, "target": {"bits_per_weight": bits} if bits is not None else {"bytes": limit},
+        "bits_per_weight": lossy_bits / lossy_weights, "bytes": out_size,
+        "tensors": [{"name": t["name"], "bits_per_weight": 8.0 * stored_bytes(t) / math.prod(t["shape"]),
+                     "sqnr_db": t["quality"]["sqnr_db"]} for t in lossy_rows],
+    }
+    return tensors, out_size, {"allocation": allocation}
 
 
 SMALL_FILE = 64 << 20

@@ -56,9 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-r", "--recipe", default="lossless", help="preset name or TOML file (default: lossless)")
     sp.add_argument("-l", "--level", type=int, choices=[1, 2, 3], default=None,
                     help="1 fastest decode, 2 default, 3 smallest")
-    sp.add_argument("--min-sqnr", type=float, metavar="DB",
-                    help="lossy: quantize every matrix with the coarsest uniform step keeping SQNR >= DB "
-                         "(replaces the recipe's rules)")
+    target = sp.add_mutually_exclusive_group()
+    target.add_argument("--min-sqnr", type=float, metavar="DB",
+                        help="lossy: trellis-code every matrix with the coarsest step keeping its SQNR >= DB "
+                             "(replaces the recipe's rules)")
+    target.add_argument("--bits", type=float, metavar="B",
+                        help="lossy: at most B bits per weight on average over the lossy tensors; one step for "
+                             "every ecsq/tcq matrix (q-tcq's rules when the recipe has none), the least total error")
+    target.add_argument("--size", metavar="SIZE",
+                        help="lossy: the whole file at most SIZE (bytes, or 9.5MiB, 2G, ...), allocated as --bits")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     common(sp)
@@ -105,6 +111,18 @@ def _print_inspect(rep: dict) -> None:
           f"{_human(t['container_bytes'])} ({100 * t['ratio']:.2f}%), {t['bits_per_weight']:.3f} bits per weight")
 
 
+def _print_allocation(a: dict) -> None:
+    """What rate control gave each lossy tensor."""
+    w = max([len(t["name"]) for t in a["tensors"]] + [6])
+    print(f"{'tensor':<{w}}  {'bpw':>6}  {'SQNR':>8}")
+    for t in a["tensors"]:
+        print(f"{t['name']:<{w}}  {t['bits_per_weight']:>6.3f}  {t['sqnr_db']:>6.2f}dB")
+    goal = a["target"]
+    want = f"{goal['bits_per_weight']:g} bits per weight" if "bits_per_weight" in goal else _human(goal["bytes"])
+    print(f"rate control: one step {a['step']:.4g} for all; {a['bits_per_weight']:.3f} bits per weight over the "
+          f"lossy tensors, {_human(a['bytes'])} in all (target {want})")
+
+
 def run(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
@@ -114,10 +132,12 @@ def run(argv: Optional[list[str]] = None) -> int:
     show = progress_enabled(getattr(args, "quiet", False))
     if args.command == "pack":
         res = api.pack(args.src, args.output, recipe=args.recipe, level=args.level, min_sqnr=args.min_sqnr,
-                       workers=args.workers, force=args.force, progress=show)
+                       bits=args.bits, size=args.size, workers=args.workers, force=args.force, progress=show)
         if args.json:
             print(json.dumps(res, indent=2))
         elif not args.quiet:
+            if "allocation" in res:
+                _print_allocation(res["allocation"])
             print(f"{res['path']}: {_human(res['bytes_in'])} -> {_human(res['bytes_out'])} "
                   f"({100 * res['ratio']:.2f}%), {res['tensors']} tensors in {res['seconds']:.1f} s")
     elif args.command == "unpack":

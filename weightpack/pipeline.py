@@ -153,9 +153,13 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
     coded = []
     for name, (dtype, shape, data) in result.parts.items():
         u = _elements_of(dtype, data)
+        plan = None
         if quant.coder(name) == "trellis":
-            plan = trellis.make_plan(u.view(np.int16), shape)
-        else:
+            try:
+                plan = trellis.make_plan(u.view(np.int16), shape)
+            except ValueError:  # more distinct levels than a table holds: plain 16-bit integer coding
+                pass
+        if plan is None:
             plan = streams.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
         coded.append(({"name": name, "dtype": dtype, "shape": shape}, plan.params(), plan.side(),
                       _encode_data_task(plan, 0, data)[1]))

@@ -90,8 +90,13 @@ class Decoder:
     """Decodes groups of symbols from one stream, one call per group; `finish` checks it was used up."""
 
     def __init__(self, words: np.ndarray, where: str):
-        self.coder = _Ans(np.ascontiguousarray(words, dtype=np.uint32))
         self.where = where
+        try:
+            self.coder = _Ans(np.ascontiguousarray(words, dtype=np.uint32))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # e.g. a stream ending in a zero word
+            raise FormatError(f"{where}: entropy-coded data is corrupt ({e})") from None
 
     def decode(self, model, n: int) -> np.ndarray:
         try:

@@ -1,0 +1,160 @@
+"""Rate control: one step for every matrix quantized with ecsq or tcq, chosen to meet a budget.
+
+The same step everywhere is the equal-slope allocation: a uniform (or trellis) quantizer's squared error per
+weight is about step^2 times a constant and its rate falls by about one bit per doubling of the step,
+whatever the tensor, so one step gives every tensor the same distortion-rate slope, which minimizes the
+total squared error for the total size.
+
+The step is found by bisection on estimated sizes: each adjustable tensor is read once (one at a time) and
+a sample of its lanes kept; a tensor's size at a step is its sample's entropy (per trellis quantizer) times
+its size. Everything else is a fixed cost: the rate-controlled pack then measures what it wrote.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .coding import trellis
+from .errors import WeightpackError
+from .recipe import Recipe, Rule, load_recipe
+from .stages import lossy
+from .stages.params import QuantParams
+
+SAMPLE_LANES = 64  # lanes (of trellis.LANE elements) sampled per tensor
+ADJUSTABLE = ("ecsq", "tcq")
+INDEX_BYTES_PER_TENSOR = 160  # the index's record of a tensor, compressed (an estimate)
+
+
+@dataclass
+class _Sample:
+    name: str
+    n: int
+    x: np.ndarray  # whole lanes, evenly spread over the tensor
+    quant: QuantParams
+
+
+def adjustable(recipe: Recipe) -> bool:
+    return any(isinstance(s, QuantParams) and s.mode in ADJUSTABLE for r in recipe.rules for s in r.stages)
+
+
+def with_step(recipe: Recipe, step: float) -> Recipe:
+    """The recipe with every ecsq/tcq stage at this step."""
+    rules = [Rule(r.match, [replace(s, step=step) if isinstance(s, QuantParams) and s.mode in ADJUSTABLE else s
+                            for s in r.stages], r.min_dims) for r in recipe.rules]
+    return Recipe(recipe.name, recipe.description, recipe.level, rules)
+
+
+def default_recipe(recipe: Recipe) -> Recipe:
+    """The recipe rate control works on: this one, or q-tcq's rules when it has no ecsq or tcq stage."""
+    if adjustable(recipe):
+        return recipe
+    base = load_recipe("q-tcq")
+    return Recipe(f"{recipe.name} + q-tcq", base.description, recipe.level, base.rules)
+
+
+def collect(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[_Sample], float, float, int]:
+    """Samples of the adjustable tensors; the fixed bits of the other lossy tensors (fixed-width ones at
+    their width plus scales) and of everything else (lossless tensors at their raw size, index records);
+    and the weights of all lossy tensors."""
+    import torch
+
+    from .stages import prune
+
+    samples, fixed_lossy, fixed_other, lossy_weights = [], 0.0, 0.0, 0
+    for _, f, e in ckpt.tensors():
+        stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
+        fixed_other += 8 * INDEX_BYTES_PER_TENSOR
+        if not stages:
+            fixed_other += 8 * e.nbytes
+            continue
+        *before, quant = stages
+        if quant.mode not in ADJUSTABLE:
+            lossy_weights += e.numel
+            fixed_lossy += quant.bits * e.numel + 32 * math.prod(quant.parts(e.shape)["scale"][1])
+            continue
+        w = lossy._tensor(f.read(e), e.dtype, e.shape).to(torch.float32)
+        if not bool(torch.isfinite(w).all()):  # packed losslessly
+            fixed_other += 8 * e.nbytes
+            continue
+        lossy_weights += e.numel
+        if before:
+            w = prune.apply(w, before[0])
+        lanes = trellis.lanes(w.reshape(-1).double().numpy())
+        pick = np.unique(np.linspace(0, len(lanes) - 1, min(SAMPLE_LANES, len(lanes))).astype(np.int64))
+        samples.append(_Sample(e.name, e.numel, lanes[pick].reshape(-1), quant))
+    return samples, fixed_lossy, fixed_other, lossy_weights
+
+
+def _entropy(levels: np.ndarray) -> float:
+    _, c = np.unique(levels, return_counts=True)
+    return float(-(c * np.log2(c / c.sum())).sum())
+
+
+def estimate_bits(s: _Sample, step: float, quick: bool = False) -> float:
+    """A tensor's coded size at this step (bits), from its sample. `quick`: plain rounding to twice the step
+    (the trellis quantizer's two quantizers each have twice its step): cheap, within ~10%."""
+    if s.quant.mode == "tcq" and not quick:
+        lv = trellis.search(s.x, len(s.x), step, s.quant.lam).reshape(-1, trellis.LANE)
+        q = trellis.walk(lv)
+        bits = _entropy(lv[q == 0]) + _entropy(lv[q == 1])
+    else:
+        lv = np.round(s.x / (2 * step if s.quant.mode == "tcq" else step))
+        bits = _entropy(lv)
+    alphabet = int(lv.max()) - int(lv.min()) + 1
+    return bits * s.n / max(1, s.x.size) + 8 * (4 * alphabet + 64)
+
+
+def _bisect(fits, lo: float, hi: float, ratio: float) -> float:
+    """The smallest step in [lo, hi] that fits (fits(hi) holds), to within `ratio`."""
+    while hi / lo > ratio:
+        mid = math.sqrt(lo * hi)
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float) -> float:
+    """The finest step whose estimated total is within the budget: a bisection on the log of the step with
+    the quick estimate, then one with the full estimate around it."""
+    if not samples:
+        raise WeightpackError("rate control: no tensor to quantize (the recipe quantizes nothing here)")
+
+    def fits(step: float, quick: bool) -> bool:
+        return fixed_bits + sum(estimate_bits(s, step, quick) for s in samples) <= budget_bits
+
+    top = max(max(float(np.abs(s.x).max()) for s in samples), 1e-30)
+    hi = top * 4  # every level zero: the least a tensor can cost
+    lo = top / (2 * trellis.LEVEL_MAX) * 1.01  # the finest step the levels can hold
+    if not fits(hi, True) or not fits(hi, False):
+        raise WeightpackError("rate control: the budget is below what the tensors cost with every weight zero")
+    if fits(lo, False):
+        return lo
+    guess = _bisect(lambda d: fits(d, True), lo, hi, 1.001)
+    a, b = max(lo, guess / 1.25), min(hi, guess * 1.25)
+    while a > lo and fits(a, False):
+        a = max(lo, a / 1.25)
+    while not fits(b, False):
+        a, b = b, min(hi, b * 1.25)
+    return _bisect(lambda d: fits(d, False), a, b, 1.001)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '900M', '1.5GiB', '2000000' (K/M/G/T are powers of 1000, KiB/MiB/... of 1024)."""
+    t = text.strip()
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+             "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    num = t.rstrip("KMGTIBkmgtib")
+    unit = t[len(num):].upper()
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not math.isfinite(value) or value <= 0:
+        raise WeightpackError(f"size {text!r}: expected a positive number with an optional unit (K, M, G, MiB, ...)")
+    return int(value * units[unit])
