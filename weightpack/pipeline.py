@@ -248,6 +248,21 @@ class _Mark:
     record: dict
     part: Optional[str] = None
     in_memory: bool = True
+    whole: bool = False  # a lossy tensor decoded and rebuilt by one task: its result is the tensor's bytes
+
+
+WHOLE_LOSSY_CHUNKS = 2  # a lossy tensor with at most this many chunks (all parts) is rebuilt in a worker
+
+
+def _decode_lossy_task(path: str, t: dict, parts: list[tuple[dict, streams.Plan]], where: str) -> list[bytes]:
+    """Decode every part of a lossy tensor and rebuild it (in a worker: the reconstruction and its hash
+    check are then off the main process too)."""
+    got = {}
+    for part, plan in parts:
+        w = f"{where} part {part['name']!r}"
+        chunks = part["stream"]["chunks"]
+        got[part["name"]] = b"".join(_checked(part, _decode_task(path, plan, chunks, 0, w, None, 0), w))
+    return [lossy.decode(t, got)]
 
 
 def _chunk_task_args(reader: ContainerReader, plan: streams.Plan, chunks: list, where: str,
@@ -280,10 +295,15 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
         if t["stages"]:
             yield from flush()
             lossy.params_of(t, where)
+            plans = [(part, stream_plan(reader, part["stream"], part["dtype"], part["shape"],
+                                        f"{where} part {part['name']!r}")) for part in t["parts"]]
+            if sum(plan.nchunks for _, plan in plans) <= WHOLE_LOSSY_CHUNKS:
+                yield _Mark(t, whole=True)
+                yield Task(_decode_lossy_task, (str(reader.path), t, plans, where))
+                continue
             yield _Mark(t)
-            for part in t["parts"]:
+            for part, plan in plans:
                 w = f"{where} part {part['name']!r}"
-                plan = stream_plan(reader, part["stream"], part["dtype"], part["shape"], w)
                 yield _Mark(t, part["name"])
                 yield from (Task(_decode_task, a) for a in _chunk_task_args(reader, plan, part["stream"]["chunks"], w, None))
             continue
@@ -309,6 +329,9 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
 
     def finish():
         t = mark.record
+        if mark.whole:
+            progress(t["nbytes"])
+            return t, _checked(t, pieces, f"tensor {t['name']!r}")
         if t["stages"]:
             parts[mark.part] = b"".join(pieces)
             for part in t["parts"]:
@@ -329,7 +352,7 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
             mark, parts, pieces = item, {}, []
         elif mark.in_memory:
             pieces.extend(item)
-            if not mark.record["stages"]:
+            if not mark.record["stages"] and not mark.whole:
                 progress(sum(len(p) for p in item))
         else:
             progress(sum(item))
