@@ -149,7 +149,7 @@ def viterbi(x: np.ndarray, lam: float, rate: np.ndarray, lo: int, rc: Optional[n
     rate[q, r, k - lo] is the cost in bits of level k on quantizer q in row class r (rc: the class of each
     element, (lanes, LANE); None for one class); levels outside the table cost its last column.
     """
-    out = np.empty(x.shape, dtype=np.int64)
+    out = np.empty(x.shape, dtype=np.int32)
     flat_rate = (lam * rate).astype(np.float32).reshape(-1)
     for a in range(0, x.shape[0], BLOCK_LANES):
         b = min(x.shape[0], a + BLOCK_LANES)
@@ -229,13 +229,13 @@ def search(w: np.ndarray, cols: int, delta: float, lam: float, passes: int = 2, 
     sample, for step searches."""
     n = len(w)
     ids = np.arange(0, -(-n // LANE), stride)
-    x = lanes(np.asarray(w, dtype=np.float64) / delta)[ids]
+    x = lanes((np.asarray(w, dtype=np.float64) / delta).astype(np.float32))[ids]  # the search works in float32
     rows = n // cols if cols else 0
     R = SEARCH_CLASSES if rows * cols == n and rows >= 4 * SEARCH_CLASSES else 1
     rc = None
     if R > 1:
         rcls = row_classes(np.abs(w).reshape(rows, cols).mean(axis=1), R).astype(np.int64)
-        rc = rcls[np.minimum((ids[:, None] * LANE + np.arange(LANE)) // cols, rows - 1)]
+        rc = rcls.astype(np.uint8)[np.minimum((ids[:, None] * LANE + np.arange(LANE)) // cols, rows - 1)]
     sub = max(1, len(x) // RATE_SAMPLE_LANES)  # the passes before the last only measure rates
     k0 = np.round(x[::sub] * 0.5).astype(np.int64)
     lo = int(k0.min()) - 2
