@@ -470,6 +470,7 @@ FAMILY_LABELS = {
     "wp-ecsq": "weightpack ecsq (one step per tensor, SQNR target)",
     "wp-tcq": "weightpack tcq (min_sqnr: one step per tensor)",
     "wp-tcq-bits": "weightpack tcq (--bits: one step for all)",
+    "wp-tcq-rel": "weightpack tcq (--bits --allocate relative)",
     "wp-preset": "weightpack presets",
     "gguf": "GGUF (numpy, legacy + MXFP4)",
     "nncodec": "NNCodec",
@@ -516,7 +517,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if has_cos else 1, figsize=(14 if has_cos else 8, 6.2), squeeze=False)
     ax = axes[0][0]
     style = {"wp-rtn-g128": ("tab:blue", "o-"), "wp-rtn-ch": ("tab:cyan", "s-"), "wp-ecsq": ("tab:green", "D-"),
-             "wp-tcq": ("tab:olive", "^-"), "wp-tcq-bits": ("black", "*-"), "nncodec": ("tab:red", "v-")}
+             "wp-tcq": ("tab:olive", "^-"), "wp-tcq-bits": ("black", "*-"), "wp-tcq-rel": ("tab:gray", "x-"),
+             "nncodec": ("tab:red", "v-")}
     fams = curves(results)
     for fam, (color, st) in style.items():
         rs = sorted(fams.get(fam, []), key=lambda r: r["bpw"])
@@ -630,6 +632,9 @@ def main() -> int:
         jobs.append((f"weightpack tcq {t:g} dB", "wp-tcq", {"min_sqnr": float(t)}))
     for b in tcq_bits:
         jobs.append((f"weightpack tcq --bits {b:g}", "wp-tcq-bits", {"bits": float(b)}))
+    for b in tcq_bits:
+        jobs.append((f"weightpack tcq --bits {b:g} --allocate relative", "wp-tcq-rel",
+                     {"bits": float(b), "allocate": "relative"}))
     for preset in ("int3", "prune50-int4", "2of4-int4"):
         jobs.append((f"weightpack {preset}", "wp-preset", {"recipe": preset}))
 

@@ -207,6 +207,19 @@ def test_rate_control_meets_a_bit_budget(tmp_path, model, bits):
     assert torch.equal(back["norm.weight"], torch.ones(384)) and torch.equal(back["ids"], torch.arange(100))
 
 
+def test_relative_allocation_keeps_small_tensors_from_starving(tmp_path, model):
+    a = weightpack.pack(model, tmp_path / "a.wpk", bits=3.0)["allocation"]
+    r = weightpack.pack(model, tmp_path / "r.wpk", bits=3.0, allocate="relative")["allocation"]
+    assert r["allocate"] == "relative" and 2.85 <= r["bits_per_weight"] <= 3.0
+    spread = {k: max(t["sqnr_db"] for t in x["tensors"]) - min(t["sqnr_db"] for t in x["tensors"]) for k, x in
+              (("absolute", a), ("relative", r))}
+    assert spread["relative"] < 2 < spread["absolute"]  # equal relative steps: about equal SQNR
+    rows = weightpack.inspect(tmp_path / "r.wpk")["tensors"]
+    assert {x["stages"][0] for x in rows if x["stages"] != ["lossless"]} == {f"tcq-step{r['step']:.3g}rms"}
+    with pytest.raises(WeightpackError, match="allocate"):
+        weightpack.pack(model, tmp_path / "x.wpk", bits=3.0, allocate="fair")
+
+
 def test_rate_control_meets_a_size_and_says_when_it_cannot(tmp_path, model):
     limit = 120_000
     r = subprocess.run(CLI + ["pack", str(model), "-o", str(tmp_path / "s.wpk"), "--size", "120K"],

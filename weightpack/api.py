@@ -65,8 +65,8 @@ def _output_path(dst: PathLike, name: str) -> Path:
 
 def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe | dict | None" = "lossless",
          level: Optional[int] = None, min_sqnr: Optional[float] = None, bits: Optional[float] = None,
-         size: "int | str | None" = None, workers: Optional[int] = None, force: bool = False,
-         progress: bool = False) -> dict:
+         size: "int | str | None" = None, allocate: str = "absolute", workers: Optional[int] = None,
+         force: bool = False, progress: bool = False) -> dict:
     """Pack a safetensors file, a sharded index (`*.safetensors.index.json`) or a model folder.
 
     `recipe` is a preset name, a TOML file, a dict or a Recipe; `level` (1-3) trades decode speed for
@@ -74,7 +74,8 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     floating point) trellis-coded with the coarsest step that keeps its SQNR at least this; `bits`: the
     ecsq/tcq matrices (q-tcq's when the recipe has none) get one step, the finest whose lossy tensors
     average at most this many bits per weight; `size` (bytes, or a string such as "9.5MiB"): the same, for
-    the whole file at most this size. One step for all is the allocation of least total squared error.
+    the whole file at most this size. `allocate`: "absolute" (one step for all: the least total squared
+    error) or "relative" (one step in units of each tensor's RMS: the least sum of relative errors).
     Writes `dst` (default: beside `src`, with the `.wpk` suffix) atomically and returns a summary:
     ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``, plus ``"allocation"`` under
     `bits` or `size` (the step, the target, what was reached, and each lossy tensor's bits and SQNR).
@@ -94,7 +95,8 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
         tensors, out_size = _pack_once(ckpt, target, rec, workers, force, progress)
         extra = {}
     else:
-        tensors, out_size, extra = _pack_to_budget(ckpt, target, rec, bits, size, workers, force, progress)
+        tensors, out_size, extra = _pack_to_budget(ckpt, target, rec, bits, size, allocate, workers, force,
+                                                   progress)
     bytes_in = sum(f.size for f in ckpt.files)
     return {"path": str(target), "bytes_in": bytes_in, "bytes_out": out_size,
             "ratio": out_size / bytes_in if bytes_in else 0.0, "seconds": time.perf_counter() - t0,
@@ -117,11 +119,15 @@ def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: 
 BUDGET_TRIES = 3
 
 
-def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, workers, force: bool, progress: bool):
+def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, workers, force: bool,
+                    progress: bool):
     """Rate control (ratecontrol.py): estimate the step, pack, measure; when the result is over the budget,
     scale the budget by what the estimate missed and pack again. A result that never fits is removed."""
     from . import ratecontrol
 
+    if allocate not in ratecontrol.ALLOCATIONS:
+        raise RecipeError(f"allocate must be one of {', '.join(ratecontrol.ALLOCATIONS)}")
+    relative = allocate == "relative"
     if bits is not None and not (isinstance(bits, (int, float)) and 0 < bits <= 32):
         raise RecipeError("bits must be a number of bits per weight above 0 and at most 32")
     limit = ratecontrol.parse_size(size) if isinstance(size, str) else size
@@ -135,8 +141,8 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, workers, force:
     fixed = fixed_lossy if bits is not None else fixed_lossy + fixed_other  # --bits counts lossy tensors only
     budget = goal
     for attempt in range(BUDGET_TRIES):
-        step = ratecontrol.find_step(samples, fixed, budget)
-        tensors, out_size = _pack_once(ckpt, target, ratecontrol.with_step(rec, step), workers,
+        step = ratecontrol.find_step(samples, fixed, budget, relative)
+        tensors, out_size = _pack_once(ckpt, target, ratecontrol.with_step(rec, step, relative), workers,
                                        force or attempt > 0, progress)
         lossy_rows = [t for t in tensors if t["stages"]]
         lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)
@@ -150,7 +156,7 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, workers, force:
         raise WeightpackError(f"rate control: could not meet {what} (closest: "
                               f"{reached / lossy_weights if bits is not None else reached / 8:.4g})")
     allocation = {
-        "step": step, "target": {"bits_per_weight": bits} if bits is not None else {"bytes": limit},
+        "step": step, "allocate": allocate, "target": {"bits_per_weight": bits} if bits is not None else {"bytes": limit},
         "bits_per_weight": lossy_bits / lossy_weights, "bytes": out_size,
         "tensors": [{"name": t["name"], "bits_per_weight": 8.0 * stored_bytes(t) / math.prod(t["shape"]),
                      "sqnr_db": t["quality"]["sqnr_db"]} for t in lossy_rows],

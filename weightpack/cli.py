@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "every ecsq/tcq matrix (q-tcq's rules when the recipe has none), the least total error")
     target.add_argument("--size", metavar="SIZE",
                         help="lossy: the whole file at most SIZE (bytes, or 9.5MiB, 2G, ...), allocated as --bits")
+    sp.add_argument("--allocate", choices=["absolute", "relative"], default="absolute",
+                    help="with --bits/--size: one step for all (least total squared error; default), or one step "
+                         "in units of each tensor's RMS (least sum of relative errors)")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     common(sp)
@@ -119,7 +122,8 @@ def _print_allocation(a: dict) -> None:
         print(f"{t['name']:<{w}}  {t['bits_per_weight']:>6.3f}  {t['sqnr_db']:>6.2f}dB")
     goal = a["target"]
     want = f"{goal['bits_per_weight']:g} bits per weight" if "bits_per_weight" in goal else _human(goal["bytes"])
-    print(f"rate control: one step {a['step']:.4g} for all; {a['bits_per_weight']:.3f} bits per weight over the "
+    unit = " x each tensor's RMS" if a["allocate"] == "relative" else ""
+    print(f"rate control: one step {a['step']:.4g}{unit} for all; {a['bits_per_weight']:.3f} bits per weight over the "
           f"lossy tensors, {_human(a['bytes'])} in all (target {want})")
 
 
@@ -132,7 +136,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     show = progress_enabled(getattr(args, "quiet", False))
     if args.command == "pack":
         res = api.pack(args.src, args.output, recipe=args.recipe, level=args.level, min_sqnr=args.min_sqnr,
-                       bits=args.bits, size=args.size, workers=args.workers, force=args.force, progress=show)
+                       bits=args.bits, size=args.size, allocate=args.allocate, workers=args.workers,
+                       force=args.force, progress=show)
         if args.json:
             print(json.dumps(res, indent=2))
         elif not args.quiet:

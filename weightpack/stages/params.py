@@ -31,11 +31,13 @@ class QuantParams:
     mode: str = "rtn"
     sqnr: float = 0.0
     step: float = 0.0  # ecsq/tcq: a fixed step (rate control sets one for all tensors) instead of `sqnr`
+    relative: bool = False  # the step is in units of the tensor's RMS
     lam: float = LAMBDA
 
     @staticmethod
     def from_dict(d: dict, where: str) -> "QuantParams":
-        known = {"name", "bits", "symmetric", "granularity", "group", "search", "mode", "sqnr", "step", "lam"}
+        known = {"name", "bits", "symmetric", "granularity", "group", "search", "mode", "sqnr", "step", "relative",
+                 "lam"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise RecipeError(f"recipe {where}: unknown key {unknown[0]!r}")
@@ -44,8 +46,8 @@ class QuantParams:
             raise RecipeError(f"recipe {where}: 'mode' must be one of {', '.join(MODES)}")
         if type(p.bits) is not int or not 2 <= p.bits <= 8:
             raise RecipeError(f"recipe {where}: 'bits' must be an integer from 2 to 8")
-        if not isinstance(p.symmetric, bool) or not isinstance(p.search, bool):
-            raise RecipeError(f"recipe {where}: 'symmetric' and 'search' must be true or false")
+        if not all(isinstance(v, bool) for v in (p.symmetric, p.search, p.relative)):
+            raise RecipeError(f"recipe {where}: 'symmetric', 'search' and 'relative' must be true or false")
         if p.granularity not in GRANULARITIES:
             raise RecipeError(f"recipe {where}: 'granularity' must be one of {', '.join(GRANULARITIES)}")
         if type(p.group) is not int or not 1 <= p.group <= 1 << 20:
@@ -60,9 +62,10 @@ class QuantParams:
 
     def to_json(self) -> dict:
         if self.mode == "ecsq":
-            return {"name": "quantize", "mode": "ecsq", "sqnr": self.sqnr, "step": self.step}
+            return {"name": "quantize", "mode": "ecsq", "sqnr": self.sqnr, "step": self.step, "relative": self.relative}
         if self.mode == "tcq":
-            return {"name": "quantize", "mode": "tcq", "sqnr": self.sqnr, "step": self.step, "lam": self.lam}
+            return {"name": "quantize", "mode": "tcq", "sqnr": self.sqnr, "step": self.step, "relative": self.relative,
+                    "lam": self.lam}
         return {"name": "quantize", "bits": self.bits, "symmetric": self.symmetric,
                 "granularity": self.granularity, "group": self.group, "search": self.search}
 
@@ -87,7 +90,9 @@ class QuantParams:
 
     def label(self) -> str:
         if self.mode in ("ecsq", "tcq"):
-            return f"{self.mode}{self.sqnr:g}dB" if not self.step else f"{self.mode}-step{self.step:.3g}"
+            if not self.step:
+                return f"{self.mode}{self.sqnr:g}dB"
+            return f"{self.mode}-step{self.step:.3g}{'rms' if self.relative else ''}"
         g = {"tensor": "t", "channel": "ch", "group": f"g{self.group}"}[self.granularity]
         return f"q{self.bits}{'s' if self.symmetric else 'a'}-{g}"
 

@@ -113,7 +113,7 @@ def _encode_ecsq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     signal = float(flat.double().square().mean()) if flat.numel() else 0.0
     target = signal / 10 ** (p.sqnr / 10)
     if p.step:
-        step = p.step
+        step = p.step * (math.sqrt(signal) if p.relative and signal > 0 else 1.0)
     elif target == 0:  # an all-zero (or empty) tensor
         step = 1.0
     else:
@@ -165,7 +165,7 @@ def _encode_tcq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     signal = float(np.square(x).sum())
     target = signal / 10 ** (p.sqnr / 10)  # the squared error allowed
     if p.step:
-        delta = p.step
+        delta = p.step * (math.sqrt(signal / n) if p.relative and signal > 0 else 1.0)
     elif target == 0:
         delta = 1.0
     else:
