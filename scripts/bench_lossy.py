@@ -620,6 +620,7 @@ def main() -> int:
     targets = [13, 22.8, 30, 34.4] if args.quick else [10, 13, 16.3, 19, 22.8, 26, 30, 34.4, 40]
     qps = [-28, -36] if args.quick else [-22, -26, -30, -34, -38]
     tcq_bits = [2.8, 3.8, 5.7] if args.quick else [2, 2.5, 2.8, 3.2, 3.5, 3.8, 4.2, 5, 5.7, 6.5, 7.5]
+    rel_bits = [3.8] if args.quick else [2.8, 3.5, 3.7, 3.9, 4.2, 5.7]
 
     jobs = []  # (label, family, pack kwargs)
     for b in bits:
@@ -632,7 +633,7 @@ def main() -> int:
         jobs.append((f"weightpack tcq {t:g} dB", "wp-tcq", {"min_sqnr": float(t)}))
     for b in tcq_bits:
         jobs.append((f"weightpack tcq --bits {b:g}", "wp-tcq-bits", {"bits": float(b)}))
-    for b in tcq_bits:
+    for b in rel_bits:
         jobs.append((f"weightpack tcq --bits {b:g} --allocate relative", "wp-tcq-rel",
                      {"bits": float(b), "allocate": "relative"}))
     for preset in ("int3", "prune50-int4", "2of4-int4"):

@@ -100,10 +100,14 @@ def reconstruct(levels: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def multiples(levels: np.ndarray) -> np.ndarray:
-    """The multiples of delta (int16) that flat levels reconstruct to."""
+    """The multiples of delta (int16) that flat levels reconstruct to (in blocks of lanes)."""
     n = len(levels)
-    lv = lanes(levels.astype(np.int64))
-    return reconstruct(lv, walk(lv)).reshape(-1)[:n].astype(np.int16)
+    out = np.empty(n, dtype=np.int16)
+    block = BLOCK_ELEMENTS
+    for a in range(0, n, block):
+        lv = lanes(levels[a:a + block].astype(np.int64))
+        out[a:a + block] = reconstruct(lv, walk(lv)).reshape(-1)[: min(block, n - a)]
+    return out
 
 
 def levels_of(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +144,8 @@ PRED_STATE = np.array([[s for s in range(STATES) for p in (0, 1) if NEXT[s, p] =
 PRED_PARITY = np.array([[p for s in range(STATES) for p in (0, 1) if NEXT[s, p] == s2] for s2 in range(STATES)])
 
 
-BLOCK_LANES = (1 << 20) // LANE  # lanes searched at a time (memory: ~100 bytes per element of a block)
+BLOCK_ELEMENTS = 1 << 20  # a whole number of lanes: work arrays are this long, whatever the tensor
+BLOCK_LANES = BLOCK_ELEMENTS // LANE  # lanes searched at a time (memory: ~100 bytes per element of a block)
 
 
 def viterbi(x: np.ndarray, lam: float, rate: np.ndarray, lo: int, rc: Optional[np.ndarray] = None) -> np.ndarray:
@@ -229,17 +234,26 @@ def search(w: np.ndarray, cols: int, delta: float, lam: float, passes: int = 2, 
     sample, for step searches."""
     n = len(w)
     ids = np.arange(0, -(-n // LANE), stride)
-    x = lanes((np.asarray(w, dtype=np.float64) / delta).astype(np.float32))[ids]  # the search works in float32
     rows = n // cols if cols else 0
     R = SEARCH_CLASSES if rows * cols == n and rows >= 4 * SEARCH_CLASSES else 1
-    rc = None
+    rcls = None
     if R > 1:
-        rcls = row_classes(np.abs(w).reshape(rows, cols).mean(axis=1), R).astype(np.int64)
-        rc = rcls.astype(np.uint8)[np.minimum((ids[:, None] * LANE + np.arange(LANE)) // cols, rows - 1)]
+        w2 = w.reshape(rows, cols)
+        step = max(1, (1 << 20) // cols)
+        rmean = np.concatenate([np.abs(w2[a:a + step]).mean(axis=1) for a in range(0, rows, step)])
+        rcls = row_classes(rmean, R)
+    # the lanes (in units of delta, float32: the search's precision) and their row classes, in blocks
+    x = np.empty((len(ids), LANE), dtype=np.float32)
+    rc = np.empty((len(ids), LANE), dtype=np.uint8) if R > 1 else None
+    for a in range(0, len(ids), BLOCK_LANES):
+        idx = ids[a:a + BLOCK_LANES, None] * LANE + np.arange(LANE)
+        x[a:a + BLOCK_LANES] = np.where(idx < n, w[np.minimum(idx, n - 1)], 0) / delta
+        if rc is not None:
+            rc[a:a + BLOCK_LANES] = rcls[np.minimum(idx // cols, rows - 1)]
     sub = max(1, len(x) // RATE_SAMPLE_LANES)  # the passes before the last only measure rates
     k0 = np.round(x[::sub] * 0.5).astype(np.int64)
     lo = int(k0.min()) - 2
-    A = max(int(np.abs(x).max() * 0.5) + 3 - lo, int(k0.max()) + 3 - lo)
+    A = max(int(max(float(x.max()), -float(x.min())) * 0.5) + 3 - lo, int(k0.max()) + 3 - lo)
     rate = _rate_table(k0, np.zeros_like(k0), rc[::sub] if rc is not None else None, R, lo, A)
     for p in range(passes):
         s = sub if p < passes - 1 else 1
@@ -317,31 +331,47 @@ def _element_contexts(lv: np.ndarray, first: int, row: int):
     return prev, rows
 
 
+def _blocks(r: np.ndarray):
+    """(first element, levels (lanes, LANE), quantizers, valid mask) of flat multiples, in blocks."""
+    n = len(r)
+    for a in range(0, n, BLOCK_ELEMENTS):
+        m = min(BLOCK_ELEMENTS, n - a)
+        lv, q = levels_of(r[a:a + m])
+        yield a, lv, q, (np.arange(lv.size) < m).reshape(lv.shape)
+
+
 def make_plan(r: np.ndarray, shape: list[int]) -> LevelPlan:
     """Measure a tensor's multiples (flat int16) and choose the contexts of its levels by total cost,
-    tables and side information included."""
+    tables and side information included. Two passes over blocks: memory is bounded by the block."""
     n = len(r)
     row = n // shape[0] if len(shape) >= 2 and shape[0] and n else max(1, n)
     plan = LevelPlan(n=n, row=row, chunk=CHUNK_TARGET, rcls=np.zeros(-(-n // row), np.uint8))
     if n == 0:
         return plan
-    lv, q = levels_of(r)
-    valid = (np.arange(lv.size) < n).reshape(lv.shape)
-    lo, hi = int(lv[valid].min()), int(lv[valid].max())
+    nrows = len(plan.rcls)
+    lo, hi = None, None
+    stat = np.zeros(nrows)  # each row's sum of |level|
+    for a, lv, _, valid in _blocks(r):
+        k = lv[valid]
+        lo = int(k.min()) if lo is None else min(lo, int(k.min()))
+        hi = int(k.max()) if hi is None else max(hi, int(k.max()))
+        rows = (a + np.arange(len(k))) // row
+        r0 = int(rows[0])
+        stat[r0:int(rows[-1]) + 1] += np.bincount(rows - r0, weights=np.abs(k).astype(np.float64))
     plan.lo, plan.alphabet = lo, hi - lo + 1
     if plan.alphabet == 1:
         return plan
     if plan.alphabet > entropy.MAX_ALPHABET or lo < -LEVEL_MAX - 1 or hi > LEVEL_MAX:
         raise ValueError(f"levels from {lo} to {hi}: too many or too large to code")
-    nrows = len(plan.rcls)
-    stat = np.bincount(np.arange(n) // row, weights=np.abs(lv.reshape(-1)[:n]).astype(np.float64), minlength=nrows)
-    prev, rows = _element_contexts(lv, 0, row)
     A = plan.alphabet
     # one histogram on the finest row classes; coarser ones merge neighbours (quantile classes nest)
     Rmax = max(R for R in ROW_CLASSES if R == 1 or nrows >= 8 * R)
     fine_cls = row_classes(stat, Rmax)
-    rc = fine_cls[np.minimum(rows, nrows - 1)].astype(np.int64)
-    fine = np.bincount((((q * 3 + prev) * Rmax + rc) * A + (lv - lo))[valid], minlength=6 * Rmax * A)
+    fine = np.zeros(6 * Rmax * A, dtype=np.int64)
+    for a, lv, q, valid in _blocks(r):
+        prev, rows = _element_contexts(lv, a, row)
+        rc = fine_cls[np.minimum(rows, nrows - 1)].astype(np.int64)
+        fine += np.bincount((((q * 3 + prev) * Rmax + rc) * A + (lv - lo))[valid], minlength=6 * Rmax * A)
     fine = fine.reshape(2, 3, Rmax, A)
     best = None
     for R in (R for R in ROW_CLASSES if R <= Rmax):

@@ -187,7 +187,8 @@ def _encode_tcq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     for _ in range(8):
         delta = float(np.float32(delta))  # the step as stored
         levels = trellis.multiples(_tcq_levels(x, cols, delta, p))
-        err = float(np.square(_tcq_recon(levels, delta).astype(np.float64) - x).sum())
+        err = sum(float(np.square(_tcq_recon(levels[a:a + SLICE], delta).astype(np.float64) - x[a:a + SLICE]).sum())
+                  for a in range(0, n, SLICE))
         if p.step or target == 0 or delta < 1e-30:
             best = (levels, delta)
             break
