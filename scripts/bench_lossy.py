@@ -636,7 +636,7 @@ def main() -> int:
     for b in rel_bits:
         jobs.append((f"weightpack tcq --bits {b:g} --allocate relative", "wp-tcq-rel",
                      {"bits": float(b), "allocate": "relative"}))
-    for preset in ("int3", "prune50-int4", "2of4-int4"):
+    for preset in ("int3", "prune50-int4", "2of4-int4", "lowrank-auto"):
         jobs.append((f"weightpack {preset}", "wp-preset", {"recipe": preset}))
 
     only = {f for f in args.only.split(",") if f}

@@ -97,6 +97,9 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     else:
         tensors, out_size, extra = _pack_to_budget(ckpt, target, rec, bits, size, allocate, workers, force,
                                                    progress)
+    decided = [t for t in tensors if "lowrank" in t]
+    if decided:  # what a low-rank stage chose, tensor by tensor (rank 0: quantized directly)
+        extra["lowrank"] = [{"name": t["name"], "rank": t["lowrank"]["rank"]} for t in decided]
     bytes_in = sum(f.size for f in ckpt.files)
     return {"path": str(target), "bytes_in": bytes_in, "bytes_out": out_size,
             "ratio": out_size / bytes_in if bytes_in else 0.0, "seconds": time.perf_counter() - t0,

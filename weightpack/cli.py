@@ -143,6 +143,11 @@ def run(argv: Optional[list[str]] = None) -> int:
         elif not args.quiet:
             if "allocation" in res:
                 _print_allocation(res["allocation"])
+            if "lowrank" in res:
+                taken = [f"{d['name']} (rank {d['rank']})" for d in res["lowrank"] if d["rank"]]
+                print(f"low rank: {len(taken)} of {len(res['lowrank'])} matrices factorized"
+                      + (f": {', '.join(taken)}" if taken else "")
+                      + ("; for the others no rank saved bits at equal error" if len(taken) < len(res["lowrank"]) else ""))
             print(f"{res['path']}: {_human(res['bytes_in'])} -> {_human(res['bytes_out'])} "
                   f"({100 * res['ratio']:.2f}%), {res['tensors']} tensors in {res['seconds']:.1f} s")
     elif args.command == "unpack":

@@ -27,7 +27,7 @@ import zstandard
 
 from .checkpoint import check_relative_name, pread_exact, validate_header
 from .coding.streams import check_params
-from .stages.params import params_of
+from .stages.params import chain_parts, params_of
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
 
@@ -303,7 +303,7 @@ def validate_index(index: dict, file_size: int) -> None:
             if set(q) != {"sqnr_db", "rel_error"} or not all(
                     v is None or (type(v) in (int, float) and math.isfinite(v)) for v in q.values()):
                 _fail(w, "malformed quality")
-            specs = chain[-1].parts(shape)
+            specs = chain_parts(chain, shape)
             parts = _get(t, "parts", list, w)
             if [_get(x, "name", str, w) for x in parts] != list(specs):
                 _fail(w, "parts do not match the stages")

@@ -148,6 +148,8 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
         return _Coded(record, [(None, plan.params(), plan.side(), _encode_data_task(plan, 0, bytes(raw))[1])])
     record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=result.stages,
                   decoded_sha256=result.decoded_sha256, quality=result.quality, parts=[])
+    if result.lowrank is not None:  # what a low-rank stage decided (for information: inspect, pack's summary)
+        record["lowrank"] = result.lowrank
     del raw
     quant = result.params[-1]
     coded = []

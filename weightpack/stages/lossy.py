@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 from .. import metrics
 from ..dtypes import torch_dtype
 from ..errors import FormatError, RecipeError
-from .params import LOSSY_DTYPES, params_of
+from .params import LOSSY_DTYPES, LowRankParams, chain_parts, params_of
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Encoded:
     decoded_sha256: str
     quality: dict
     params: list  # the stages' parameters (QuantParams last)
+    lowrank: Optional[dict] = None  # what a low-rank stage decided, and its estimates
 
 
 def can_apply(dtype: str, numel: int) -> bool:
@@ -65,40 +67,66 @@ def encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encode
 def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encoded | None:
     import torch
 
-    from . import prune, quantize
+    from . import lowrank, prune, quantize
 
     *before, p = stages
     w = _tensor(raw, dtype, shape).to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         return None
-    x = prune.apply(w, before[0]) if before else w
+    x, base, chain, lr_parts, note, parts = w, None, [p], {}, None, None
     try:
-        parts = quantize.encode(x, p)
+        if before and isinstance(before[0], LowRankParams):
+            rank, note, parts = (lowrank.decide(before[0], w, p, quantize.encode) if len(shape) >= 2
+                                 else (0, None, None))
+            if rank:
+                parts = None
+                lr_parts = lowrank.factorize(w, rank)
+                base = lowrank.product(lr_parts, shape)
+                x = w - base
+                p = lowrank.residual_params(p, w, x)
+                chain = [LowRankParams(rank), p]
+        elif before:
+            x = prune.apply(w, before[0])
+            chain = [before[0], p]
+        if parts is None:
+            parts = quantize.encode(x, p)
     except ValueError as e:
         raise RecipeError(str(e)) from None
-    recon = quantize.decode(parts, p, shape).to(torch_dtype(dtype))
+    recon = quantize.decode(parts, p, shape)
+    if base is not None:
+        recon = base + recon
+    recon = recon.to(torch_dtype(dtype))
     decoded = _raw(recon)
-    specs = p.parts(shape)
+    specs = chain_parts(chain, shape)
+    parts = {**lr_parts, **parts}
     return Encoded(
-        stages=[s.to_json() for s in stages],
+        stages=[s.to_json() for s in chain],
         parts={name: (specs[name][0], specs[name][1], _raw(t.to(torch_dtype(specs[name][0]))))
                for name, t in parts.items()},
         decoded_sha256=hashlib.sha256(decoded).hexdigest(),
         quality=metrics.quality(w.numpy(), recon.to(w.dtype).numpy()),
-        params=list(stages),
+        params=chain,
+        lowrank=note,
     )
 
 
 def decode(t: dict, parts: dict[str, bytes]) -> bytes:
     """The reconstructed raw bytes of a tensor from its decoded parts; checks the recorded SHA-256."""
-    from . import quantize
+    from . import lowrank, quantize
 
     where = f"tensor {t['name']!r}"
-    p = params_of(t, where)[-1]
+    chain = params_of(t, where)
+    p = chain[-1]
     tensors = {part["name"]: _tensor(bytearray(parts[part["name"]]), part["dtype"], part["shape"])
                for part in t["parts"]}
     with _one_torch_thread():
-        raw = _raw(quantize.decode(tensors, p, t["shape"]).to(torch_dtype(t["dtype"])))
+        try:
+            x = quantize.decode(tensors, p, t["shape"])
+            if isinstance(chain[0], LowRankParams):
+                x = lowrank.product(tensors, t["shape"]) + x
+        except ValueError as e:
+            raise FormatError(f"{where}: {e}") from None
+        raw = _raw(x.to(torch_dtype(t["dtype"])))
     if hashlib.sha256(raw).hexdigest() != t["decoded_sha256"]:
         raise FormatError(f"{where}: reconstruction does not match its recorded hash")
     return raw

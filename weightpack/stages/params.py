@@ -125,11 +125,52 @@ class PruneParams:
         return f"{self.n}of{self.m}" if self.m else f"prune{round(100 * self.sparsity)}"
 
 
-STAGE_PARSERS = {"quantize": QuantParams.from_dict, "prune": PruneParams.from_dict}
+@dataclass(frozen=True)
+class LowRankParams:
+    """Low rank plus residual: W = A @ B + R with A (rows x rank) and B (rank x cols) from a truncated SVD,
+    both 8-bit with a scale per row of A and per column of B, and the residual R quantized by the next
+    stage at the same error budget. rank 0 (in a recipe): chosen per tensor by estimated size at equal
+    error, and no factorization at all where none saves bits (the tensor is then quantized directly)."""
+
+    rank: int = 0
+
+    @staticmethod
+    def from_dict(d: dict, where: str) -> "LowRankParams":
+        unknown = sorted(set(d) - {"name", "rank"})
+        if unknown:
+            raise RecipeError(f"recipe {where}: unknown key {unknown[0]!r}")
+        p = LowRankParams(**{k: v for k, v in d.items() if k != "name"})
+        if type(p.rank) is not int or not 0 <= p.rank <= 1 << 20:
+            raise RecipeError(f"recipe {where}: 'rank' must be an integer from 0 (auto) up")
+        return p
+
+    def to_json(self) -> dict:
+        return {"name": "lowrank", "rank": self.rank}
+
+    def parts(self, shape: list[int]) -> dict[str, tuple[str, list[int]]]:
+        rows = shape[0] if len(shape) >= 2 else 1
+        cols = math.prod(shape) // rows if rows else 0
+        return {"lr_a": ("I8", [rows, self.rank]), "lr_as": ("F32", [rows]),
+                "lr_b": ("I8", [self.rank, cols]), "lr_bs": ("F32", [cols])}
+
+    def label(self) -> str:
+        return f"lowrank{self.rank or '-auto'}"
+
+
+STAGE_PARSERS = {"quantize": QuantParams.from_dict, "prune": PruneParams.from_dict, "lowrank": LowRankParams.from_dict}
+
+
+def chain_parts(chain: list, shape: list[int]) -> dict[str, tuple[str, list[int]]]:
+    """The parts a chain stores for a tensor of `shape`: the low-rank factors (if any), then quantize's."""
+    out = {}
+    for p in chain:
+        if hasattr(p, "parts"):
+            out.update(p.parts(shape))
+    return out
 
 
 def parse_chain(stages: list, where: str) -> list:
-    """Stage parameters from data: [quantize] or [prune, quantize]."""
+    """Stage parameters from data: [quantize], [prune, quantize] or [lowrank, quantize]."""
     out = []
     for j, s in enumerate(stages):
         name = s.get("name") if isinstance(s, dict) else s
@@ -137,8 +178,8 @@ def parse_chain(stages: list, where: str) -> list:
             raise RecipeError(f"recipe {where}: unknown stage {name!r} (known: {', '.join(STAGE_PARSERS)})")
         out.append(STAGE_PARSERS[name](s, f"{where} stages[{j}]"))
     kinds = [type(p) for p in out]
-    if kinds not in ([], [QuantParams], [PruneParams, QuantParams]):
-        raise RecipeError(f"recipe {where}: stages must be [quantize] or [prune, quantize]")
+    if kinds not in ([], [QuantParams], [PruneParams, QuantParams], [LowRankParams, QuantParams]):
+        raise RecipeError(f"recipe {where}: stages must be [quantize], [prune, quantize] or [lowrank, quantize]")
     return out
 
 
@@ -150,6 +191,12 @@ def params_of(t: dict, where: str) -> list:
         raise FormatError(f"{where}: malformed stages ({e})") from None
     if not chain:
         raise FormatError(f"{where}: unknown stages")
+    if isinstance(chain[0], LowRankParams):
+        shape = t.get("shape")
+        ok = isinstance(shape, list) and len(shape) >= 2 and all(type(d) is int and d > 0 for d in shape)
+        rows = shape[0] if ok else 0
+        if not ok or not 1 <= chain[0].rank <= min(rows, math.prod(shape) // rows):
+            raise FormatError(f"{where}: malformed stages (rank out of range)")
     if t["dtype"] not in LOSSY_DTYPES:
         raise FormatError(f"{where}: stages on a {t['dtype']} tensor")
     return chain
