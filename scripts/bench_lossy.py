@@ -471,6 +471,7 @@ FAMILY_LABELS = {
     "wp-tcq": "weightpack tcq (min_sqnr: one step per tensor)",
     "wp-tcq-bits": "weightpack tcq (--bits: one step for all)",
     "wp-tcq-rel": "weightpack tcq (--bits --allocate relative)",
+    "wp-prune-tcq": "weightpack prune + tcq (sparsity sweep)",
     "wp-preset": "weightpack presets",
     "gguf": "GGUF (numpy, legacy + MXFP4)",
     "nncodec": "NNCodec",
@@ -518,6 +519,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax = axes[0][0]
     style = {"wp-rtn-g128": ("tab:blue", "o-"), "wp-rtn-ch": ("tab:cyan", "s-"), "wp-ecsq": ("tab:green", "D-"),
              "wp-tcq": ("tab:olive", "^-"), "wp-tcq-bits": ("black", "*-"), "wp-tcq-rel": ("tab:gray", "x-"),
+             "wp-prune-tcq": ("tab:pink", "p--"),
              "nncodec": ("tab:red", "v-")}
     fams = curves(results)
     for fam, (color, st) in style.items():
@@ -636,6 +638,10 @@ def main() -> int:
     for b in rel_bits:
         jobs.append((f"weightpack tcq --bits {b:g} --allocate relative", "wp-tcq-rel",
                      {"bits": float(b), "allocate": "relative"}))
+    for sp in ([0.5] if args.quick else [0.3, 0.5, 0.7]):
+        jobs.append((f"weightpack prune{round(100 * sp)} + tcq 22.8 dB", "wp-prune-tcq", {"recipe": {
+            "name": f"prune{sp}-tcq", "rules": [{"match": "*", "min_dims": 2, "stages": [
+                {"name": "prune", "sparsity": sp}, {"name": "quantize", "mode": "tcq", "sqnr": 22.8}]}]}}))
     for preset in ("int3", "prune50-int4", "2of4-int4", "lowrank-auto"):
         jobs.append((f"weightpack {preset}", "wp-preset", {"recipe": preset}))
 

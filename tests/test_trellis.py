@@ -156,6 +156,11 @@ def test_tcq_stage_reaches_its_quality_with_fewer_bits_than_ecsq():
         assert parts["q"].dtype == torch.int16
         got = sqnr(w, Q.decode(parts, p, [256, 512]))
         assert db <= got < db + 0.3
+    # weights that are exactly zero (pruned) stay exactly zero
+    pruned = w * (torch.rand(256, 512, generator=torch.Generator().manual_seed(8)) > 0.6)
+    p = QuantParams(mode="tcq", sqnr=22.8)
+    rec = Q.decode(Q.encode(pruned, p), p, [256, 512])
+    assert bool((rec[pruned == 0] == 0).all())
     # a fixed step is used as given, and decoding is the multiples times the step
     p = QuantParams(mode="tcq", step=0.004)
     parts = Q.encode(w, p)

@@ -8,7 +8,7 @@ each lane starts in state 0. The reconstruction of level k in state s is (2k - Q
 
 The encoder (`search`) chooses the levels by a Viterbi search over the lanes (all lanes advance together,
 one element per step) minimizing squared error + lambda * rate, with the rate taken from tables per
-quantizer and row class that a first pass estimates.
+quantizer and row class that a first pass estimates. Weights that are exactly zero (pruned) stay zero.
 
 The coder (`LevelPlan`, `encode_chunk`, `decode_chunk`): the levels are entropy-coded with constriction,
 each symbol under the table of its context: the quantizer of its trellis state, whether the previous level
@@ -177,6 +177,11 @@ def _viterbi_block(x, flat_rate, R: int, A: int, lo: int, rc) -> np.ndarray:
         np.clip(idx, 0, A - 1, out=idx)
         idx += q * R * A + rbase
         J[..., i] = d * d + flat_rate[idx]
+    # a weight that is exactly zero (pruned, or zero in the checkpoint) stays zero: on both quantizers the
+    # even candidate of 0 is level 0, so the odd branches are closed there
+    zero = xt == 0
+    J[..., 1][zero] = np.inf
+    J[..., 3][zero] = np.inf
     del d, idx
     sa, sb = PRED_STATE[:, 0], PRED_STATE[:, 1]
     ia = QUANT[sa] * 2 + PRED_PARITY[:, 0]  # the branch (quantizer, parity) from each predecessor
