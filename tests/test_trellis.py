@@ -265,3 +265,48 @@ def test_tcq_packs_are_deterministic_and_checked(tmp_path, model):
         craft.rewrite_index(tmp_path / "a.wpk", bad, edit)
         with pytest.raises(FormatError):
             weightpack.load(bad)
+
+
+def test_tcq_on_every_float_dtype_and_odd_shapes(tmp_path):
+    from conftest import make_sharded
+
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(96, 200, generator=g) * 0.03
+    tensors = {
+        "f32": base, "f16": base.to(torch.float16), "bf16": base.to(torch.bfloat16), "f64": base.double(),
+        "zeros": torch.zeros(40, 64), "conv": torch.randn(16, 3, 5, 5, generator=g) * 0.1,
+        "vec": torch.randn(1000, generator=g), "empty": torch.zeros(0, 8), "ints": torch.arange(12).reshape(3, 4),
+    }
+    idx = make_sharded(tensors, tmp_path / "sharded", 3)
+    rec = {"name": "all", "rules": [{"match": "*", "min_dims": 0, "stages": [
+        {"name": "quantize", "mode": "tcq", "sqnr": 30.0}]}]}
+    weightpack.pack(idx, tmp_path / "s.wpk", recipe=rec)
+    rows = {r["name"]: r for r in weightpack.inspect(tmp_path / "s.wpk")["tensors"]}
+    for name in ("f32", "f16", "bf16", "f64", "conv", "vec"):
+        assert rows[name]["stages"] == ["tcq30dB"] and rows[name]["quality"]["sqnr_db"] >= 30, name
+    assert rows["zeros"]["quality"]["sqnr_db"] is None  # exact: no error
+    assert rows["empty"]["stages"] == rows["ints"]["stages"] == ["lossless"]
+    assert weightpack.verify(tmp_path / "s.wpk", against=idx, min_sqnr=30).ok
+    out = weightpack.unpack(tmp_path / "s.wpk", tmp_path / "out")
+    back = weightpack.load(tmp_path / "s.wpk")
+    assert back["bf16"].dtype == torch.bfloat16 and back["conv"].shape == (16, 3, 5, 5)
+    assert torch.equal(back["zeros"], tensors["zeros"]) and torch.equal(back["ints"], tensors["ints"])
+    assert (out / "model.safetensors.index.json").exists()
+    # rate control over a sharded checkpoint
+    res = weightpack.pack(idx, tmp_path / "b.wpk", bits=3.0)
+    assert res["allocation"]["bits_per_weight"] <= 3.0
+
+
+def test_very_fine_steps_fall_back_to_plain_integer_coding(tmp_path):
+    g = torch.Generator().manual_seed(22)
+    w = torch.randn(64, 256, generator=g) * 0.01
+    w[0, 0] = 3.0  # an outlier: at 50 dB the levels span far more values than a table holds
+    save_file({"w": w}, str(tmp_path / "o.safetensors"))
+    weightpack.pack(tmp_path / "o.safetensors", tmp_path / "o.wpk", min_sqnr=50)
+    rows = weightpack.inspect(tmp_path / "o.wpk")["tensors"]
+    assert rows[0]["quality"]["sqnr_db"] >= 50 and "trellis" not in rows[0]["codec"]
+    assert weightpack.verify(tmp_path / "o.wpk", against=tmp_path / "o.safetensors", min_sqnr=50).ok
+    r = subprocess.run(CLI + ["pack", str(tmp_path / "o.safetensors"), "-o", str(tmp_path / "p.wpk"), "--min-sqnr", "70"],
+                       capture_output=True, text=True)  # beyond what int16 multiples can hold: a clear error
+    assert r.returncode == 2 and "too fine" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "p.wpk").exists()
