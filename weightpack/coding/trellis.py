@@ -462,8 +462,9 @@ def _decode_multiples(plan: LevelPlan, a: int, m: int, words: np.ndarray, where:
     C, R = plan.contexts, plan.classes
     # per (state, symbol): the multiple it decodes to, and the next state; per symbol: its sign class
     k = np.arange(plan.alphabet) + plan.lo
-    multiple = (2 * k[None, :] - QUANT[:, None] * np.sign(k)[None, :]).astype("<i2")
-    following = NEXT[:, k & 1]
+    A = plan.alphabet
+    multiple = (2 * k[None, :] - QUANT[:, None] * np.sign(k)[None, :]).astype("<i2").reshape(-1)  # [state * A + symbol]
+    following = NEXT[:, k & 1].reshape(-1)
     sign_class = np.sign(k) + 1
     state_ctx = QUANT * (3 if plan.prev else 1) * R
     # the row class of every element, step-major
@@ -480,16 +481,13 @@ def _decode_multiples(plan: LevelPlan, a: int, m: int, words: np.ndarray, where:
         if plan.prev:
             ctx += prev[:active] * R
         order, counts = _order(ctx, C)
-        got = np.empty(active, dtype=np.int32)
-        off = 0
-        for c in np.flatnonzero(counts):
-            n = int(counts[c])
-            got[off:off + n] = coder.decode(models[c], n)
-            off += n
+        nz = np.flatnonzero(counts)
+        got = [coder.decode(models[c], int(counts[c])) for c in nz]
         s = sym[:active]
-        s[order] = got
-        out[j, :active] = multiple[st, s]
-        state[:active] = following[st, s]
+        s[order] = got[0] if len(got) == 1 else np.concatenate(got)
+        flat = st * A + s
+        out[j, :active] = multiple.take(flat)
+        state[:active] = following.take(flat)
         if plan.prev:
             prev[:active] = sign_class[s]
     coder.finish()
