@@ -476,6 +476,8 @@ def _decode_multiples(plan: LevelPlan, a: int, m: int, words: np.ndarray, where:
     sym = np.empty(L, dtype=np.int64)
     for j in range(LANE):
         active = -(-(m - j) // LANE)
+        if active <= 0:  # a chunk shorter than a lane: no lane has element j
+            break
         st = state[:active]
         ctx = state_ctx[st] + rc[j, :active]
         if plan.prev:
