@@ -310,3 +310,16 @@ def test_very_fine_steps_fall_back_to_plain_integer_coding(tmp_path):
                        capture_output=True, text=True)  # beyond what int16 multiples can hold: a clear error
     assert r.returncode == 2 and "too fine" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "p.wpk").exists()
+
+
+def test_size_budget_counts_a_folders_other_files(tmp_path):
+    g = torch.Generator().manual_seed(23)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"w": torch.randn(512, 512, generator=g) * 0.02}, str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_bytes(np.random.default_rng(0).bytes(300_000))  # incompressible
+    res = weightpack.pack(folder, tmp_path / "f.wpk", size=450_000)
+    assert (tmp_path / "f.wpk").stat().st_size <= 450_000
+    assert res["allocation"]["bits_per_weight"] > 2  # the rest of the budget went to the matrix
+    assert (weightpack.unpack(tmp_path / "f.wpk", tmp_path / "out") / "tokenizer.json").read_bytes() == \
+        (folder / "tokenizer.json").read_bytes()

@@ -73,6 +73,11 @@ def collect(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[_Sample], float, flo
     from .stages import prune
 
     samples, fixed_lossy, fixed_other, lossy_weights = [], 0.0, 0.0, 0
+    for _, path in ckpt.carried:  # a folder's other files ride along (compressed: their size is a bound)
+        try:
+            fixed_other += 8 * path.stat().st_size
+        except OSError:
+            pass  # pack itself reports an unreadable file
     for _, f, e in ckpt.tensors():
         stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
         fixed_other += 8 * INDEX_BYTES_PER_TENSOR
