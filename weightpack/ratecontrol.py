@@ -135,6 +135,48 @@ def _bisect(fits, lo: float, hi: float, ratio: float) -> float:
     return hi
 
 
+def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> float:
+    """The coded size of everything at this step (bits): the trellis-coded samples searched together, one
+    Viterbi run over all their lanes (each tensor its own rate tables, as a class of the search), the
+    others rounded."""
+    total = fixed_bits
+    groups: dict[float, list[_Sample]] = {}
+    for s in samples:
+        if s.quant.mode == "tcq":
+            groups.setdefault(s.quant.lam, []).append(s)
+        else:
+            total += estimate_bits(s, step)
+    for lam, group in groups.items():
+        x = np.concatenate([(s.x / (step * (s.rms if s.quant.relative and s.rms > 0 else 1.0)))
+                            .astype(np.float32).reshape(-1, trellis.LANE) for s in group])
+        owner = np.repeat(np.arange(len(group)), [s.x.size // trellis.LANE for s in group])
+        rc = np.repeat(owner[:, None], trellis.LANE, axis=1)
+        lv = trellis.search_lanes(x, rc, len(group), lam)
+        q = trellis.walk(lv)
+        lo = int(lv.min())
+        A = int(lv.max()) - lo + 1
+        counts = np.bincount(((rc * 2 + q) * A + (lv - lo)).reshape(-1), minlength=len(group) * 2 * A)
+        counts = counts.reshape(len(group), 2, A).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = counts / counts.sum(axis=2, keepdims=True)
+            bits = -np.where(counts > 0, counts * np.log2(p), 0.0).sum(axis=(1, 2))
+        used = (counts.sum(axis=1) > 0).sum(axis=1)  # each tensor's alphabet, roughly
+        for s, b, a in zip(group, bits, used):
+            total += b * s.n / max(1, s.x.size) + 8 * (4 * int(a) + 64)
+    return total
+
+
+def _bisect(fits, lo: float, hi: float, ratio: float) -> float:
+    """The smallest step in [lo, hi] that fits (fits(hi) holds), to within `ratio`."""
+    while hi / lo > ratio:
+        mid = math.sqrt(lo * hi)
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float, relative: bool) -> float:
     """The finest step whose estimated total is within the budget: a bisection on the log of the step with
     the quick estimate, then one with the full estimate around it. With `relative`, the step is in units of
@@ -144,7 +186,9 @@ def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float, rel
     samples = [replace(s, quant=replace(s.quant, relative=relative)) for s in samples]
 
     def fits(step: float, quick: bool) -> bool:
-        return fixed_bits + sum(estimate_bits(s, step, quick) for s in samples) <= budget_bits
+        if quick:
+            return fixed_bits + sum(estimate_bits(s, step, True) for s in samples) <= budget_bits
+        return estimate_total(samples, step, fixed_bits) <= budget_bits
 
     top = max(max(float(np.abs(s.x).max()) / (s.rms if relative and s.rms > 0 else 1.0) for s in samples), 1e-30)
     hi = top * 4  # every level zero: the least a tensor can cost

@@ -255,7 +255,15 @@ def search(w: np.ndarray, cols: int, delta: float, lam: float, passes: int = 2, 
         x[a:a + BLOCK_LANES] = np.where(idx < n, w[np.minimum(idx, n - 1)], 0) / delta
         if rc is not None:
             rc[a:a + BLOCK_LANES] = rcls[np.minimum(idx // cols, rows - 1)]
-    sub = max(1, len(x) // RATE_SAMPLE_LANES)  # the passes before the last only measure rates
+    levels = search_lanes(x, rc, R, lam, passes)
+    return levels if stride > 1 else levels.reshape(-1)[:n]
+
+
+def search_lanes(x: np.ndarray, rc: Optional[np.ndarray], R: int, lam: float, passes: int = 2) -> np.ndarray:
+    """Levels (lanes, LANE) of lanes in units of delta, rc the class (0..R-1) of each element (None: one
+    class): the rate tables are per quantizer and class. The passes before the last only measure rates,
+    on a sample of lanes."""
+    sub = max(1, len(x) // RATE_SAMPLE_LANES)
     k0 = np.round(x[::sub] * 0.5).astype(np.int64)
     lo = int(k0.min()) - 2
     A = max(int(max(float(x.max()), -float(x.min())) * 0.5) + 3 - lo, int(k0.max()) + 3 - lo)
@@ -266,7 +274,7 @@ def search(w: np.ndarray, cols: int, delta: float, lam: float, passes: int = 2, 
         levels = viterbi(xs, lam, rate, lo, rs)
         if p < passes - 1:
             rate = _rate_table(levels, walk(levels), rs, R, lo, A)
-    return levels if stride > 1 else levels.reshape(-1)[:n]
+    return levels
 
 
 # -- the context coder ---------------------------------------------------------------------------
