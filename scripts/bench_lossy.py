@@ -737,7 +737,7 @@ def main() -> int:
 
     interp = {}
     for fam, rs in curves(results).items():
-        if fam in ("wp-preset", "gguf"):
+        if fam in ("wp-preset", "gguf", "wp-prune-tcq"):  # not one curve: each point a different recipe
             continue
         for key, name in (("bpw", fam), ("bpw_all_in", fam + "/all-in")):
             if key == "bpw_all_in" and not fam.startswith("wp-"):
