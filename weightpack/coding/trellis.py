@@ -12,8 +12,9 @@ quantizer and row class that a first pass estimates. Weights that are exactly ze
 
 The coder (`LevelPlan`, `encode_chunk`, `decode_chunk`): the levels are entropy-coded with constriction,
 each symbol under the table of its context: the quantizer of its trellis state, whether the previous level
-of its lane was zero, negative or positive (optional), and the class of its row (1, 2 or 4 classes ranked
-by the row's mean magnitude). The decoder knows every context before it decodes the symbol: within a
+of its lane was zero, negative or positive (optional), and the class of its row (1, 2, 4, 8 or 16 classes
+ranked by the row's mean level magnitude), all chosen per tensor by measured cost. The stored elements are
+the multiples of delta; the coder turns them back into levels (and the decoder into multiples again). The decoder knows every context before it decodes the symbol: within a
 chunk the symbols are ordered step by step (element j of every lane, then element j + 1), and within a
 step grouped by context, so each group is one constriction call.
 """
