@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .coding import trellis
+from .coding import entropy, trellis
 from .errors import WeightpackError
 from .recipe import Recipe, Rule, load_recipe
 from .stages import lossy
@@ -103,36 +103,23 @@ def collect(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[_Sample], float, flo
     return samples, fixed_lossy, fixed_other, lossy_weights
 
 
-def _entropy(levels: np.ndarray) -> float:
-    _, c = np.unique(levels, return_counts=True)
-    return float(-(c * np.log2(c / c.sum())).sum())
+def _unit(s: _Sample) -> float:
+    """What a step is measured in for this tensor: its RMS when the step is relative, else 1."""
+    return s.rms if s.quant.relative and s.rms > 0 else 1.0
 
 
-def estimate_bits(s: _Sample, step: float, quick: bool = False) -> float:
-    """A tensor's coded size at this step (bits), from its sample. `quick`: plain rounding to twice the step
-    (the trellis quantizer's two quantizers each have twice its step): cheap, within ~10%."""
-    if s.quant.relative:
-        step *= s.rms if s.rms > 0 else 1.0
-    if s.quant.mode == "tcq" and not quick:
-        lv = trellis.search(s.x, len(s.x), step, s.quant.lam).reshape(-1, trellis.LANE)
-        q = trellis.walk(lv)
-        bits = _entropy(lv[q == 0]) + _entropy(lv[q == 1])
-    else:
-        lv = np.round(s.x / (2 * step if s.quant.mode == "tcq" else step))
-        bits = _entropy(lv)
-    alphabet = int(lv.max()) - int(lv.min()) + 1
-    return bits * s.n / max(1, s.x.size) + 8 * (4 * alphabet + 64)
+def _side_bits(alphabet: int) -> float:
+    """The tables and stream overhead of a coded tensor, estimated from its alphabet."""
+    return 8 * (4 * alphabet + 64)
 
 
-def _bisect(fits, lo: float, hi: float, ratio: float) -> float:
-    """The smallest step in [lo, hi] that fits (fits(hi) holds), to within `ratio`."""
-    while hi / lo > ratio:
-        mid = math.sqrt(lo * hi)
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+def estimate_bits(s: _Sample, step: float) -> float:
+    """A tensor's coded size at this step (bits) by rounding its sample: exact in kind for ecsq; for tcq a
+    quick estimate, rounding to twice the step (each of the trellis's two quantizers has twice its step),
+    within ~10%."""
+    lv = np.round(s.x / (step * _unit(s) * (2 if s.quant.mode == "tcq" else 1)))
+    _, counts = np.unique(lv, return_counts=True)
+    return entropy.entropy_bits(counts) * s.n / max(1, s.x.size) + _side_bits(int(lv.max() - lv.min()) + 1)
 
 
 def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> float:
@@ -147,8 +134,7 @@ def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> fl
         else:
             total += estimate_bits(s, step)
     for lam, group in groups.items():
-        x = np.concatenate([(s.x / (step * (s.rms if s.quant.relative and s.rms > 0 else 1.0)))
-                            .astype(np.float32).reshape(-1, trellis.LANE) for s in group])
+        x = np.concatenate([(s.x / (step * _unit(s))).astype(np.float32).reshape(-1, trellis.LANE) for s in group])
         owner = np.repeat(np.arange(len(group)), [s.x.size // trellis.LANE for s in group])
         rc = np.repeat(owner[:, None], trellis.LANE, axis=1)
         lv = trellis.search_lanes(x, rc, len(group), lam)
@@ -156,13 +142,10 @@ def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> fl
         lo = int(lv.min())
         A = int(lv.max()) - lo + 1
         counts = np.bincount(((rc * 2 + q) * A + (lv - lo)).reshape(-1), minlength=len(group) * 2 * A)
-        counts = counts.reshape(len(group), 2, A).astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p = counts / counts.sum(axis=2, keepdims=True)
-            bits = -np.where(counts > 0, counts * np.log2(p), 0.0).sum(axis=(1, 2))
-        used = (counts.sum(axis=1) > 0).sum(axis=1)  # each tensor's alphabet, roughly
-        for s, b, a in zip(group, bits, used):
-            total += b * s.n / max(1, s.x.size) + 8 * (4 * int(a) + 64)
+        counts = counts.reshape(len(group), 2, A)
+        for s, c in zip(group, counts):
+            bits = entropy.entropy_bits(c[0]) + entropy.entropy_bits(c[1])  # per trellis quantizer
+            total += bits * s.n / max(1, s.x.size) + _side_bits(int((c.sum(axis=0) > 0).sum()))
     return total
 
 
@@ -187,10 +170,10 @@ def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float, rel
 
     def fits(step: float, quick: bool) -> bool:
         if quick:
-            return fixed_bits + sum(estimate_bits(s, step, True) for s in samples) <= budget_bits
+            return fixed_bits + sum(estimate_bits(s, step) for s in samples) <= budget_bits
         return estimate_total(samples, step, fixed_bits) <= budget_bits
 
-    top = max(max(float(np.abs(s.x).max()) / (s.rms if relative and s.rms > 0 else 1.0) for s in samples), 1e-30)
+    top = max(max(float(np.abs(s.x).max()) / _unit(s) for s in samples), 1e-30)
     hi = top * 4  # every level zero: the least a tensor can cost
     lo = top / (2 * trellis.LEVEL_MAX) * 1.01  # the finest step the levels can hold
     if not fits(hi, True) or not fits(hi, False):

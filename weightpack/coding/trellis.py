@@ -88,6 +88,12 @@ def _run(sym2: np.ndarray) -> np.ndarray:
     return q.reshape(L, LANE).astype(np.int64)
 
 
+def lanes_at(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Lanes `ids` of a flat array as (len(ids), LANE), past its end zero (without copying the rest)."""
+    idx = ids[:, None] * LANE + np.arange(LANE)
+    return np.where(idx < len(x), x[np.minimum(idx, len(x) - 1)], 0)
+
+
 def walk(levels: np.ndarray) -> np.ndarray:
     """The quantizer (0 or 1) of each element of a (lanes, LANE) array of levels."""
     p = levels & 1
@@ -252,9 +258,9 @@ def search(w: np.ndarray, cols: int, delta: float, lam: float, passes: int = 2, 
     x = np.empty((len(ids), LANE), dtype=np.float32)
     rc = np.empty((len(ids), LANE), dtype=np.uint8) if R > 1 else None
     for a in range(0, len(ids), BLOCK_LANES):
-        idx = ids[a:a + BLOCK_LANES, None] * LANE + np.arange(LANE)
-        x[a:a + BLOCK_LANES] = np.where(idx < n, w[np.minimum(idx, n - 1)], 0) / delta
+        x[a:a + BLOCK_LANES] = lanes_at(w, ids[a:a + BLOCK_LANES]) / delta
         if rc is not None:
+            idx = ids[a:a + BLOCK_LANES, None] * LANE + np.arange(LANE)
             rc[a:a + BLOCK_LANES] = rcls[np.minimum(idx // cols, rows - 1)]
     levels = search_lanes(x, rc, R, lam, passes)
     return levels if stride > 1 else levels.reshape(-1)[:n]

@@ -19,9 +19,9 @@ import math
 from dataclasses import replace
 from typing import Optional
 
-import numpy as np
 import torch
 
+from ..coding import entropy
 from .params import LowRankParams, QuantParams
 
 FACTOR_MAX = 127
@@ -58,9 +58,8 @@ def product(parts: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
 
 
 def _entropy_bits(x: torch.Tensor) -> float:
-    _, c = torch.unique(x.reshape(-1), return_counts=True)
-    c = c.double()
-    return float(-(c * torch.log2(c / c.sum())).sum())
+    """Order-0 information content of a tensor's values, in bits."""
+    return entropy.entropy_bits(torch.unique(x.reshape(-1), return_counts=True)[1].numpy())
 
 
 def _level_bits(parts: dict[str, torch.Tensor], scale_rows: float) -> float:

@@ -172,7 +172,7 @@ def _encode_tcq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
         delta = math.sqrt(12 * target / n) / 2  # half the step of a uniform quantizer with that error
         stride = max(1, -(-n // trellis.LANE) // TCQ_SAMPLE_LANES)
         if stride > 1:
-            sample = trellis.lanes(x)[::stride]
+            sample = trellis.lanes_at(x, np.arange(0, -(-n // trellis.LANE), stride))
             goal = target * float(np.square(sample).sum()) / signal
             for _ in range(3):
                 lv = trellis.search(x, cols, delta, p.lam, stride=stride)
