@@ -32,7 +32,7 @@ from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
 
 MAGIC = b"\x89WPK\r\n\x1a\n"
-VERSION = (1, 1)
+VERSION = (1, 2)
 ALIGN = 64
 HEADER = struct.Struct("<8sHHI")
 TRAILER = struct.Struct("<QQIHH8s")

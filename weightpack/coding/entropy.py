@@ -109,3 +109,71 @@ class Decoder:
     def finish(self) -> None:
         if not self.coder.is_empty():
             raise FormatError(f"{self.where}: entropy-coded data is corrupt (stream not used up)")
+
+
+# -- lanes: one stream of symbols dealt onto independent ANS streams ----------------------------------
+#
+# Symbols in coding order (runs of contexts, as for ans_encode) are dealt round-robin onto
+# nl = ceil(n / lane) lanes: symbol i goes to lane i % nl. Each lane is its own AnsCoder stream, coded
+# with the table of each symbol's run. The payload is nl little-endian u32 word counts, then each lane's
+# words. A parallel decoder (a GPU kernel, the lock-step decoder in device.py) decodes all lanes at once,
+# lane j writing symbols j, j + nl, j + 2nl, ... so that neighbouring lanes write neighbouring symbols.
+
+LANE = 1 << 14  # symbols per lane (at most): what a writer uses
+MIN_LANE, MAX_LANE = 1 << 6, 1 << 22
+
+
+def lane_count(n: int, lane: int) -> int:
+    return -(-n // lane)
+
+
+def lane_runs(run_counts: list[int], nl: int, j: int) -> list[int]:
+    """How many of lane j's symbols fall in each run (runs of the whole sequence, in order)."""
+    starts = np.concatenate([[0], np.cumsum(run_counts, dtype=np.int64)])
+    first = np.maximum(0, -(-(starts - j) // nl))  # lane positions k with k*nl + j >= start
+    return np.diff(first).tolist()
+
+
+def lanes_encode(syms: np.ndarray, runs: list[tuple[int, object]], lane: int) -> bytes:
+    """Code symbols (runs of (count, model), counts summing to len(syms)) as lanes; see above."""
+    n = len(syms)
+    nl = lane_count(n, lane)
+    counts = [c for c, _ in runs]
+    heads, bodies = [], []
+    for j in range(nl):
+        mine = syms[j::nl]
+        groups, off = [], 0
+        for cnt, (_, model) in zip(lane_runs(counts, nl, j), runs):
+            groups.append((mine[off:off + cnt], model))
+            off += cnt
+        words = ans_encode(groups)
+        heads.append(len(words))
+        bodies.append(words.astype("<u4").tobytes())
+    return np.asarray(heads, dtype="<u4").tobytes() + b"".join(bodies)
+
+
+def lane_words(payload, n: int, lane: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The words of a lanes payload and each lane's word count, checked against its length."""
+    nl = lane_count(n, lane)
+    if len(payload) < 4 * nl or len(payload) % 4:
+        raise FormatError(f"{where}: malformed lanes part")
+    counts = np.frombuffer(payload, "<u4", nl).astype(np.int64)
+    words = np.frombuffer(payload, "<u4", offset=4 * nl)
+    if int(counts.sum()) != len(words) or (nl and int(counts.min()) < 1):
+        raise FormatError(f"{where}: malformed lanes part")
+    return words, counts
+
+
+def lanes_decode(payload, runs: list[tuple[int, object]], lane: int, where: str) -> np.ndarray:
+    """Inverse of lanes_encode: the symbols in coding order (int32)."""
+    counts = [c for c, _ in runs]
+    n = int(sum(counts))
+    nl = lane_count(n, lane)
+    words, wc = lane_words(payload, n, lane, where)
+    out = np.empty(n, dtype=np.int32)
+    ends = np.cumsum(wc)
+    for j in range(nl):
+        got = ans_decode(words[ends[j] - wc[j]:ends[j]],
+                         [(cnt, model) for cnt, (_, model) in zip(lane_runs(counts, nl, j), runs)], where)
+        out[j::nl] = np.concatenate(got) if len(got) > 1 else got[0]
+    return out

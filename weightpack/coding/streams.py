@@ -67,6 +67,7 @@ class Plan:
     cls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     tz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     block_base: int = 0  # index of the first block that cls and tz hold
+    lane: int = 0  # symbols per ANS lane of the heads (format 1.2); 0: one ANS stream per chunk (1.0/1.1)
     _models: Optional[list] = None
     _lut: Optional[np.ndarray] = None
 
@@ -88,6 +89,8 @@ class Plan:
         if self.codec == "fields":
             p.update(layout=self.layout.to_json(), block=self.block, contexts=int(self.tables.shape[0]),
                      alphabet=int(len(self.alphabet)))
+            if self.lane:
+                p["lane"] = self.lane
         return p
 
     def side(self) -> bytes:
@@ -234,7 +237,7 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
     if len(alphabet) > entropy.MAX_ALPHABET:  # too many distinct whole values (16-bit integers)
         return _bytes_plan(dtype, n, cfg)
     plan = Plan("fields", dtype, n, chunk, cfg["zstd"], cfg["try_bytes"], lay, L, alphabet,
-                np.zeros((0, len(alphabet)), np.uint32), np.zeros(nblocks, np.uint8), tz)
+                np.zeros((0, len(alphabet)), np.uint32), np.zeros(nblocks, np.uint8), tz, lane=entropy.LANE)
     if len(alphabet) < 2:
         return plan
     sizes = np.full(nblocks, L, dtype=np.float64)
@@ -281,6 +284,7 @@ class Params:
     block: int = 0
     contexts: int = 0
     alphabet: int = 0
+    lane: int = 0
 
 
 def check_params(dtype: str, numel: int, params, where: str) -> Params:
@@ -303,10 +307,13 @@ def check_params(dtype: str, numel: int, params, where: str) -> Params:
             raise FormatError(f"{where}: malformed stream parameters")
         return Params("bytes", chunk)
     keys = ("layout", "block", "contexts", "alphabet")
-    if set(params) != {"codec", "chunk", *keys} or not isinstance(params["layout"], list) or not all(
-        type(x) is int for x in [*params["layout"], *(params[k] for k in keys[1:])]
+    lane = params.get("lane", 0)
+    if set(params) - {"lane"} != {"codec", "chunk", *keys} or not isinstance(params["layout"], list) or not all(
+        type(x) is int for x in [*params["layout"], *(params[k] for k in keys[1:]), lane]
     ) or len(params["layout"]) != 4:
         raise FormatError(f"{where}: malformed stream parameters")
+    if "lane" in params and not (entropy.MIN_LANE <= lane <= entropy.MAX_LANE and lane & (lane - 1) == 0):
+        raise FormatError(f"{where}: lane size out of range")
     lay = Layout.from_json(params["layout"])
     block, C, A = (params[k] for k in keys[1:])
     if not lay.valid() or lay.bits != dt.bits:
@@ -314,7 +321,7 @@ def check_params(dtype: str, numel: int, params, where: str) -> Params:
     if not (1 <= block <= chunk and chunk % block == 0 and 1 <= A <= min(1 << lay.head, entropy.MAX_ALPHABET)
             and 0 <= C <= 8 and (C == 0) == (A == 1) and numel >= 1):
         raise FormatError(f"{where}: stream parameters out of range")
-    return Params("fields", chunk, lay, block, C, A)
+    return Params("fields", chunk, lay, block, C, A, lane)
 
 
 def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: str) -> Plan:
@@ -343,7 +350,7 @@ def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: s
     if nblocks and (int(cls.max()) >= max(C, 1) or int(tz.max()) > lay.tail):
         raise FormatError(f"{where}: malformed block side information")
     return Plan("fields", dtype, numel, chunk, layout=lay, block=block, alphabet=alphabet, tables=tables,
-                cls=cls, tz=tz)
+                cls=cls, tz=tz, lane=p.lane)
 
 
 # -- chunks --------------------------------------------------------------------------------------
@@ -429,7 +436,12 @@ def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
         C = plan.tables.shape[0]
         g = _BlockGroups(bcls, C, L, m)
         groups = [(g.gather(sym, c), plan.models()[c]) for c in range(C)]
-        parts.append(("head", "ans", entropy.ans_encode(groups).astype("<u4").tobytes()))
+        if plan.lane:
+            runs = [(len(x), model) for x, model in groups]
+            parts.append(("head", "lanes", entropy.lanes_encode(np.concatenate([x for x, _ in groups]), runs,
+                                                                plan.lane)))
+        else:
+            parts.append(("head", "ans", entropy.ans_encode(groups).astype("<u4").tobytes()))
     else:
         parts.append(("head", "const", b""))
     if lay.tail + lay.sign:
@@ -489,12 +501,16 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
             raise FormatError(f"{where}: malformed head part")
         head = np.full(m, alphabet[0], dtype=wd)
     else:
-        if hcodec != "ans" or len(hdata) % 4 or not len(hdata):
+        if hcodec != ("lanes" if plan.lane else "ans") or len(hdata) % 4 or not len(hdata):
             raise FormatError(f"{where}: malformed head part")
         C = plan.tables.shape[0]
         g = _BlockGroups(bcls, C, L, m)
-        words = np.frombuffer(hdata, dtype="<u4")
-        got = entropy.ans_decode(words, [(g.counts[c], plan.models()[c]) for c in range(C)], where)
+        runs = [(g.counts[c], plan.models()[c]) for c in range(C)]
+        if plan.lane:
+            syms = entropy.lanes_decode(hdata, runs, plan.lane, where)
+            got = np.split(syms, np.cumsum(g.counts)[:-1])
+        else:
+            got = entropy.ans_decode(np.frombuffer(hdata, dtype="<u4"), runs, where)
         head = np.empty(m, dtype=wd)
         for c in g.keys():
             sym = got[c]
