@@ -329,18 +329,40 @@ def _to_tensor(t: dict, pieces: list[bytes], device: "torch.device") -> "torch.T
     return x.to(device) if device.type != "cpu" else x
 
 
-def load(path: PathLike, device: "str | torch.device" = "cpu", workers: Optional[int] = None) -> "dict[str, torch.Tensor]":
-    """Decode every tensor of a container into a dict of torch tensors on `device` ("cpu", "cuda", "auto")."""
+DECODERS = ("auto", "host", "device")
+
+
+def _use_device_decoder(dev: "torch.device", decoder: str) -> bool:
+    if decoder not in DECODERS:
+        raise WeightpackError(f"unknown decoder {decoder!r} (use one of {', '.join(DECODERS)})")
+    return decoder == "device" or (decoder == "auto" and dev.type != "cpu")
+
+
+def load(path: PathLike, device: "str | torch.device" = "cpu", workers: Optional[int] = None, *,
+         decoder: str = "auto", progress: bool = False) -> "dict[str, torch.Tensor]":
+    """Decode every tensor of a container into a dict of torch tensors on `device` ("cpu", "cuda", "auto").
+
+    `decoder`: "host" decodes in worker processes on the CPU (then copies to the device); "device"
+    decodes on the device itself (device.py: lock-step ANS lanes, reconstruction in torch); "auto" (the
+    default) is "device" for a GPU and "host" for the CPU.
+    """
     dev = _device(device)
     with ContainerReader(path) as r:
-        return {t["name"]: _to_tensor(t, pieces, dev) for t, pieces in decode_tensors(r, r.index["tensors"], workers)}
+        with _bar(sum(t["nbytes"] for t in r.index["tensors"]), "load", progress) as bar:
+            if _use_device_decoder(dev, decoder):
+                from . import device as on_device
+
+                return dict(on_device.load(r, dev, bar.update))
+            return {t["name"]: _to_tensor(t, pieces, dev)
+                    for t, pieces in decode_tensors(r, r.index["tensors"], workers, bar.update)}
 
 
 class WpkFile:
     """Lazy access to a container, like safetensors' `safe_open`: keys(), metadata(), get_tensor(name)."""
 
-    def __init__(self, path: PathLike, device: "str | torch.device" = "cpu"):
+    def __init__(self, path: PathLike, device: "str | torch.device" = "cpu", decoder: str = "auto"):
         self.device = _device(device)
+        self._on_device = _use_device_decoder(self.device, decoder)
         self._r = ContainerReader(path)
         self._by_name = {t["name"]: t for t in self._r.index["tensors"]}
 
@@ -359,6 +381,11 @@ class WpkFile:
         t = self._by_name.get(name)
         if t is None:
             raise KeyError(name)
+        if self._on_device:
+            from . import device as on_device
+
+            for _, x in on_device.load(self._r, self.device, names=[name]):
+                return x
         for rec, pieces in decode_tensors(self._r, [t], workers=1):
             return _to_tensor(rec, pieces, self.device)
         raise FormatError(f"tensor {name!r}: nothing decoded")
@@ -373,9 +400,9 @@ class WpkFile:
         self.close()
 
 
-def open(path: PathLike, device: "str | torch.device" = "cpu") -> WpkFile:  # noqa: A001 - mirrors safe_open
-    """Open a container for lazy, per-tensor access."""
-    return WpkFile(path, device)
+def open(path: PathLike, device: "str | torch.device" = "cpu", decoder: str = "auto") -> WpkFile:  # noqa: A001
+    """Open a container for lazy, per-tensor access (like safetensors' safe_open; see `load` for `decoder`)."""
+    return WpkFile(path, device, decoder)
 
 
 # -- inspect / verify ----------------------------------------------------------------------------

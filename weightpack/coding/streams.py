@@ -154,7 +154,7 @@ def compress_best(data: bytes, level: int) -> tuple[str, bytes]:
     return ("zstd", z) if len(z) < len(data) else ("raw", data)
 
 
-def _unstore(codec: str, data, expected: int, where: str) -> bytes:
+def unstore(codec: str, data, expected: int, where: str) -> bytes:
     if codec == "raw":
         if len(data) != expected:
             raise FormatError(f"{where}: raw part holds {len(data)} bytes, expected {expected}")
@@ -181,7 +181,7 @@ def bytes_encode(raw: bytes, planes: int, level: int) -> list:
 def bytes_decode(parts, payload, nbytes: int, planes: int, where: str) -> bytes:
     if len(parts) != 1 or parts[0][0] != "data":
         raise FormatError(f"{where}: malformed parts for the bytes codec")
-    raw = _unstore(parts[0][1], payload, nbytes, where)
+    raw = unstore(parts[0][1], payload, nbytes, where)
     if planes > 1:
         a = np.frombuffer(raw, dtype=np.uint8).reshape(planes, -1)
         return np.ascontiguousarray(a.T).tobytes()
@@ -355,7 +355,7 @@ def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: s
 
 # -- chunks --------------------------------------------------------------------------------------
 
-class _BlockGroups:
+class BlockGroups:
     """Elements of a chunk grouped by a per-block key (class or trailing zeros), in block order.
 
     Works on rows of the (blocks x L) view, so gathering and scattering copy whole rows.
@@ -417,7 +417,7 @@ def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     return rec, payload
 
 
-def _chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+def chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     b0 = i * plan.chunk // plan.block - plan.block_base
     nb = math.ceil(m / plan.block)
     if b0 < 0 or b0 + nb > len(plan.cls):
@@ -428,13 +428,13 @@ def _chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
 def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
     lay, L = plan.layout, plan.block
     m = len(u)
-    bcls, btz = _chunk_blocks(plan, i, m)
+    bcls, btz = chunk_blocks(plan, i, m)
     head, v = split(u, lay)
     parts = []
     if len(plan.alphabet) > 1:
         sym = plan.lut()[head]
         C = plan.tables.shape[0]
-        g = _BlockGroups(bcls, C, L, m)
+        g = BlockGroups(bcls, C, L, m)
         groups = [(g.gather(sym, c), plan.models()[c]) for c in range(C)]
         if plan.lane:
             runs = [(len(x), model) for x, model in groups]
@@ -445,7 +445,7 @@ def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
     else:
         parts.append(("head", "const", b""))
     if lay.tail + lay.sign:
-        g = _BlockGroups(btz, lay.tail + 1, L, m)
+        g = BlockGroups(btz, lay.tail + 1, L, m)
         pieces = []
         for tz in g.keys():
             t, w = tail_values(g.gather(v, tz), lay, tz)
@@ -464,15 +464,7 @@ def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str) -> bytes:
     a, b = plan.chunk_range(i)
     m = b - a
     parts = rec.get("parts")
-    if not isinstance(parts, list) or not all(
-        isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
-        and type(p[2]) is int and p[2] >= 0 for p in parts
-    ) or sum(p[2] for p in parts) != len(payload):
-        raise FormatError(f"{where}: malformed chunk parts")
-    views, off = {}, 0
-    for name, codec, ln in parts:
-        views[name] = (codec, payload[off:off + ln])
-        off += ln
+    views = chunk_views(rec, payload, where)
     codec = rec.get("codec")
     if codec == "bytes":
         planes = _planes(DTYPES[plan.dtype].bits) if plan.codec == "fields" else _planes(plan.itemsize_bits)
@@ -487,11 +479,30 @@ def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str) -> bytes:
     return raw
 
 
+def chunk_views(rec: dict, payload, where: str) -> dict:
+    """The named parts of a chunk: name -> (part codec, bytes), checked against the payload's length."""
+    parts = rec.get("parts")
+    if not isinstance(parts, list) or not all(
+        isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
+        and type(p[2]) is int and p[2] >= 0 for p in parts
+    ) or sum(p[2] for p in parts) != len(payload):
+        raise FormatError(f"{where}: malformed chunk parts")
+    views, off = {}, 0
+    for name, codec, ln in parts:
+        views[name] = (codec, payload[off:off + ln])
+        off += ln
+    return views
+
+
+def fields_part_names(lay: Layout) -> set:
+    return {"head", "tail"} if lay.tail + lay.sign else {"head"}
+
+
 def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.ndarray:
     lay, L = plan.layout, plan.block
     wd = work_dtype(lay)
-    bcls, btz = _chunk_blocks(plan, i, m)
-    if set(views) != ({"head", "tail"} if lay.tail + lay.sign else {"head"}):
+    bcls, btz = chunk_blocks(plan, i, m)
+    if set(views) != fields_part_names(lay):
         raise FormatError(f"{where}: malformed chunk parts")
     hcodec, hdata = views["head"]
     A = len(plan.alphabet)
@@ -504,7 +515,7 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
         if hcodec != ("lanes" if plan.lane else "ans") or len(hdata) % 4 or not len(hdata):
             raise FormatError(f"{where}: malformed head part")
         C = plan.tables.shape[0]
-        g = _BlockGroups(bcls, C, L, m)
+        g = BlockGroups(bcls, C, L, m)
         runs = [(g.counts[c], plan.models()[c]) for c in range(C)]
         if plan.lane:
             syms = entropy.lanes_decode(hdata, runs, plan.lane, where)
@@ -519,11 +530,11 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
             g.scatter(head, c, alphabet[sym])
     if not lay.tail + lay.sign:
         return head.astype(UINT[lay.bits])
-    g = _BlockGroups(btz, lay.tail + 1, L, m)
+    g = BlockGroups(btz, lay.tail + 1, L, m)
     widths = {tz: lay.tail - tz + lay.sign for tz in g.keys()}
     expected = sum(packed_size(g.counts[tz], w) for tz, w in widths.items())
     tcodec, tdata = views["tail"]
-    tail = memoryview(_unstore(tcodec, tdata, expected, where + " tail"))
+    tail = memoryview(unstore(tcodec, tdata, expected, where + " tail"))
     out = np.empty(m, dtype=wd) if not g.uniform else None
     off = 0
     for tz, w in widths.items():

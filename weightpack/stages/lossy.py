@@ -112,24 +112,29 @@ def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encod
 
 def decode(t: dict, parts: dict[str, bytes]) -> bytes:
     """The reconstructed raw bytes of a tensor from its decoded parts; checks the recorded SHA-256."""
+    where = f"tensor {t['name']!r}"
+    tensors = {part["name"]: _tensor(bytearray(parts[part["name"]]), part["dtype"], part["shape"])
+               for part in t["parts"]}
+    with _one_torch_thread():
+        raw = _raw(reconstruct(t, tensors))
+    if hashlib.sha256(raw).hexdigest() != t["decoded_sha256"]:
+        raise FormatError(f"{where}: reconstruction does not match its recorded hash")
+    return raw
+
+
+def reconstruct(t: dict, tensors: dict) -> "torch.Tensor":
+    """The tensor (in its dtype and shape, on its parts' device) from its parts as torch tensors."""
     from . import lowrank, quantize
 
     where = f"tensor {t['name']!r}"
     chain = params_of(t, where)
-    p = chain[-1]
-    tensors = {part["name"]: _tensor(bytearray(parts[part["name"]]), part["dtype"], part["shape"])
-               for part in t["parts"]}
-    with _one_torch_thread():
-        try:
-            x = quantize.decode(tensors, p, t["shape"])
-            if isinstance(chain[0], LowRankParams):
-                x = lowrank.product(tensors, t["shape"]) + x
-        except ValueError as e:
-            raise FormatError(f"{where}: {e}") from None
-        raw = _raw(x.to(torch_dtype(t["dtype"])))
-    if hashlib.sha256(raw).hexdigest() != t["decoded_sha256"]:
-        raise FormatError(f"{where}: reconstruction does not match its recorded hash")
-    return raw
+    try:
+        x = quantize.decode(tensors, chain[-1], t["shape"])
+        if isinstance(chain[0], LowRankParams):
+            x = lowrank.product(tensors, t["shape"]) + x
+    except ValueError as e:
+        raise FormatError(f"{where}: {e}") from None
+    return x.to(torch_dtype(t["dtype"]))
 
 
 def quality_against(t: dict, decoded: bytes, source: bytes) -> dict:

@@ -34,7 +34,7 @@ def _groups(w: torch.Tensor, p: QuantParams) -> torch.Tensor:
     g = min(p.group, cols)
     pad = (-cols) % g
     if pad:
-        x = torch.cat([x, torch.zeros(rows, pad, dtype=x.dtype)], dim=1)
+        x = torch.cat([x, torch.zeros(rows, pad, dtype=x.dtype, device=x.device)], dim=1)
     return x.reshape(rows * (x.shape[1] // g), g)
 
 
@@ -215,7 +215,7 @@ def decode(parts: dict[str, torch.Tensor], p: QuantParams, shape: list[int]) -> 
         return (q.to(torch.float32) * parts["step"].to(torch.float32)[0]).reshape(shape)
     q = parts["q"].to(torch.float32)
     g = _groups(q.reshape(shape), p)
-    zero = parts["zero"].to(torch.float32) if "zero" in parts else torch.zeros(g.shape[0])
+    zero = parts["zero"].to(torch.float32) if "zero" in parts else torch.zeros(g.shape[0], device=g.device)
     if parts["scale"].numel() != g.shape[0] or zero.numel() != g.shape[0]:
         raise ValueError("scale or zero point count does not match the groups")
     x = (g - zero[:, None]) * parts["scale"].to(torch.float32)[:, None]

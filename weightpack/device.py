@@ -1,0 +1,331 @@
+"""Decoding where the model runs: tensors rebuilt on a torch device (a GPU) from the container's bytes.
+
+The container is memory-mapped; each chunk's coded bytes are checked against their crc32 on the host and
+copied to the device as they are. There the heads' ANS lanes of many tensors are decoded together by the
+lock-step decoder (coding/lockstep.py: a Triton kernel on CUDA, vectorized torch elsewhere), and every
+tensor is rebuilt with torch on the device: symbols to head values, the class grouping undone, tails
+unpacked from their bit planes, sign | head | tail joined, lossy stages applied (dequantization, low-rank
+products) and the result viewed as its dtype. No tensor exists as a whole on the host on this path.
+
+Pieces the device does not decode are decoded on the host a chunk at a time and copied up: chunks stored as
+zstd byte planes (the `bytes` chunk codec), zstd-compressed tail parts, trellis-coded levels, and streams
+written before format 1.2 (one ANS stream per chunk).
+
+Checks: crc32 of every chunk's coded bytes (host), every stream's structure, and that each ANS lane uses up
+its words (device). The crc32 of decoded chunks and the SHA-256 of lossy reconstructions are checked by the
+CPU path (`load(device="cpu")`, `unpack`, `verify`), not here: computing them would bring every tensor back.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from .coding import lockstep, streams
+from .coding.fields import UINT, packed_size, _subplanes
+from .container import ContainerReader
+from .dtypes import DTYPES, torch_dtype
+from .errors import FormatError, WeightpackError
+from .stages import lossy
+
+BATCH_SYMBOLS = 1 << 27  # symbols decoded per lock-step batch (bounds the device's working memory)
+
+
+def _work(bits: int):
+    import torch
+
+    return torch.int32 if bits <= 16 else torch.int64
+
+
+@dataclass
+class _Stream:
+    """One stream being rebuilt on the device: what the host prepared, finished after the batch decode."""
+
+    plan: streams.Plan
+    dtype: str
+    shape: list
+    where: str
+    base: int = 0  # its first symbol in the batch's output
+    lane_chunks: list = field(default_factory=list)  # (a, m, symbol base, BlockGroups of classes)
+    host: list = field(default_factory=list)  # (first unit, decoded raw bytes) of chunks decoded on the host
+    tails: list = field(default_factory=list)  # (a, m, BlockGroups of trailing zeros, [(tz, count, width, offset)])
+    tail_bytes: list = field(default_factory=list)
+    tail_size: int = 0
+
+
+class _Batch:
+    def __init__(self):
+        self.lanes = lockstep.LaneSet()
+        self.items: list = []  # (tensor record, {part name or None: _Stream})
+
+
+class DeviceDecoder:
+    """Rebuilds a container's tensors on `device`; `progress(nbytes)` is told of each finished tensor."""
+
+    def __init__(self, reader: ContainerReader, device, progress: Callable[[int], None] = lambda n: None):
+        self.reader = reader
+        self.device = device
+        self.progress = progress
+        self.mm = mmap.mmap(reader.f.fileno(), 0, access=mmap.ACCESS_READ) if reader.size else None
+
+    def close(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+
+    def tensors(self, records: list[dict]) -> Iterator[tuple[str, "torch.Tensor"]]:
+        batch = _Batch()
+        for t in records:
+            where = f"tensor {t['name']!r}"
+            if t["stages"]:
+                lossy.params_of(t, where)
+                streams_of = {part["name"]: self._prepare(batch, part["stream"], part["dtype"], part["shape"],
+                                                          f"{where} part {part['name']!r}") for part in t["parts"]}
+            else:
+                streams_of = {None: self._prepare(batch, t["stream"], t["dtype"], t["shape"], where)}
+            batch.items.append((t, streams_of))
+            if batch.lanes.nsymbols >= BATCH_SYMBOLS:
+                yield from self._finish(batch)
+                batch = _Batch()
+        yield from self._finish(batch)
+
+    # -- host side ------------------------------------------------------------------------------------
+    def _payload(self, rec: dict, where: str) -> memoryview:
+        payload = memoryview(self.mm)[rec["offset"]:rec["offset"] + rec["length"]]
+        if zlib.crc32(payload) != rec["crc32"]:
+            raise FormatError(f"{where}: checksum mismatch (damaged data)")
+        return payload
+
+    def _prepare(self, batch: _Batch, stream: dict, dtype: str, shape: list, where: str) -> _Stream:
+        from .pipeline import stream_plan
+
+        plan = stream_plan(self.reader, stream, dtype, shape, where)
+        s = _Stream(plan, dtype, shape, where)
+        laned = plan.codec == "fields" and plan.lane
+        row = batch.lanes.add_tables(plan.tables) if laned and len(plan.alphabet) > 1 else 0
+        for i, rec in enumerate(stream["chunks"]):
+            w = f"{where} chunk {i}"
+            payload = self._payload(rec, w)
+            if not laned or rec.get("codec") != "fields":
+                s.host.append((plan.chunk_range(i)[0], streams.decode_chunk(plan, i, rec, payload, w)))
+                continue
+            self._prepare_fields(batch, s, i, rec, payload, row, w)
+        return s
+
+    def _prepare_fields(self, batch: _Batch, s: _Stream, i: int, rec: dict, payload, row: int, where: str) -> None:
+        plan = s.plan
+        lay, L = plan.layout, plan.block
+        a, b = plan.chunk_range(i)
+        m = b - a
+        views = streams.chunk_views(rec, payload, where)
+        if set(views) != streams.fields_part_names(lay):
+            raise FormatError(f"{where}: malformed chunk parts")
+        bcls, btz = streams.chunk_blocks(plan, i, m)
+        hcodec, hdata = views["head"]
+        if len(plan.alphabet) == 1:
+            if hcodec != "const" or len(hdata):
+                raise FormatError(f"{where}: malformed head part")
+        else:
+            if hcodec != "lanes" or len(hdata) % 4 or not len(hdata):
+                raise FormatError(f"{where}: malformed head part")
+            g = streams.BlockGroups(bcls, plan.tables.shape[0], L, m)
+            base = batch.lanes.add(hdata, g.counts, row, plan.lane, where)
+            s.lane_chunks.append((a, m, base, g))
+        if lay.tail + lay.sign:
+            g = streams.BlockGroups(btz, lay.tail + 1, L, m)
+            groups, size = [], 0
+            for tz in g.keys():
+                width = lay.tail - tz + lay.sign
+                groups.append((tz, g.counts[tz], width, s.tail_size + size))
+                size += packed_size(g.counts[tz], width)
+            tcodec, tdata = views["tail"]
+            s.tail_bytes.append(streams.unstore(tcodec, tdata, size, where + " tail"))
+            s.tails.append((a, m, g, groups))
+            s.tail_size += size
+
+    # -- device side ----------------------------------------------------------------------------------
+    def _finish(self, batch: _Batch) -> Iterator[tuple[str, "torch.Tensor"]]:
+        if not batch.items:
+            return
+        syms = lockstep.decode(batch.lanes, self.device, "lanes") if batch.lanes.nsymbols else None
+        for t, streams_of in batch.items:
+            where = f"tensor {t['name']!r}"
+            if t["stages"]:
+                parts = {name: self._rebuild(s, syms) for name, s in streams_of.items()}
+                x = lossy.reconstruct(t, parts)
+            else:
+                x = self._rebuild(streams_of[None], syms)
+            if list(x.shape) != list(t["shape"]):
+                raise FormatError(f"{where}: rebuilt with shape {list(x.shape)}")
+            self.progress(t["nbytes"])
+            yield t["name"], x
+
+    def _rebuild(self, s: _Stream, syms) -> "torch.Tensor":
+        import torch
+
+        tdt = torch_dtype(s.dtype)
+        if tdt is None:
+            raise WeightpackError(f"{s.where}: torch has no dtype for {s.dtype}")
+        plan = s.plan
+        if plan.codec != "fields" or not plan.lane:
+            unit = _unit_bytes(plan)
+            buf = torch.empty(DTYPES[s.dtype].nbytes(math.prod(s.shape)), dtype=torch.uint8, device=self.device)
+            for first, raw in s.host:
+                buf[first * unit:first * unit + len(raw)] = _upload(np.frombuffer(raw, np.uint8), self.device)
+            return buf.view(tdt).reshape(s.shape)
+        v = self._fields_values(s, syms)
+        return _as_dtype(v, plan.layout.bits, tdt).reshape(s.shape)
+
+    def _fields_values(self, s: _Stream, syms) -> "torch.Tensor":
+        """The elements of a laned fields stream as unsigned values in the working integer dtype."""
+        import torch
+
+        plan, dev = s.plan, self.device
+        lay, L, n = plan.layout, plan.block, plan.n
+        work = _work(lay.bits)
+        alphabet = torch.as_tensor(plan.alphabet, dtype=work).to(dev)
+        if len(plan.alphabet) == 1:
+            head = alphabet[0].expand(n).clone()
+        else:
+            head = self._heads(s, syms, alphabet)
+        if lay.tail + lay.sign:
+            tail, tz = self._tails(s, work)
+            t = lay.tail - tz
+            v = (head << lay.tail) | ((tail & ((1 << t) - 1)) << tz)
+            if lay.sign:
+                v |= (tail >> t) << (lay.bits - 1)
+        else:
+            v = head
+        for first, raw in s.host:  # chunks stored as bytes
+            u = np.frombuffer(raw, UINT[lay.bits])
+            v[first:first + len(u)] = _upload(u.astype(np.int64 if lay.bits > 16 else np.int32, copy=False)
+                                              if lay.bits < 64 else u.view(np.int64), dev).to(work)
+        return v
+
+    def _heads(self, s: _Stream, syms, alphabet) -> "torch.Tensor":
+        """Head values in element order: the symbols of each chunk are grouped by class (streams.py)."""
+        import torch
+
+        plan = s.plan
+        L, n = plan.block, plan.n
+        chunks = s.lane_chunks
+        if not chunks:
+            return torch.zeros(n, dtype=alphabet.dtype, device=self.device)
+        shift = chunks[0][2] - chunks[0][0]
+        if not s.host and all(g.uniform and base - a == shift for a, _, base, g in chunks):
+            return alphabet[syms[shift:shift + n].to(torch.int64)]  # the symbols are the elements, in order
+        # the symbol of element e is e + delta[e // L]; blocks of chunks decoded on the host point at some
+        # symbol (their heads are overwritten)
+        nblocks = -(-n // L)
+        delta = -np.arange(nblocks, dtype=np.int64) * L
+        for a, m, base, g in chunks:
+            b0 = a // L
+            start = base
+            for c, rows in enumerate(g.rows):
+                if len(rows):
+                    delta[b0 + rows] = start + np.arange(len(rows), dtype=np.int64) * L - (a + rows * L)
+                    start += g.counts[c]
+        d = _upload(delta, self.device)
+        idx = torch.arange(n, dtype=torch.int64, device=self.device) + d.repeat_interleave(L)[:n]
+        return alphabet[syms[idx.clamp_(0, syms.numel() - 1)].to(torch.int64)]
+
+    def _tails(self, s: _Stream, work) -> tuple["torch.Tensor", "torch.Tensor | int"]:
+        """Tail values in element order and the trailing-zero count (one int, or one per element)."""
+        import torch
+
+        plan, dev = s.plan, self.device
+        lay, L, n = plan.layout, plan.block, plan.n
+        buf = _upload(np.frombuffer(b"".join(s.tail_bytes), np.uint8), dev)
+        tail = torch.zeros(n, dtype=work, device=dev)
+        uniform = [(a, m, groups[0]) for a, m, g, groups in s.tails if len(groups) == 1]
+        # chunks with one trailing-zero group and equal length are unpacked together, one row each
+        by_shape: dict = {}
+        for a, m, (tz, cnt, width, off) in uniform:
+            by_shape.setdefault((m, width), []).append((a, off))
+        for (m, width), items in by_shape.items():
+            offs = _upload(np.asarray([off for _, off in items], dtype=np.int64), dev)
+            rows = buf[offs[:, None] + torch.arange(packed_size(m, width), device=dev)]
+            vals = unpack_bits(rows, m, width, work)
+            starts = _upload(np.asarray([a for a, _ in items], dtype=np.int64), dev)
+            tail[(starts[:, None] + torch.arange(m, device=dev)).reshape(-1)] = vals.reshape(-1)
+        for a, m, g, groups in s.tails:
+            if len(groups) == 1:
+                continue
+            for tz, cnt, width, off in groups:
+                vals = unpack_bits(buf[off:off + packed_size(cnt, width)][None], cnt, width, work)[0]
+                pos = g.gather(np.arange(a, a + m, dtype=np.int64), tz)
+                tail[_upload(pos, dev)] = vals
+        tzs = plan.tz if len(plan.tz) else np.zeros(1, np.uint8)
+        if int(tzs.min()) == int(tzs.max()):
+            return tail, int(tzs[0])
+        tz = _upload(tzs.astype(np.int64), dev).to(work).repeat_interleave(L)[:n]
+        return tail, tz
+
+
+def _unit_bytes(plan: streams.Plan) -> int:
+    from .pipeline import _unit_bytes as unit
+
+    return unit(plan)
+
+
+def _upload(a: np.ndarray, device) -> "torch.Tensor":
+    import torch
+
+    with warnings.catch_warnings():  # a read-only view of the mapped file: it is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    if str(device).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device) if str(device) != "cpu" else t.clone()
+
+
+def unpack_bits(rows: "torch.Tensor", n: int, width: int, work) -> "torch.Tensor":
+    """fields.unpack_bits on the device, for each row of a (rows, packed_size(n, width)) uint8 tensor."""
+    import torch
+
+    v = torch.zeros(rows.shape[0], n, dtype=work, device=rows.device)
+    off, shift = 0, 0
+    for w in _subplanes(width):
+        if w == 8:
+            plane = rows[:, off:off + n]
+            off += n
+        else:
+            per = 8 // w
+            size = -(-n * w // 8)
+            g = rows[:, off:off + size].to(torch.int32)
+            off += size
+            shifts = torch.arange(0, 8, w, dtype=torch.int32, device=rows.device)
+            plane = ((g[:, :, None] >> shifts) & ((1 << w) - 1)).reshape(rows.shape[0], -1)[:, :n]
+        v |= plane.to(work) << shift
+        shift += w
+    return v
+
+
+def _as_dtype(v: "torch.Tensor", bits: int, tdt) -> "torch.Tensor":
+    """Unsigned `bits`-bit values held in a wider signed integer tensor, reinterpreted as `tdt`."""
+    import torch
+
+    if bits == 8:
+        return v.to(torch.uint8).view(tdt)
+    if bits == 16:
+        return torch.where(v >= 1 << 15, v - (1 << 16), v).to(torch.int16).view(tdt)
+    if bits == 32:
+        return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32).view(tdt)
+    return v.view(tdt)
+
+
+def load(reader: ContainerReader, device, progress: Callable[[int], None] = lambda n: None,
+         names: Optional[list[str]] = None) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """(name, tensor on `device`) for every tensor of the container (or those named), in index order."""
+    records = reader.index["tensors"] if names is None else [t for t in reader.index["tensors"] if t["name"] in names]
+    dec = DeviceDecoder(reader, device, progress)
+    try:
+        yield from dec.tensors(records)
+    finally:
+        dec.close()
