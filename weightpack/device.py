@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -34,7 +36,7 @@ from .dtypes import DTYPES, torch_dtype
 from .errors import FormatError, WeightpackError
 from .stages import lossy
 
-BATCH_SYMBOLS = 1 << 27  # symbols decoded per lock-step batch (bounds the device's working memory)
+BATCH_SYMBOLS = 1 << 28  # symbols decoded per lock-step batch (bounds the device's working memory: ~6 B each)
 
 
 def _work(bits: int):
@@ -72,12 +74,13 @@ class DeviceDecoder:
         self.reader = reader
         self.device = device
         self.progress = progress
-        self.mm = mmap.mmap(reader.f.fileno(), 0, access=mmap.ACCESS_READ) if reader.size else None
+        self.mm = mmap.mmap(reader.f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.threads = ThreadPoolExecutor(os.cpu_count() or 1)  # crc32 and zstd release the GIL
+        self.pending: list = []  # device-side checks not yet read back
 
     def close(self) -> None:
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
+        self.threads.shutdown()
+        self.mm.close()
 
     def tensors(self, records: list[dict]) -> Iterator[tuple[str, "torch.Tensor"]]:
         batch = _Batch()
@@ -94,13 +97,17 @@ class DeviceDecoder:
                 yield from self._finish(batch)
                 batch = _Batch()
         yield from self._finish(batch)
+        lockstep.check_pending(self.pending)
 
     # -- host side ------------------------------------------------------------------------------------
-    def _payload(self, rec: dict, where: str) -> memoryview:
-        payload = memoryview(self.mm)[rec["offset"]:rec["offset"] + rec["length"]]
-        if zlib.crc32(payload) != rec["crc32"]:
-            raise FormatError(f"{where}: checksum mismatch (damaged data)")
-        return payload
+    def _payloads(self, chunks: list, where: str) -> list:
+        """The chunks' coded bytes (views of the mapped file), their crc32 checked in threads."""
+        views = [memoryview(self.mm)[rec["offset"]:rec["offset"] + rec["length"]] for rec in chunks]
+        ok = list(self.threads.map(lambda v, rec: zlib.crc32(v) == rec["crc32"], views, chunks))
+        for i, good in enumerate(ok):
+            if not good:
+                raise FormatError(f"{where} chunk {i}: checksum mismatch (damaged data)")
+        return views
 
     def _prepare(self, batch: _Batch, stream: dict, dtype: str, shape: list, where: str) -> _Stream:
         from .pipeline import stream_plan
@@ -109,9 +116,8 @@ class DeviceDecoder:
         s = _Stream(plan, dtype, shape, where)
         laned = plan.codec == "fields" and plan.lane
         row = batch.lanes.add_tables(plan.tables) if laned and len(plan.alphabet) > 1 else 0
-        for i, rec in enumerate(stream["chunks"]):
+        for i, (rec, payload) in enumerate(zip(stream["chunks"], self._payloads(stream["chunks"], where))):
             w = f"{where} chunk {i}"
-            payload = self._payload(rec, w)
             if not laned or rec.get("codec") != "fields":
                 s.host.append((plan.chunk_range(i)[0], streams.decode_chunk(plan, i, rec, payload, w)))
                 continue
@@ -153,7 +159,7 @@ class DeviceDecoder:
     def _finish(self, batch: _Batch) -> Iterator[tuple[str, "torch.Tensor"]]:
         if not batch.items:
             return
-        syms = lockstep.decode(batch.lanes, self.device, "lanes") if batch.lanes.nsymbols else None
+        syms = lockstep.decode(batch.lanes, self.device, "lanes", self.pending) if batch.lanes.nsymbols else None
         for t, streams_of in batch.items:
             where = f"tensor {t['name']!r}"
             if t["stages"]:

@@ -28,22 +28,30 @@ from . import entropy
 
 SLOTS = 1 << entropy.TABLE_BITS
 SHIFT = entropy.MODEL_BITS - entropy.TABLE_BITS
-MAX_BOUNDS = 8  # context changes within one lane: runs of a chunk (at most 8 classes) -> at most 7
+MAX_BOUNDS = 7  # context changes within one lane: a chunk has at most 8 runs (classes)
+NEVER = 1 << 62
+
+
+def slot_table(f: np.ndarray) -> np.ndarray:
+    """For each 15-bit slot of a stored table: its symbol s, f[s] and slot - cdf[s], packed in an int64
+    (bits 0-11, 12-27, 28-43), so that one lookup gives all a decoding step needs."""
+    f = np.asarray(f, dtype=np.int64)
+    cdf = np.cumsum(f) - f
+    sym = np.repeat(np.arange(len(f), dtype=np.int64), f)
+    return sym | (f[sym] << 12) | ((np.arange(SLOTS, dtype=np.int64) - cdf[sym]) << 28)
 
 
 @dataclass
 class LaneSet:
-    """Lanes of many lanes payloads, assembled on the host for one decode."""
+    """Lanes of many lanes payloads, assembled on the host for one decode. Per lane: where its words are,
+    how many symbols it holds, where they go (first position and stride), and its contexts: the table row
+    it starts with (ctx0) and the lane steps at which another row takes over (bounds, strictly increasing,
+    padded with NEVER) with those rows (ctxs)."""
 
     words: list = field(default_factory=list)  # u32 arrays
     nwords: int = 0
-    wstart: list = field(default_factory=list)
-    wend: list = field(default_factory=list)
-    nsym: list = field(default_factory=list)
-    out: list = field(default_factory=list)  # index of the lane's first symbol in the output
-    stride: list = field(default_factory=list)
-    ctx0: list = field(default_factory=list)  # table row of the lane's first run
-    bounds: list = field(default_factory=list)  # lane steps where the next row starts (MAX_BOUNDS, padded)
+    cols: dict = field(default_factory=lambda: {k: [] for k in ("wstart", "wend", "nsym", "out", "stride", "ctx0",
+                                                                 "bounds", "ctxs")})
     tables: list = field(default_factory=list)  # stored 15-bit tables, one per row
     nsymbols: int = 0  # output length
 
@@ -55,7 +63,10 @@ class LaneSet:
 
     def add(self, payload, run_counts: list[int], row: int, lane: int, where: str) -> int:
         """Add one lanes payload whose runs use table rows row, row+1, ...; returns where its symbols begin
-        in the output (in coding order, as entropy.lanes_decode returns them)."""
+        in the output (they come out in coding order, as entropy.lanes_decode returns them)."""
+        C = len(run_counts)
+        if not 1 <= C <= MAX_BOUNDS + 1:
+            raise ValueError("a lanes payload has 1 to 8 runs")
         n = int(sum(run_counts))
         words, wc = entropy.lane_words(payload, n, lane, where)
         nl = len(wc)
@@ -63,22 +74,27 @@ class LaneSet:
         ends = self.nwords + np.cumsum(wc)
         self.words.append(words)
         self.nwords += len(words)
-        nonempty = [c for c in range(len(run_counts)) if run_counts[c]]
-        for j in range(nl):
-            per = entropy.lane_runs(list(run_counts), nl, j)
-            k = np.cumsum(per)  # lane steps where each run ends
-            # the lane's first symbol is in the first run whose end lies beyond step 0; later runs begin
-            # at the ends of the earlier ones (empty runs begin and end at the same step: skipped)
-            first = next(c for c in nonempty if k[c] > 0)
-            b = [int(k[c - 1]) for c in range(first + 1, len(run_counts))]
-            b += [1 << 62] * (MAX_BOUNDS - len(b))
-            self.wstart.append(int(ends[j] - wc[j]))
-            self.wend.append(int(ends[j]))
-            self.nsym.append(-(-(n - j) // nl))
-            self.out.append(base + j)
-            self.stride.append(nl)
-            self.ctx0.append(row + first)
-            self.bounds.append(b)
+        j = np.arange(nl, dtype=np.int64)
+        starts = np.cumsum(run_counts, dtype=np.int64)[:-1]  # where runs 1..C-1 begin
+        first = np.maximum(0, -(-(starts[None, :] - j[:, None]) // nl))  # ... in each lane's steps
+        ctx0 = row + (first == 0).sum(axis=1)  # runs beginning at step 0 (empty runs too) are passed already
+        # a row takes over at a step only where the next run does not begin at the same step (empty runs)
+        keep = (first > 0) & np.concatenate([first[:, 1:] != first[:, :-1], np.ones((nl, 1), bool)], axis=1)
+        order = np.argsort(~keep, axis=1, kind="stable")
+        kept = np.take_along_axis(keep, order, axis=1)
+        bounds = np.full((nl, MAX_BOUNDS), NEVER, dtype=np.int64)
+        ctxs = np.zeros((nl, MAX_BOUNDS), dtype=np.int64)
+        bounds[:, :C - 1] = np.where(kept, np.take_along_axis(first, order, axis=1), NEVER)
+        ctxs[:, :C - 1] = np.where(kept, row + 1 + order, 0)
+        c = self.cols
+        c["wstart"].append(ends - wc)
+        c["wend"].append(ends)
+        c["nsym"].append(-(-(n - j) // nl))
+        c["out"].append(base + j)
+        c["stride"].append(np.full(nl, nl, dtype=np.int64))
+        c["ctx0"].append(ctx0)
+        c["bounds"].append(bounds)
+        c["ctxs"].append(ctxs)
         self.nsymbols += n
         return base
 
@@ -86,28 +102,29 @@ class LaneSet:
     def to(self, device) -> "DeviceLanes":
         import torch
 
-        def t(x, dtype=torch.int64):
-            return torch.as_tensor(np.asarray(x, dtype=np.int64), dtype=dtype).to(device, non_blocking=True)
+        cuda = str(device).startswith("cuda")
 
-        amax = max((len(x) for x in self.tables), default=1)
-        freq = np.ones((max(1, len(self.tables)), amax), dtype=np.int64)
-        cdf = np.zeros_like(freq)
-        lut = np.zeros((max(1, len(self.tables)), SLOTS), dtype=np.int32)
-        for r, f in enumerate(self.tables):
-            freq[r, :len(f)] = f
-            cdf[r, :len(f)] = np.cumsum(f) - f
-            lut[r] = np.repeat(np.arange(len(f), dtype=np.int32), f)
-        words = np.concatenate(self.words).view(np.int32) if self.words else np.zeros(1, np.int32)
-        pinned = device is not None and str(device).startswith("cuda")
-        wt = torch.from_numpy(words)
-        if pinned:
-            wt = wt.pin_memory()
-        bounds = np.asarray(self.bounds, dtype=np.int64).reshape(-1, MAX_BOUNDS)
+        def up(x: np.ndarray):
+            t = torch.from_numpy(np.ascontiguousarray(x))
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+        def col(k, width=None):
+            parts = self.cols[k]
+            if parts:
+                return up(np.concatenate(parts).astype(np.int64, copy=False))
+            return up(np.zeros((0, width) if width else 0, dtype=np.int64))
+
+        lut = np.stack([slot_table(f) for f in self.tables]) if self.tables else np.zeros((1, SLOTS), np.int64)
+        # the words are copied once, from the mapped file into the (pinned) buffer the device copies from
+        staging = torch.empty(max(1, self.nwords), dtype=torch.int32, pin_memory=cuda)
+        if self.words:
+            np.concatenate(self.words, out=staging.numpy().view(np.uint32)[:self.nwords])
+        nsym = np.concatenate(self.cols["nsym"]) if self.cols["nsym"] else np.zeros(0, np.int64)
         return DeviceLanes(
-            words=wt.to(device, non_blocking=True), wstart=t(self.wstart), wend=t(self.wend), nsym=t(self.nsym),
-            out=t(self.out), stride=t(self.stride), ctx0=t(self.ctx0), bounds=t(bounds),
-            lut=t(lut, torch.int32), freq=t(freq), cdf=t(cdf), nsymbols=self.nsymbols,
-            steps=max(self.nsym, default=0))
+            words=staging.to(device, non_blocking=True) if cuda else staging, wstart=col("wstart"), wend=col("wend"), nsym=col("nsym"), out=col("out"),
+            stride=col("stride"), ctx0=col("ctx0"), bounds=col("bounds", MAX_BOUNDS),
+            ctxs=col("ctxs", MAX_BOUNDS), lut=up(lut), nsymbols=self.nsymbols,
+            steps=int(nsym.max()) if len(nsym) else 0)
 
 
 @dataclass
@@ -120,9 +137,8 @@ class DeviceLanes:
     stride: object
     ctx0: object
     bounds: object
+    ctxs: object
     lut: object
-    freq: object
-    cdf: object
     nsymbols: int
     steps: int
 
@@ -159,28 +175,27 @@ def decode_torch(d: DeviceLanes, where: str):
     alive = d.nlanes - np.cumsum(counts)  # lanes with more than t symbols
     state, ptr = _initial_state(d)
     state, ptr = state[order], ptr[order]
-    wstart, ctx0, bounds = d.wstart[order], d.ctx0[order], d.bounds[order]
+    wstart, ctx0, bounds, ctxs = d.wstart[order], d.ctx0[order], d.bounds[order], d.ctxs[order]
     pos, stride = d.out[order], d.stride[order]
-    lut, freq, cdf = d.lut.reshape(-1), d.freq.reshape(-1), d.cdf.reshape(-1)
-    amax = d.freq.shape[1]
+    lut = d.lut.reshape(-1)
     for t in range(d.steps):
         k = int(alive[t])
         if k < len(state):  # lanes that hold t symbols are done: each must have used all its words
             _check_used(ptr[k:], wstart[k:], where)
-            state, ptr, wstart, ctx0, bounds, pos, stride = (
-                x[:k] for x in (state, ptr, wstart, ctx0, bounds, pos, stride))
-        ctx = ctx0 + (bounds <= t).sum(dim=1)
+            state, ptr, wstart, ctx0, bounds, ctxs, pos, stride = (
+                x[:k] for x in (state, ptr, wstart, ctx0, bounds, ctxs, pos, stride))
+        passed = (bounds <= t).sum(dim=1, keepdim=True)
+        ctx = torch.where(passed[:, 0] == 0, ctx0, ctxs.gather(1, (passed - 1).clamp(min=0))[:, 0])
         q = state & 0xFFFFFF
-        s = lut[ctx * SLOTS + (q >> SHIFT)].to(torch.int64)
-        f = freq[ctx * amax + s]
-        c = cdf[ctx * amax + s]
-        # (state >> 24) as an unsigned shift; the product wraps like the u64 arithmetic it stands for
-        state = ((state >> 24) & 0xFFFFFFFFFF) * (f << SHIFT) + q - (c << SHIFT)
+        e = lut[ctx * SLOTS + (q >> SHIFT)]
+        # state = (state >> 24) * f + q - cdf (24-bit f, cdf): the shift as an unsigned one; the product
+        # wraps like the u64 arithmetic it stands for
+        state = ((state >> 24) & 0xFFFFFFFFFF) * (((e >> 12) & 0xFFFF) << SHIFT) + ((e >> 28) << SHIFT) + (q & 511)
         need = (state >= 0) & (state < (1 << 32)) & (ptr > wstart)
         w = d.words[(ptr - 1).clamp(min=0)].to(torch.int64) & 0xFFFFFFFF
         state = torch.where(need, (state << 32) | w, state)
         ptr = ptr - need.to(torch.int64)
-        out[pos + t * stride] = s.to(torch.int32)
+        out[pos + t * stride] = (e & 0xFFF).to(torch.int32)
     _check_used(ptr, wstart, where)
     return out
 
@@ -211,8 +226,8 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def lanes_kernel(words, wstart, wend, nsym, outpos, stride, ctx0, bounds, lut, freq, cdf, out, left,
-                     nlanes, steps, amax, NB: tl.constexpr, BLOCK: tl.constexpr):
+    def lanes_kernel(words, wstart, wend, nsym, outpos, stride, ctx0, bounds, ctxs, lut, out, left, nlanes, steps,
+                     NB: tl.constexpr, BLOCK: tl.constexpr):
         lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = lane < nlanes
         lo = tl.load(wstart + lane, mask=live, other=0)
@@ -220,7 +235,9 @@ def _kernel():
         n = tl.load(nsym + lane, mask=live, other=0)
         base = tl.load(outpos + lane, mask=live, other=0)
         st = tl.load(stride + lane, mask=live, other=0)
-        c0 = tl.load(ctx0 + lane, mask=live, other=0)
+        ctx = tl.load(ctx0 + lane, mask=live, other=0)
+        nxt = tl.load(bounds + lane * NB, mask=live, other=0)  # the step where the next context begins
+        k = tl.zeros([BLOCK], dtype=tl.int64)  # context changes passed
         one = (hi - lo) == 1
         w1 = tl.load(words + hi - 1, mask=live & (hi > lo), other=0).to(tl.uint32).to(tl.uint64)
         w2 = tl.load(words + hi - 2, mask=live & (hi - lo >= 2), other=0).to(tl.uint32).to(tl.uint64)
@@ -228,31 +245,34 @@ def _kernel():
         ptr = tl.where(one, hi - 1, hi - 2)
         for t in range(0, steps):
             act = live & (t < n)
-            ctx = c0
-            for b in tl.static_range(NB):
-                ctx += (tl.load(bounds + lane * NB + b, mask=act, other=0) <= t).to(tl.int64)
+            adv = act & (nxt <= t)  # bounds strictly increase: at most one change per step
+            ctx = tl.where(adv, tl.load(ctxs + lane * NB + k, mask=adv, other=0), ctx)
+            k = tl.where(adv, k + 1, k)
+            nxt = tl.where(adv, tl.load(bounds + lane * NB + k, mask=adv & (k < NB), other=1 << 62), nxt)
             q = state & 0xFFFFFF
-            s = tl.load(lut + ctx * 32768 + (q >> 9).to(tl.int64), mask=act, other=0).to(tl.int64)
-            f = tl.load(freq + ctx * amax + s, mask=act, other=1).to(tl.uint64)
-            c = tl.load(cdf + ctx * amax + s, mask=act, other=0).to(tl.uint64)
-            nxt = (state >> 24) * (f << 9) + q - (c << 9)
-            need = act & (nxt < 4294967296) & (ptr > lo)
+            e = tl.load(lut + ctx * 32768 + (q >> 9).to(tl.int64), mask=act, other=0)
+            f = ((e >> 12) & 0xFFFF).to(tl.uint64)
+            r = (e >> 28).to(tl.uint64)
+            x = (state >> 24) * (f << 9) + (r << 9) + (q & 511)
+            need = act & (x < 4294967296) & (ptr > lo)
             w = tl.load(words + ptr - 1, mask=need, other=0).to(tl.uint32).to(tl.uint64)
-            nxt = tl.where(need, (nxt << 32) | w, nxt)
+            x = tl.where(need, (x << 32) | w, x)
             ptr = tl.where(need, ptr - 1, ptr)
-            state = tl.where(act, nxt, state)
-            tl.store(out + base + t * st, s.to(tl.int32), mask=act)
+            state = tl.where(act, x, state)
+            tl.store(out + base + t * st, (e & 0xFFF).to(tl.int32), mask=act)
         tl.store(left + lane, ptr - lo, mask=live)
 
     _KERNEL = lanes_kernel
     return _KERNEL
 
 
-TRITON_BLOCK = 128
+TRITON_BLOCK = 32  # lanes per program: one warp; a batch holds thousands of lanes
 
 
-def decode_triton(d: DeviceLanes, where: str):
-    """All lanes' symbols (int32, in output order), decoded by the Triton kernel on d's device."""
+def decode_triton(d: DeviceLanes, where: str, pending: list | None = None):
+    """All lanes' symbols (int32, in output order), decoded by the Triton kernel on d's device. The check
+    that every lane used up its words is appended to `pending` (checked later by `check_pending`, so the
+    host does not wait for the device here), or done at once."""
     import torch
 
     dev = d.words.device
@@ -261,12 +281,21 @@ def decode_triton(d: DeviceLanes, where: str):
         return out
     left = torch.empty(d.nlanes, dtype=torch.int64, device=dev)
     grid = (-(-d.nlanes // TRITON_BLOCK),)
-    _kernel()[grid](d.words, d.wstart, d.wend, d.nsym, d.out, d.stride, d.ctx0, d.bounds.contiguous(),
-                    d.lut, d.freq, d.cdf, out, left, d.nlanes, d.steps, d.freq.shape[1],
-                    NB=MAX_BOUNDS, BLOCK=TRITON_BLOCK)
-    if bool((left != 0).any()):
-        raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
+    _kernel()[grid](d.words, d.wstart, d.wend, d.nsym, d.out, d.stride, d.ctx0, d.bounds, d.ctxs, d.lut, out, left,
+                    d.nlanes, d.steps, NB=MAX_BOUNDS, BLOCK=TRITON_BLOCK, num_warps=TRITON_BLOCK // 32)
+    bad = (left != 0).any()
+    if pending is None:
+        check_pending([(bad, where)])
+    else:
+        pending.append((bad, where))
     return out
+
+
+def check_pending(pending: list) -> None:
+    for bad, where in pending:
+        if bool(bad):
+            raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
+    pending.clear()
 
 
 def decoder_for(device) -> str:
@@ -278,8 +307,8 @@ def decoder_for(device) -> str:
     return "triton" if str(device).startswith("cuda") and triton_available() else "torch"
 
 
-def decode(lanes: LaneSet, device, where: str):
+def decode(lanes: LaneSet, device, where: str, pending: list | None = None):
     d = lanes.to(device)
     if decoder_for(device) == "triton":
-        return decode_triton(d, where)
+        return decode_triton(d, where, pending)
     return decode_torch(d, where)
