@@ -252,13 +252,15 @@ class _OutputTree:
 
 
 def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False, workers: Optional[int] = None,
-           progress: bool = False) -> Path:
+           progress: bool = False, device: "str | torch.device | None" = None) -> Path:
     """Restore safetensors from a container: the same files, tensors, headers and `__metadata__`.
 
     A single-file source restores to `dst` (a file path, or a folder to put the original name in);
     a sharded or folder source restores to the folder `dst` (default: beside the container, without
-    `.wpk`), with its index and carried files. Returns the path written.
+    `.wpk`), with its index and carried files. Returns the path written. With `device`, tensors are
+    decoded on that torch device (see `load`) and written from there, one at a time.
     """
+    dev = _device(device) if device is not None else None
     with ContainerReader(src) as r:
         idx = r.index
         single = (idx["source"]["kind"] == "file" and len(idx["files"]) == 1 and not idx["carried"]
@@ -286,7 +288,10 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
                 for e in entries:
                     targets[e.name] = (str(path), 8 + len(header) + e.begin)
             with _bar(sum(t["nbytes"] for t in idx["tensors"]), "unpack", progress) as bar:
-                decode_into_files(r, targets, workers, bar.update)
+                if dev is None:
+                    decode_into_files(r, targets, workers, bar.update)
+                else:
+                    _write_from_device(r, dev, targets, bar.update)
             for c in idx["carried"]:
                 with builtins.open(out.path(c["name"]), "wb") as fh:
                     for piece in carried_pieces(r, c):
@@ -296,6 +301,18 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
             out.abort()
             raise
     return target
+
+
+def _write_from_device(r: ContainerReader, dev: "torch.device", targets: dict, progress) -> None:
+    import torch
+
+    from . import device as on_device
+
+    for name, x in on_device.load(r, dev, progress, raw=True):
+        path, offset = targets[name]
+        with builtins.open(path, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(x.reshape(-1).view(torch.uint8).cpu().numpy().tobytes() if x.numel() else b"")
 
 
 # -- load / open ---------------------------------------------------------------------------------

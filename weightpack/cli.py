@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("src", help="the .wpk container")
     sp.add_argument("-o", "--output", help="output file or folder (default: beside SRC)")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
+    sp.add_argument("--device", metavar="DEV",
+                    help="decode on this torch device (cuda, cuda:1, auto) and write the tensors from there "
+                         "(default: decode in worker processes on the CPU)")
     common(sp)
 
     sp = sub.add_parser("inspect", help="show what a container holds, per tensor", epilog=EPILOG)
@@ -151,7 +154,8 @@ def run(argv: Optional[list[str]] = None) -> int:
             print(f"{res['path']}: {_human(res['bytes_in'])} -> {_human(res['bytes_out'])} "
                   f"({100 * res['ratio']:.2f}%), {res['tensors']} tensors in {res['seconds']:.1f} s")
     elif args.command == "unpack":
-        out = api.unpack(args.src, args.output, force=args.force, workers=args.workers, progress=show)
+        out = api.unpack(args.src, args.output, force=args.force, workers=args.workers, progress=show,
+                         device=args.device)
         if not args.quiet:
             print(f"{out}")
     elif args.command == "inspect":

@@ -70,8 +70,10 @@ class _Batch:
 class DeviceDecoder:
     """Rebuilds a container's tensors on `device`; `progress(nbytes)` is told of each finished tensor."""
 
-    def __init__(self, reader: ContainerReader, device, progress: Callable[[int], None] = lambda n: None):
+    def __init__(self, reader: ContainerReader, device, progress: Callable[[int], None] = lambda n: None,
+                 raw: bool = False):
         self.reader = reader
+        self.raw = raw  # tensors of dtypes torch lacks (F4, F6) come out as their bytes (uint8), not an error
         self.device = device
         self.progress = progress
         self.mm = mmap.mmap(reader.f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -80,7 +82,10 @@ class DeviceDecoder:
 
     def close(self) -> None:
         self.threads.shutdown()
-        self.mm.close()
+        try:
+            self.mm.close()
+        except BufferError:  # views of it are still referenced (e.g. by an exception's frames): unmapped
+            pass  # when the last one goes
 
     def tensors(self, records: list[dict]) -> Iterator[tuple[str, "torch.Tensor"]]:
         batch = _Batch()
@@ -138,7 +143,7 @@ class DeviceDecoder:
             if hcodec != "const" or len(hdata):
                 raise FormatError(f"{where}: malformed head part")
         else:
-            if hcodec != "lanes" or len(hdata) % 4 or not len(hdata):
+            if hcodec != "lanes" or len(hdata) % 4:
                 raise FormatError(f"{where}: malformed head part")
             g = streams.BlockGroups(bcls, plan.tables.shape[0], L, m)
             base = batch.lanes.add(hdata, g.counts, row, plan.lane, where)
@@ -167,7 +172,7 @@ class DeviceDecoder:
                 x = lossy.reconstruct(t, parts)
             else:
                 x = self._rebuild(streams_of[None], syms)
-            if list(x.shape) != list(t["shape"]):
+            if torch_dtype(t["dtype"]) is not None and list(x.shape) != list(t["shape"]):
                 raise FormatError(f"{where}: rebuilt with shape {list(x.shape)}")
             self.progress(t["nbytes"])
             yield t["name"], x
@@ -176,7 +181,7 @@ class DeviceDecoder:
         import torch
 
         tdt = torch_dtype(s.dtype)
-        if tdt is None:
+        if tdt is None and not self.raw:
             raise WeightpackError(f"{s.where}: torch has no dtype for {s.dtype}")
         plan = s.plan
         if plan.codec != "fields" or not plan.lane:
@@ -184,7 +189,7 @@ class DeviceDecoder:
             buf = torch.empty(DTYPES[s.dtype].nbytes(math.prod(s.shape)), dtype=torch.uint8, device=self.device)
             for first, raw in s.host:
                 buf[first * unit:first * unit + len(raw)] = _upload(np.frombuffer(raw, np.uint8), self.device)
-            return buf.view(tdt).reshape(s.shape)
+            return buf if tdt is None else buf.view(tdt).reshape(s.shape)
         v = self._fields_values(s, syms)
         return _as_dtype(v, plan.layout.bits, tdt).reshape(s.shape)
 
@@ -327,10 +332,11 @@ def _as_dtype(v: "torch.Tensor", bits: int, tdt) -> "torch.Tensor":
 
 
 def load(reader: ContainerReader, device, progress: Callable[[int], None] = lambda n: None,
-         names: Optional[list[str]] = None) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """(name, tensor on `device`) for every tensor of the container (or those named), in index order."""
+         names: Optional[list[str]] = None, raw: bool = False) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """(name, tensor on `device`) for every tensor of the container (or those named), in index order.
+    With `raw`, tensors of dtypes torch lacks come as their bytes (uint8) instead of an error."""
     records = reader.index["tensors"] if names is None else [t for t in reader.index["tensors"] if t["name"] in names]
-    dec = DeviceDecoder(reader, device, progress)
+    dec = DeviceDecoder(reader, device, progress, raw)
     try:
         yield from dec.tensors(records)
     finally:

@@ -154,10 +154,10 @@ def _initial_state(d: DeviceLanes):
     def word(i):
         return d.words[i.clamp(min=0)].to(torch.int64) & 0xFFFFFFFF
 
-    one = (d.wend - d.wstart) == 1
+    size = d.wend - d.wstart  # 0 words: state 0 (only symbol 0 was coded); 1 word: the state is below 2**32
     hi, lo = word(d.wend - 1), word(d.wend - 2)
-    state = torch.where(one, hi, (hi << 32) | lo)
-    ptr = torch.where(one, d.wend - 1, d.wend - 2)
+    state = torch.where(size == 0, 0, torch.where(size == 1, hi, (hi << 32) | lo))
+    ptr = d.wend - size.clamp(max=2)
     return state, ptr
 
 
@@ -181,7 +181,7 @@ def decode_torch(d: DeviceLanes, where: str):
     for t in range(d.steps):
         k = int(alive[t])
         if k < len(state):  # lanes that hold t symbols are done: each must have used all its words
-            _check_used(ptr[k:], wstart[k:], where)
+            _check_used(ptr[k:], wstart[k:], state[k:], where)
             state, ptr, wstart, ctx0, bounds, ctxs, pos, stride = (
                 x[:k] for x in (state, ptr, wstart, ctx0, bounds, ctxs, pos, stride))
         passed = (bounds <= t).sum(dim=1, keepdim=True)
@@ -196,12 +196,13 @@ def decode_torch(d: DeviceLanes, where: str):
         state = torch.where(need, (state << 32) | w, state)
         ptr = ptr - need.to(torch.int64)
         out[pos + t * stride] = (e & 0xFFF).to(torch.int32)
-    _check_used(ptr, wstart, where)
+    _check_used(ptr, wstart, state, where)
     return out
 
 
-def _check_used(ptr, wstart, where: str) -> None:
-    if len(ptr) and bool((ptr != wstart).any()):
+def _check_used(ptr, wstart, state, where: str) -> None:
+    """A lane decoded to its end has read all its words and is back in the coder's initial state, 0."""
+    if len(ptr) and bool(((ptr != wstart) | (state != 0)).any()):
         raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
 
 
@@ -238,11 +239,11 @@ def _kernel():
         ctx = tl.load(ctx0 + lane, mask=live, other=0)
         nxt = tl.load(bounds + lane * NB, mask=live, other=0)  # the step where the next context begins
         k = tl.zeros([BLOCK], dtype=tl.int64)  # context changes passed
-        one = (hi - lo) == 1
-        w1 = tl.load(words + hi - 1, mask=live & (hi > lo), other=0).to(tl.uint32).to(tl.uint64)
-        w2 = tl.load(words + hi - 2, mask=live & (hi - lo >= 2), other=0).to(tl.uint32).to(tl.uint64)
-        state = tl.where(one, w1, (w1 << 32) | w2)
-        ptr = tl.where(one, hi - 1, hi - 2)
+        size = hi - lo  # 0 words: state 0 (only symbol 0 was coded); 1 word: the state is below 2**32
+        w1 = tl.load(words + hi - 1, mask=live & (size >= 1), other=0).to(tl.uint32).to(tl.uint64)
+        w2 = tl.load(words + hi - 2, mask=live & (size >= 2), other=0).to(tl.uint32).to(tl.uint64)
+        state = tl.where(size >= 2, (w1 << 32) | w2, w1)
+        ptr = hi - tl.minimum(size, 2)
         for t in range(0, steps):
             act = live & (t < n)
             adv = act & (nxt <= t)  # bounds strictly increase: at most one change per step
@@ -260,7 +261,7 @@ def _kernel():
             ptr = tl.where(need, ptr - 1, ptr)
             state = tl.where(act, x, state)
             tl.store(out + base + t * st, (e & 0xFFF).to(tl.int32), mask=act)
-        tl.store(left + lane, ptr - lo, mask=live)
+        tl.store(left + lane, (ptr - lo) | (state != 0).to(tl.int64), mask=live)  # 0: used up, initial state
 
     _KERNEL = lanes_kernel
     return _KERNEL

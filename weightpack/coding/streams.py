@@ -512,7 +512,8 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
             raise FormatError(f"{where}: malformed head part")
         head = np.full(m, alphabet[0], dtype=wd)
     else:
-        if hcodec != ("lanes" if plan.lane else "ans") or len(hdata) % 4 or not len(hdata):
+        # (an ANS stream may be empty: symbol 0 only, encoded from state 0)
+        if hcodec != ("lanes" if plan.lane else "ans") or len(hdata) % 4:
             raise FormatError(f"{where}: malformed head part")
         C = plan.tables.shape[0]
         g = BlockGroups(bcls, C, L, m)

@@ -459,7 +459,7 @@ def decode_chunk(plan: LevelPlan, i: int, rec: dict, payload, where: str) -> byt
         k = np.full(lanes(np.zeros(m)).shape, plan.lo, dtype=np.int64)
         out = reconstruct(k, walk(k)).reshape(-1)[:m].astype("<i2")
     else:
-        if codec != "ans" or not len(payload) or len(payload) % 4:
+        if codec != "ans" or len(payload) % 4:  # (an ANS stream of symbol 0 only is empty)
             raise FormatError(f"{where}: malformed level part")
         out = _decode_multiples(plan, a, m, np.frombuffer(payload, dtype="<u4"), where)
     raw = out.tobytes()
