@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
 import weightpack
+from weightpack.coding import entropy
 from weightpack.coding import trellis as T
 from weightpack.errors import FormatError, WeightpackError
 from weightpack.stages import quantize as Q
@@ -91,18 +92,43 @@ def _decode(plan, coded, n):
     return b"".join(T.decode_chunk(p2, i, rec, memoryview(pay), "test") for i, (rec, pay) in enumerate(coded))
 
 
+# the ANS lanes of format 1.2 (parity | rest, 64 symbols per lane here: many lanes), and 1.1 (step-major)
+LAYOUTS = [16, 0]
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 3 * 1024), spread=st.sampled_from([0, 1, 3, 40, 400]), rows=st.sampled_from([1, 3, 16, 40]),
-       seed=st.integers(0, 2**31))
-def test_level_coder_round_trip(n, spread, rows, seed):
+       seed=st.integers(0, 2**31), lane=st.sampled_from(LAYOUTS))
+def test_level_coder_round_trip(n, spread, rows, seed, lane):
     rng = np.random.default_rng(seed)
     k = np.round(rng.laplace(0, spread + 1e-9, n)).astype(np.int64).clip(-2000, 2000)
     r = T.multiples(k)
     shape = [rows, n // rows] if n % rows == 0 and rows > 1 else [n]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T, "CHUNK_TARGET", 4 * T.LANE)  # several chunks, a partial last lane
+        mp.setattr(entropy, "LANE", lane)
+        mp.setattr(T, "SPLIT_TOLERANCE", float("inf"))  # the lanes layout whenever LANE > 0
         plan, coded = _code(r, shape)
+    assert plan.ans_lane == (T.LANES_PER_ANS * lane if plan.alphabet > 1 else 0)  # one level: no stream
     assert _decode(plan, coded, n) == r.tobytes()
+
+
+def test_layout_is_chosen_by_cost():
+    """The lanes layout codes parities without the quantizer as context: taken at moderate rates, not
+    at a few levels where that context is worth much."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal(256 * 384)
+    coarse = T.make_plan(T.multiples(T.search(w, 384, 1.2, 0.3)), [256, 384])
+    fine = T.make_plan(T.multiples(T.search(w, 384, 0.1, 0.3)), [256, 384])
+    assert coarse.alphabet <= 7 and coarse.ans_lane == 0
+    assert fine.alphabet > 20 and fine.ans_lane == T.LANES_PER_ANS * entropy.LANE
+
+
+def test_parity_walk_matches_the_machine():
+    rng = np.random.default_rng(9)
+    for n in (1, 255, 256, 257, 5000):
+        k = rng.integers(-9, 10, n)
+        assert np.array_equal(T.walk_parities((k & 1).astype(np.uint8)), T.walk(T.lanes(k)).reshape(-1)[:n])
 
 
 def test_level_coder_refuses_what_its_tables_cannot_hold():
@@ -111,15 +137,21 @@ def test_level_coder_refuses_what_its_tables_cannot_hold():
         T.make_plan(r, [r.size])
 
 
-def test_level_coder_uses_its_contexts():
+@pytest.mark.parametrize("lane", [entropy.LANE, 0])
+def test_level_coder_uses_its_contexts(lane, monkeypatch):
     # rows of two very different scales: the row classes are chosen and pay for themselves
+    monkeypatch.setattr(entropy, "LANE", lane)
+    monkeypatch.setattr(T, "SPLIT_TOLERANCE", float("inf"))
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.standard_normal((200, 512)) * 0.2, rng.standard_normal((200, 512)) * 6])
     rng.shuffle(x)
     k = T.search(x.reshape(-1), 512, 1.0, 0.3)
     r = T.multiples(k)
     plan, coded = _code(r, [400, 512])
-    assert plan.classes > 1 and plan.contexts == 2 * plan.classes * (3 if plan.prev else 1)
+    if lane:  # parities per row class; rests per quantizer, parity and row class
+        assert plan.classes > 1 and plan.pcontexts == plan.classes and plan.contexts == 4 * plan.classes
+    else:  # levels per quantizer, row class and maybe the previous level's sign
+        assert plan.classes > 1 and plan.contexts == 2 * plan.classes * (3 if plan.prev else 1)
     size = sum(len(p) for _, p in coded) + len(plan.side())
     flat = T.make_plan(r, [r.size])  # one row: no row classes
     _, flat_coded = _code(r, [r.size])
@@ -127,7 +159,10 @@ def test_level_coder_uses_its_contexts():
     assert _decode(plan, coded, r.size) == r.tobytes()
 
 
-def test_damaged_level_streams_are_refused():
+@pytest.mark.parametrize("lane", [entropy.LANE, 0])
+def test_damaged_level_streams_are_refused(lane, monkeypatch):
+    monkeypatch.setattr(entropy, "LANE", lane)
+    monkeypatch.setattr(T, "SPLIT_TOLERANCE", float("inf"))
     rng = np.random.default_rng(4)
     r = T.multiples(np.round(rng.laplace(0, 3, 5000)).astype(np.int64))
     plan, coded = _code(r, [50, 100])
@@ -135,10 +170,15 @@ def test_damaged_level_streams_are_refused():
     for bad_pay in (pay[:-4], pay[:8] + bytes(len(pay) - 8), bytes(len(pay)), pay + b"\0\0\0\0"):
         with pytest.raises(FormatError):
             _decode(plan, [(rec, bad_pay)], r.size)
-    for key, value in (("lane", 64), ("alphabet", 0), ("classes", 3), ("prev", 2), ("lo", -40000), ("row", 0),
-                       ("chunk", 100)):
+    bad = [("lane", 64), ("alphabet", 0), ("classes", 3), ("prev", 2), ("lo", -40000), ("row", 0), ("chunk", 100)]
+    if lane:
+        bad += [("ans_lane", 100), ("ans_lane", 1 << 30), ("rlo", plan.rlo - 1), ("rest", plan.rest + 1), ("prev", 1)]
+    for key, value in bad:
         with pytest.raises(FormatError):
             T.plan_from_record(r.size, {**plan.params(), key: value}, plan.side(), "test")
+    if lane:
+        with pytest.raises(FormatError):
+            T.plan_from_record(r.size, {k: v for k, v in plan.params().items() if k != "rest"}, plan.side(), "test")
     with pytest.raises(FormatError):
         T.plan_from_record(r.size, plan.params(), plan.side()[:-3], "test")
 

@@ -164,6 +164,13 @@ def lane_words(payload, n: int, lane: int, where: str) -> tuple[np.ndarray, np.n
     return words, counts
 
 
+def lanes_runs(run_counts: list[int], nl: int) -> np.ndarray:
+    """lane_runs for every lane at once: (nl, runs)."""
+    starts = np.concatenate([[0], np.cumsum(run_counts, dtype=np.int64)])
+    j = np.arange(nl, dtype=np.int64)[:, None]
+    return np.diff(np.maximum(0, -(-(starts[None, :] - j) // nl)), axis=1)
+
+
 def lanes_decode(payload, runs: list[tuple[int, object]], lane: int, where: str) -> np.ndarray:
     """Inverse of lanes_encode: the symbols in coding order (int32)."""
     counts = [c for c, _ in runs]
@@ -171,9 +178,14 @@ def lanes_decode(payload, runs: list[tuple[int, object]], lane: int, where: str)
     nl = lane_count(n, lane)
     words, wc = lane_words(payload, n, lane, where)
     out = np.empty(n, dtype=np.int32)
-    ends = np.cumsum(wc)
+    ends = np.cumsum(wc).tolist()
+    per = lanes_runs(counts, nl).tolist()
+    models = [model for _, model in runs]
+    begin = 0
     for j in range(nl):
-        got = ans_decode(words[ends[j] - wc[j]:ends[j]],
-                         [(cnt, model) for cnt, (_, model) in zip(lane_runs(counts, nl, j), runs)], where)
+        dec = Decoder(words[begin:ends[j]], where)
+        begin = ends[j]
+        got = [dec.decode(models[c], k) for c, k in enumerate(per[j]) if k]
+        dec.finish()
         out[j::nl] = np.concatenate(got) if len(got) > 1 else got[0]
     return out
