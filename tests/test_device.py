@@ -22,7 +22,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import weightpack
-from weightpack.coding import entropy, lockstep, streams
+from weightpack.coding import entropy, lockstep, streams, trellis
 from weightpack.errors import FormatError, WeightpackError
 
 import craft
@@ -182,6 +182,8 @@ def small_lanes(monkeypatch):
     """Short lanes and chunks, so the lock-step decoder on the CPU takes few steps and tensors many chunks."""
     monkeypatch.setattr(entropy, "LANE", 64)
     monkeypatch.setattr(streams, "CHUNK_TARGET", 4096)
+    monkeypatch.setattr(trellis, "CHUNK_TARGET", 8192)
+    monkeypatch.setattr(trellis, "SPLIT_TOLERANCE", float("inf"))  # trellis levels in lanes wherever possible
 
 
 def _same(a: dict, b: dict) -> None:
@@ -237,10 +239,15 @@ def test_device_decoder_matches_host_for_lossy_recipes(tmp_path, small_lanes):
     tensors = {"a.weight": torch.randn(96, 200, generator=g),
                "b.weight": (torch.randn(128, 64, generator=g) * 0.02).to(torch.bfloat16),
                "c.weight": torch.randn(64, 64, generator=g).to(torch.float16),
-               "c.bias": torch.randn(64, generator=g)}
+               "d.weight": torch.randn(300, 100, generator=g), "c.bias": torch.randn(64, generator=g)}
     src = craft.save_checkpoint(tmp_path / "m.safetensors", tensors)
-    for recipe in ("int8", "int4", "int3", "ecsq", "q-tcq", "prune50-int4", "2of4-int4", "lowrank-auto"):
-        pk = weightpack.pack(src, tmp_path / f"{recipe}.wpk", recipe=recipe)["path"]
+    tcq = {"name": "t", "rules": [{"match": "*", "min_dims": 2, "stages": [{"name": "quantize", "mode": "tcq", "sqnr": 9}]}]}
+    for recipe in ("int8", "int4", "int3", "ecsq", "q-tcq", "prune50-int4", "2of4-int4", "lowrank-auto", tcq):
+        pk = weightpack.pack(src, tmp_path / "r.wpk", recipe=recipe, force=True)["path"]
+        if recipe in ("q-tcq", tcq):  # trellis levels in the lanes layout (several chunks): decoded on the device
+            params = [p["stream"]["params"] for t in craft.read_container(pk).index["tensors"]
+                      for p in t.get("parts", []) if p["name"] == "q"]
+            assert len(params) == 4 and all(p.get("ans_lane") == 4 * 64 for p in params)
         _same(weightpack.load(pk), weightpack.load(pk, decoder="device"))
 
 

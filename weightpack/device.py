@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from .coding import lockstep, streams
+from .coding import lockstep, streams, trellis
 from .coding.fields import UINT, packed_size, _subplanes
 from .container import ContainerReader
 from .dtypes import DTYPES, torch_dtype
@@ -59,12 +59,16 @@ class _Stream:
     tails: list = field(default_factory=list)  # (a, m, BlockGroups of trailing zeros, [(tz, count, width, offset)])
     tail_bytes: list = field(default_factory=list)
     tail_size: int = 0
+    rests: list = field(default_factory=list)  # trellis lanes layout: each chunk's rest part
+    rest_base: int = 0  # its first rest symbol in the second decode's output
+    trellis: Optional[tuple] = None  # (parities, quantizers, rest keys) between the two decodes
 
 
 class _Batch:
     def __init__(self):
         self.lanes = lockstep.LaneSet()
         self.items: list = []  # (tensor record, {part name or None: _Stream})
+        self.split: list = []  # trellis streams in the lanes layout: they need a second decode
 
 
 class DeviceDecoder:
@@ -120,14 +124,33 @@ class DeviceDecoder:
         plan = stream_plan(self.reader, stream, dtype, shape, where)
         s = _Stream(plan, dtype, shape, where)
         laned = plan.codec == "fields" and plan.lane
+        split = plan.codec == "trellis" and plan.ans_lane and plan.alphabet > 1
         row = batch.lanes.add_tables(plan.tables) if laned and len(plan.alphabet) > 1 else 0
+        if split:
+            row = batch.lanes.add_tables(plan.ptables)
+            s.base = batch.lanes.nsymbols
+            batch.split.append(s)
         for i, (rec, payload) in enumerate(zip(stream["chunks"], self._payloads(stream["chunks"], where))):
             w = f"{where} chunk {i}"
-            if not laned or rec.get("codec") != "fields":
+            if split:
+                self._prepare_trellis(batch, s, i, rec, payload, row, w)
+            elif not laned or rec.get("codec") != "fields":
                 s.host.append((plan.chunk_range(i)[0], streams.decode_chunk(plan, i, rec, payload, w)))
-                continue
-            self._prepare_fields(batch, s, i, rec, payload, row, w)
+            else:
+                self._prepare_fields(batch, s, i, rec, payload, row, w)
         return s
+
+    def _prepare_trellis(self, batch: _Batch, s: _Stream, i: int, rec: dict, payload, row: int, where: str) -> None:
+        """A chunk of trellis levels in the lanes layout: its parities join the first decode; its rests wait
+        for the second (their contexts need the quantizers, which need the parities)."""
+        plan = s.plan
+        a, b = plan.chunk_range(i)
+        if rec.get("codec") != "trellis":
+            raise FormatError(f"{where}: unknown chunk codec {rec.get('codec')!r}")
+        pdata, rdata = trellis.split_parts(plan, b - a, streams.chunk_views(rec, payload, where), where)
+        rc = np.bincount(trellis.split_row_classes(plan, a, b - a), minlength=plan.classes)
+        batch.lanes.add(pdata, rc.tolist(), row, plan.ans_lane, where)
+        s.rests.append((a, b - a, rdata, rec.get("raw_crc")))
 
     def _prepare_fields(self, batch: _Batch, s: _Stream, i: int, rec: dict, payload, row: int, where: str) -> None:
         plan = s.plan
@@ -165,25 +188,67 @@ class DeviceDecoder:
         if not batch.items:
             return
         syms = lockstep.decode(batch.lanes, self.device, "lanes", self.pending) if batch.lanes.nsymbols else None
+        rests = self._trellis_rests(batch, syms) if batch.split else None
         for t, streams_of in batch.items:
             where = f"tensor {t['name']!r}"
             if t["stages"]:
-                parts = {name: self._rebuild(s, syms) for name, s in streams_of.items()}
+                parts = {name: self._rebuild(s, syms, rests) for name, s in streams_of.items()}
                 x = lossy.reconstruct(t, parts)
             else:
-                x = self._rebuild(streams_of[None], syms)
+                x = self._rebuild(streams_of[None], syms, rests)
             if torch_dtype(t["dtype"]) is not None and list(x.shape) != list(t["shape"]):
                 raise FormatError(f"{where}: rebuilt with shape {list(x.shape)}")
             self.progress(t["nbytes"])
             yield t["name"], x
 
-    def _rebuild(self, s: _Stream, syms) -> "torch.Tensor":
+    def _trellis_rests(self, batch: _Batch, syms):
+        """For each trellis stream in the lanes layout: parities in element order, the quantizers (the walk),
+        the rests' contexts; then all rests decoded at once. Returns the rests' output (in coding order)."""
+        import torch
+
+        lanes = lockstep.LaneSet()
+        for s in batch.split:
+            plan, dev = s.plan, self.device
+            n, R = plan.n, plan.classes
+            chunk_of = torch.arange(n, device=dev) // plan.chunk
+            rc = _row_classes(plan, dev)
+            order = torch.argsort(chunk_of * R + rc, stable=True) if R > 1 else None
+            p = _ungroup(syms[s.base:s.base + n], order).to(torch.int64)
+            q = walk_parities(p, dev)
+            key = chunk_of * (4 * R) + (q * 2 + p) * R + rc
+            counts = torch.bincount(key, minlength=plan.nchunks * 4 * R).reshape(plan.nchunks, 4 * R).cpu().numpy()
+            s.trellis = (p, q, key)
+            if plan.rest > 1:
+                row = lanes.add_tables(plan.tables)
+                s.rest_base = lanes.nsymbols
+                for (a, m, rdata, _), c in zip(s.rests, counts):
+                    lanes.add(rdata, c.tolist(), row, plan.ans_lane, s.where)
+        return lockstep.decode(lanes, self.device, "lanes", self.pending) if lanes.nsymbols else None
+
+    def _trellis_values(self, s: _Stream, rests) -> "torch.Tensor":
+        """The multiples of the step (int16) of a trellis stream in the lanes layout."""
+        import torch
+
+        plan = s.plan
+        p, q, key = s.trellis
+        s.trellis = None
+        if plan.rest > 1:
+            order = torch.argsort(key, stable=True)
+            rs = _ungroup(rests[s.rest_base:s.rest_base + plan.n], order).to(torch.int64)
+        else:
+            rs = torch.zeros_like(p)
+        k = 2 * (rs + plan.rlo) + p
+        return (2 * k - q * torch.sign(k)).to(torch.int16)
+
+    def _rebuild(self, s: _Stream, syms, rests=None) -> "torch.Tensor":
         import torch
 
         tdt = torch_dtype(s.dtype)
         if tdt is None and not self.raw:
             raise WeightpackError(f"{s.where}: torch has no dtype for {s.dtype}")
         plan = s.plan
+        if s.trellis is not None:
+            return self._trellis_values(s, rests).reshape(s.shape)
         if plan.codec != "fields" or not plan.lane:
             unit = _unit_bytes(plan)
             buf = torch.empty(DTYPES[s.dtype].nbytes(math.prod(s.shape)), dtype=torch.uint8, device=self.device)
@@ -277,6 +342,52 @@ class DeviceDecoder:
             return tail, int(tzs[0])
         tz = _upload(tzs.astype(np.int64), dev).to(work).repeat_interleave(L)[:n]
         return tail, tz
+
+
+def _row_classes(plan, dev) -> "torch.Tensor":
+    """The row class of every element of a trellis stream (int64, on the device)."""
+    import torch
+
+    if plan.classes == 1:
+        return torch.zeros(plan.n, dtype=torch.int64, device=dev)
+    rc = _upload(plan.rcls.astype(np.int64), dev)
+    return rc.repeat_interleave(plan.row)[:plan.n]
+
+
+def _ungroup(grouped: "torch.Tensor", order) -> "torch.Tensor":
+    """Symbols in coding order (grouped by a stable sort, `order`) back to element order."""
+    if order is None:
+        return grouped
+    out = grouped.new_empty(grouped.shape)
+    out[order] = grouped
+    return out
+
+
+_WALK = {}
+
+
+def walk_parities(p: "torch.Tensor", dev) -> "torch.Tensor":
+    """trellis.walk_parities on the device: the quantizer (int64) of each element from the levels'
+    parities, 8 steps per table lookup, every lane of 256 elements starting in state 0."""
+    import torch
+
+    if dev not in _WALK:
+        _WALK[dev] = (torch.as_tensor(trellis.PSKIP.astype(np.int64)).reshape(-1).to(dev),
+                      torch.as_tensor(trellis.PQGROUP.astype(np.int64)).reshape(-1, trellis.GROUP).to(dev))
+    skip, qgroup = _WALK[dev]
+    m = p.numel()
+    L = -(-m // trellis.LANE)
+    padded = torch.zeros(L * trellis.LANE, dtype=torch.int64, device=dev)
+    padded[:m] = p
+    weights = (1 << torch.arange(trellis.GROUP, device=dev))
+    b = (padded.reshape(L, -1, trellis.GROUP) * weights).sum(dim=-1)  # 8 parities -> a byte, first lowest
+    q = torch.empty(L, b.shape[1], trellis.GROUP, dtype=torch.int64, device=dev)
+    state = torch.zeros(L, dtype=torch.int64, device=dev)
+    for i in range(b.shape[1]):
+        idx = state * 256 + b[:, i]
+        q[:, i] = qgroup[idx]
+        state = skip[idx]
+    return q.reshape(-1)[:m]
 
 
 def _unit_bytes(plan: streams.Plan) -> int:

@@ -498,7 +498,7 @@ def _split_plan(plan: LevelPlan, r: np.ndarray, fine_cls: np.ndarray, Rmax: int)
     return best
 
 
-def _split_contexts(plan: LevelPlan, a: int, m: int) -> np.ndarray:
+def split_row_classes(plan: LevelPlan, a: int, m: int) -> np.ndarray:
     """The row class (uint8) of each element of a chunk starting at element a."""
     if plan.classes == 1:
         return np.zeros(m, dtype=np.uint8)
@@ -508,7 +508,7 @@ def _split_contexts(plan: LevelPlan, a: int, m: int) -> np.ndarray:
 
 
 def _encode_split(plan: LevelPlan, a: int, m: int, lv: np.ndarray, q: np.ndarray) -> list:
-    rc = _split_contexts(plan, a, m)
+    rc = split_row_classes(plan, a, m)
     k, qq = lv.reshape(-1)[:m], q.reshape(-1)[:m].astype(np.uint8)
     p = (k & 1).astype(np.uint8)
     R = plan.classes
@@ -554,7 +554,7 @@ def split_multiples(plan: LevelPlan, p: np.ndarray, rs: np.ndarray, q: np.ndarra
 
 def _decode_split(plan: LevelPlan, a: int, m: int, views: dict, where: str) -> np.ndarray:
     pdata, rdata = split_parts(plan, m, views, where)
-    rc = _split_contexts(plan, a, m)
+    rc = split_row_classes(plan, a, m)
     R = plan.classes
     order, counts = _order(rc, R)
     p = _scatter(entropy.lanes_decode(pdata, list(zip(counts.tolist(), plan.pmodels())), plan.ans_lane, where),
