@@ -401,8 +401,7 @@ class WpkFile:
         if self._on_device:
             from . import device as on_device
 
-            for _, x in on_device.load(self._r, self.device, names=[name]):
-                return x
+            return dict(on_device.load(self._r, self.device, names=[name]))[name]  # to the end: its checks
         for rec, pieces in decode_tensors(self._r, [t], workers=1):
             return _to_tensor(rec, pieces, self.device)
         raise FormatError(f"tensor {name!r}: nothing decoded")
