@@ -68,20 +68,27 @@ def _chunks(pk: Path, kind: str):
                         yield plan, i, rec, r._pread(rec["offset"], rec["length"])
 
 
-def cpu_lanes(pk: Path, runs: int) -> dict:
-    """Heads of every laned fields chunk, decoded by constriction on one core, and by the lock-step
-    torch decoder (one batch, as the device path does)."""
+def head_lanes(pk: Path, limit: int = 1 << 62):
+    """The head parts of the laned fields chunks of a pack (up to `limit` symbols): [(plan, head part,
+    class counts)] and a LaneSet of them all, as the device path assembles it."""
     jobs, lanes = [], lockstep.LaneSet()
     for plan, i, rec, payload in _chunks(pk, "fields"):
-        if len(plan.alphabet) < 2:
+        if len(plan.alphabet) < 2 or not plan.lane or lanes.nsymbols >= limit:
             continue
         a, b = plan.chunk_range(i)
         g = streams.BlockGroups(streams.chunk_blocks(plan, i, b - a)[0], plan.tables.shape[0], plan.block, b - a)
         head = streams.chunk_views(rec, payload, "bench")["head"][1]
-        runs_ = [(g.counts[c], plan.models()[c]) for c in range(plan.tables.shape[0])]
-        jobs.append((head, runs_, plan.lane))
+        jobs.append((plan, head, g.counts))
         lanes.add(head, g.counts, lanes.add_tables(plan.tables), plan.lane, "bench")
-    n = sum(sum(c for c, _ in r) for _, r, _ in jobs)
+    return jobs, lanes
+
+
+def cpu_lanes(pk: Path, runs: int) -> dict:
+    """Heads of every laned fields chunk, decoded by constriction on one core, and by the lock-step
+    torch decoder (one batch, as the device path does)."""
+    heads, lanes = head_lanes(pk)
+    jobs = [(head, list(zip(counts, plan.models())), plan.lane) for plan, head, counts in heads]
+    n = lanes.nsymbols
     t = best(runs, lambda: [entropy.lanes_decode(h, r, lane, "bench") for h, r, lane in jobs])
     with _one_thread():
         d = lanes.to("cpu")
@@ -204,16 +211,7 @@ def gpu_part(out: Path, device: str, gb: float, runs: int) -> dict:
         wp_load()
         row = {"pack_bytes": os.path.getsize(pk), "load_s": best(runs, wp_load)}
         row["vs_safetensors"] = row["load_s"] / res["safetensors_load_s"]
-        lanes, nsym = lockstep.LaneSet(), 0
-        for plan, i, rec, payload in _chunks(pk, "fields"):
-            if len(plan.alphabet) < 2:
-                continue
-            a, b = plan.chunk_range(i)
-            g = streams.BlockGroups(streams.chunk_blocks(plan, i, b - a)[0], plan.tables.shape[0], plan.block, b - a)
-            if lanes.nsymbols > (1 << 29):
-                break
-            lanes.add(streams.chunk_views(rec, payload, "bench")["head"][1], g.counts,
-                      lanes.add_tables(plan.tables), plan.lane, "bench")
+        _, lanes = head_lanes(pk, 1 << 29)
         d = lanes.to(device)
         dec = lockstep.decode_triton if lockstep.decoder_for(device) == "triton" else lockstep.decode_torch
 

@@ -247,7 +247,7 @@ def test_device_decoder_matches_host_for_lossy_recipes(tmp_path, small_lanes):
         if recipe in ("q-tcq", tcq):  # trellis levels in the lanes layout (several chunks): decoded on the device
             params = [p["stream"]["params"] for t in craft.read_container(pk).index["tensors"]
                       for p in t.get("parts", []) if p["name"] == "q"]
-            assert len(params) == 4 and all(p.get("ans_lane") == 4 * 64 for p in params)
+            assert len(params) == 4 and all(p.get("ans_lane") == trellis.LANES_PER_ANS * 64 for p in params)
         _same(weightpack.load(pk), weightpack.load(pk, decoder="device"))
 
 
