@@ -43,13 +43,14 @@ def _runs(rng, C, A, counts):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), C=st.integers(1, 8), A=st.integers(2, 300),
-       lane=st.sampled_from([64, 128, 1024]), sizes=st.lists(st.integers(0, 700), min_size=8, max_size=8))
+@given(seed=st.integers(0, 2**32 - 1), C=st.sampled_from([1, 2, 3, 4, 8, 16, 64]), A=st.integers(2, 300),
+       lane=st.sampled_from([64, 128, 1024]), sizes=st.lists(st.integers(0, 700), min_size=64, max_size=64))
 def test_lanes_round_trip_constriction_and_lockstep(seed, C, A, lane, sizes):
-    """Any runs of contexts (empty ones too), any lane size: constriction decodes the lanes, and the
-    lock-step decoder decodes the same bytes to the same symbols, with two payloads in one batch."""
+    """Any runs of contexts (empty ones too; up to 64, as trellis rests have), any lane size: constriction
+    decodes the lanes, and the lock-step decoder decodes the same bytes to the same symbols, with two
+    payloads of different run counts in one batch."""
     rng = np.random.default_rng(seed)
-    counts = sizes[:C]
+    counts = [x // (C // 8 + 1) for x in sizes[:C]]
     if sum(counts) == 0:
         counts[0] = 1
     tables, runs, syms = _runs(rng, C, A, counts)
@@ -139,7 +140,8 @@ def test_triton_kernel_under_the_interpreter():
         from weightpack.errors import FormatError
         rng = np.random.default_rng(5)
         ls, want = lockstep.LaneSet(), []
-        for C, lane, counts in [(1, 64, [300]), (4, 64, [50, 0, 200, 90]), (8, 128, [9, 0, 0, 40, 3, 0, 60, 1])]:
+        for C, lane, counts in [(1, 64, [300]), (4, 64, [50, 0, 200, 90]), (8, 128, [9, 0, 0, 40, 3, 0, 60, 1]),
+                                (20, 64, [5, 0, 17, 0, 0, 30, 2, 1, 0, 9, 40, 0, 3, 3, 0, 8, 70, 0, 1, 6])]:
             A = 30
             tables, runs, syms = [], [], []
             for c in range(C):
@@ -239,7 +241,9 @@ def test_device_decoder_matches_host_for_lossy_recipes(tmp_path, small_lanes):
     tensors = {"a.weight": torch.randn(96, 200, generator=g),
                "b.weight": (torch.randn(128, 64, generator=g) * 0.02).to(torch.bfloat16),
                "c.weight": torch.randn(64, 64, generator=g).to(torch.float16),
-               "d.weight": torch.randn(300, 100, generator=g), "c.bias": torch.randn(64, generator=g)}
+               "d.weight": torch.randn(300, 100, generator=g), "c.bias": torch.randn(64, generator=g),
+               # rows of widely different scales: many row classes, so trellis rests have many contexts
+               "e.weight": torch.randn(256, 128, generator=g) * torch.exp(torch.randn(256, 1, generator=g))}
     src = craft.save_checkpoint(tmp_path / "m.safetensors", tensors)
     tcq = {"name": "t", "rules": [{"match": "*", "min_dims": 2, "stages": [{"name": "quantize", "mode": "tcq", "sqnr": 9}]}]}
     for recipe in ("int8", "int4", "int3", "ecsq", "q-tcq", "prune50-int4", "2of4-int4", "lowrank-auto", tcq):
@@ -247,7 +251,8 @@ def test_device_decoder_matches_host_for_lossy_recipes(tmp_path, small_lanes):
         if recipe in ("q-tcq", tcq):  # trellis levels in the lanes layout (several chunks): decoded on the device
             params = [p["stream"]["params"] for t in craft.read_container(pk).index["tensors"]
                       for p in t.get("parts", []) if p["name"] == "q"]
-            assert len(params) == 4 and all(p.get("ans_lane") == trellis.LANES_PER_ANS * 64 for p in params)
+            assert len(params) == 5 and all(p.get("ans_lane") == trellis.LANES_PER_ANS * 64 for p in params)
+            assert max(p["classes"] for p in params) >= 4  # 16+ rest contexts: many runs per lane
         _same(weightpack.load(pk), weightpack.load(pk, decoder="device"))
 
 

@@ -28,7 +28,6 @@ from . import entropy
 
 SLOTS = 1 << entropy.TABLE_BITS
 SHIFT = entropy.MODEL_BITS - entropy.TABLE_BITS
-MAX_BOUNDS = 7  # context changes within one lane: a chunk has at most 8 runs (classes)
 NEVER = 1 << 62
 
 
@@ -65,8 +64,8 @@ class LaneSet:
         """Add one lanes payload whose runs use table rows row, row+1, ...; returns where its symbols begin
         in the output (they come out in coding order, as entropy.lanes_decode returns them)."""
         C = len(run_counts)
-        if not 1 <= C <= MAX_BOUNDS + 1:
-            raise ValueError("a lanes payload has 1 to 8 runs")
+        if C < 1:
+            raise ValueError("a lanes payload has at least one run")
         n = int(sum(run_counts))
         words, wc = entropy.lane_words(payload, n, lane, where)
         nl = len(wc)
@@ -82,10 +81,8 @@ class LaneSet:
         keep = (first > 0) & np.concatenate([first[:, 1:] != first[:, :-1], np.ones((nl, 1), bool)], axis=1)
         order = np.argsort(~keep, axis=1, kind="stable")
         kept = np.take_along_axis(keep, order, axis=1)
-        bounds = np.full((nl, MAX_BOUNDS), NEVER, dtype=np.int64)
-        ctxs = np.zeros((nl, MAX_BOUNDS), dtype=np.int64)
-        bounds[:, :C - 1] = np.where(kept, np.take_along_axis(first, order, axis=1), NEVER)
-        ctxs[:, :C - 1] = np.where(kept, row + 1 + order, 0)
+        bounds = np.where(kept, np.take_along_axis(first, order, axis=1), NEVER)  # (nl, C - 1)
+        ctxs = np.where(kept, row + 1 + order, 0)
         c = self.cols
         c["wstart"].append(ends - wc)
         c["wend"].append(ends)
@@ -108,11 +105,16 @@ class LaneSet:
             t = torch.from_numpy(np.ascontiguousarray(x))
             return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
-        def col(k, width=None):
+        def col(k):
             parts = self.cols[k]
-            if parts:
-                return up(np.concatenate(parts).astype(np.int64, copy=False))
-            return up(np.zeros((0, width) if width else 0, dtype=np.int64))
+            return up(np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64))
+
+        # context changes per lane: as many columns as the payload with the most runs needs (at least one)
+        width = max([1] + [b.shape[1] for b in self.cols["bounds"]])
+
+        def padded(k, fill):
+            parts = [np.pad(b, ((0, 0), (0, width - b.shape[1])), constant_values=fill) for b in self.cols[k]]
+            return up(np.concatenate(parts) if parts else np.zeros((0, width), np.int64))
 
         lut = np.stack([slot_table(f) for f in self.tables]) if self.tables else np.zeros((1, SLOTS), np.int64)
         # the words are copied once, from the mapped file into the (pinned) buffer the device copies from
@@ -122,8 +124,8 @@ class LaneSet:
         nsym = np.concatenate(self.cols["nsym"]) if self.cols["nsym"] else np.zeros(0, np.int64)
         return DeviceLanes(
             words=staging.to(device, non_blocking=True) if cuda else staging, wstart=col("wstart"), wend=col("wend"), nsym=col("nsym"), out=col("out"),
-            stride=col("stride"), ctx0=col("ctx0"), bounds=col("bounds", MAX_BOUNDS),
-            ctxs=col("ctxs", MAX_BOUNDS), lut=up(lut), nsymbols=self.nsymbols,
+            stride=col("stride"), ctx0=col("ctx0"), bounds=padded("bounds", NEVER),
+            ctxs=padded("ctxs", 0), lut=up(lut), nsymbols=self.nsymbols,
             steps=int(nsym.max()) if len(nsym) else 0)
 
 
@@ -283,7 +285,7 @@ def decode_triton(d: DeviceLanes, where: str, pending: list | None = None):
     left = torch.empty(d.nlanes, dtype=torch.int64, device=dev)
     grid = (-(-d.nlanes // TRITON_BLOCK),)
     _kernel()[grid](d.words, d.wstart, d.wend, d.nsym, d.out, d.stride, d.ctx0, d.bounds, d.ctxs, d.lut, out, left,
-                    d.nlanes, d.steps, NB=MAX_BOUNDS, BLOCK=TRITON_BLOCK, num_warps=TRITON_BLOCK // 32)
+                    d.nlanes, d.steps, NB=d.bounds.shape[1], BLOCK=TRITON_BLOCK, num_warps=TRITON_BLOCK // 32)
     bad = (left != 0).any()
     if pending is None:
         check_pending([(bad, where)])
