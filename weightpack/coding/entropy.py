@@ -116,7 +116,7 @@ class Decoder:
 # Symbols in coding order (runs of contexts, as for ans_encode) are dealt round-robin onto
 # nl = ceil(n / lane) lanes: symbol i goes to lane i % nl. Each lane is its own AnsCoder stream, coded
 # with the table of each symbol's run. The payload is nl little-endian u32 word counts, then each lane's
-# words. A parallel decoder (a GPU kernel, the lock-step decoder in device.py) decodes all lanes at once,
+# words. A parallel decoder (lockstep.py: a GPU kernel, or vectorized torch) decodes all lanes at once,
 # lane j writing symbols j, j + nl, j + 2nl, ... so that neighbouring lanes write neighbouring symbols.
 
 LANE = 1 << 14  # symbols per lane (at most): what a writer uses
@@ -127,23 +127,24 @@ def lane_count(n: int, lane: int) -> int:
     return -(-n // lane)
 
 
-def lane_runs(run_counts: list[int], nl: int, j: int) -> list[int]:
-    """How many of lane j's symbols fall in each run (runs of the whole sequence, in order)."""
+def lanes_runs(run_counts: list[int], nl: int) -> np.ndarray:
+    """How many of each lane's symbols fall in each run (runs of the whole sequence, in order): (nl, runs).
+    Lane j holds positions k*nl + j; those at or past a run's start are k >= ceil((start - j) / nl)."""
     starts = np.concatenate([[0], np.cumsum(run_counts, dtype=np.int64)])
-    first = np.maximum(0, -(-(starts - j) // nl))  # lane positions k with k*nl + j >= start
-    return np.diff(first).tolist()
+    j = np.arange(nl, dtype=np.int64)[:, None]
+    return np.diff(np.maximum(0, -(-(starts[None, :] - j) // nl)), axis=1)
 
 
 def lanes_encode(syms: np.ndarray, runs: list[tuple[int, object]], lane: int) -> bytes:
     """Code symbols (runs of (count, model), counts summing to len(syms)) as lanes; see above."""
     n = len(syms)
     nl = lane_count(n, lane)
-    counts = [c for c, _ in runs]
+    per = lanes_runs([c for c, _ in runs], nl).tolist()
     heads, bodies = [], []
     for j in range(nl):
         mine = syms[j::nl]
         groups, off = [], 0
-        for cnt, (_, model) in zip(lane_runs(counts, nl, j), runs):
+        for cnt, (_, model) in zip(per[j], runs):
             groups.append((mine[off:off + cnt], model))
             off += cnt
         words = ans_encode(groups)
@@ -162,13 +163,6 @@ def lane_words(payload, n: int, lane: int, where: str) -> tuple[np.ndarray, np.n
     if int(counts.sum()) != len(words):  # a lane may hold no words: symbols 0 only, from state 0
         raise FormatError(f"{where}: malformed lanes part")
     return words, counts
-
-
-def lanes_runs(run_counts: list[int], nl: int) -> np.ndarray:
-    """lane_runs for every lane at once: (nl, runs)."""
-    starts = np.concatenate([[0], np.cumsum(run_counts, dtype=np.int64)])
-    j = np.arange(nl, dtype=np.int64)[:, None]
-    return np.diff(np.maximum(0, -(-(starts[None, :] - j) // nl)), axis=1)
 
 
 def lanes_decode(payload, runs: list[tuple[int, object]], lane: int, where: str) -> np.ndarray:
