@@ -34,6 +34,7 @@ from .coding.fields import UINT, packed_size, _subplanes
 from .container import ContainerReader
 from .dtypes import DTYPES, torch_dtype
 from .errors import FormatError, WeightpackError
+from .pipeline import stream_plan, unit_bytes
 from .stages import lossy
 
 BATCH_SYMBOLS = 1 << 28  # symbols decoded per lock-step batch (bounds the device's working memory: ~6 B each)
@@ -119,8 +120,6 @@ class DeviceDecoder:
         return views
 
     def _prepare(self, batch: _Batch, stream: dict, dtype: str, shape: list, where: str) -> _Stream:
-        from .pipeline import stream_plan
-
         plan = stream_plan(self.reader, stream, dtype, shape, where)
         s = _Stream(plan, dtype, shape, where)
         laned = plan.codec == "fields" and plan.lane
@@ -250,7 +249,7 @@ class DeviceDecoder:
         if s.trellis is not None:
             return self._trellis_values(s, rests).reshape(s.shape)
         if plan.codec != "fields" or not plan.lane:
-            unit = _unit_bytes(plan)
+            unit = unit_bytes(plan)
             buf = torch.empty(DTYPES[s.dtype].nbytes(math.prod(s.shape)), dtype=torch.uint8, device=self.device)
             for first, raw in s.host:
                 buf[first * unit:first * unit + len(raw)] = _upload(np.frombuffer(raw, np.uint8), self.device)
@@ -388,12 +387,6 @@ def walk_parities(p: "torch.Tensor", dev) -> "torch.Tensor":
         q[:, i] = qgroup[idx]
         state = skip[idx]
     return q.reshape(-1)[:m]
-
-
-def _unit_bytes(plan: streams.Plan) -> int:
-    from .pipeline import _unit_bytes as unit
-
-    return unit(plan)
 
 
 def _upload(a: np.ndarray, device) -> "torch.Tensor":

@@ -40,7 +40,7 @@ def _noop(_: int) -> None:
     pass
 
 
-def _unit_bytes(plan: streams.Plan) -> int:
+def unit_bytes(plan: streams.Plan) -> int:
     """Bytes per stream element: an element of the tensor for fields and trellis levels, a byte for bytes."""
     return plan.itemsize_bits // 8 if plan.codec != "bytes" else 1
 
@@ -67,7 +67,7 @@ def tensor_sha256(path: Path, entry: TensorEntry) -> str:
 
 def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: int) -> tuple[int, list]:
     """Code chunks first..last-1 of a tensor, reading them from the source file."""
-    unit = _unit_bytes(plan)
+    unit = unit_bytes(plan)
     out, nbytes = [], 0
     with open(path, "rb", buffering=0) as f:
         for i in range(first, last):
@@ -80,7 +80,7 @@ def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: in
 
 def _encode_data_task(plan: streams.Plan, first: int, data: bytes) -> tuple[int, list]:
     """Code consecutive chunks from `first` on, given their bytes (parts made in the main process)."""
-    unit, out, off = _unit_bytes(plan), [], 0
+    unit, out, off = unit_bytes(plan), [], 0
     i = first
     while off < len(data):
         a, b = plan.chunk_range(i)
@@ -96,7 +96,7 @@ def _elements(plan: streams.Plan, data: bytes) -> np.ndarray:
 
 
 def _chunk_batches(plan: streams.Plan) -> Iterator[tuple[int, int]]:
-    per_task = max(1, TASK_BYTES // max(1, plan.chunk * _unit_bytes(plan)))
+    per_task = max(1, TASK_BYTES // max(1, plan.chunk * unit_bytes(plan)))
     for first in range(0, plan.nchunks, per_task):
         yield first, min(plan.nchunks, first + per_task)
 
@@ -219,7 +219,7 @@ def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[i
 def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: str,
                  out_path: Optional[str], out_offset: int) -> list:
     """Decode chunks first.. of a stream: write them into `out_path` at their place, or return them."""
-    unit = _unit_bytes(plan)
+    unit = unit_bytes(plan)
     results = []
     with open(path, "rb", buffering=0) as f:
         out_fd = os.open(out_path, os.O_WRONLY) if out_path else None
