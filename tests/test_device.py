@@ -356,3 +356,30 @@ def test_gpu_decode_matches_host(tmp_path, minilm):
         got = weightpack.load(pk, device="cuda")
         assert all(x.is_cuda for x in got.values())
         _same(host, {k: v.cpu() for k, v in got.items()})
+
+
+def test_a_failing_triton_kernel_falls_back_to_torch(monkeypatch):
+    """Where the kernel cannot run (an unknown Triton or driver), the torch decoder gives the same symbols,
+    with a warning; damaged data is still an error, not a fallback."""
+    syms = (np.arange(500) % 9).astype(np.int32)
+    f = entropy.quantize_counts(np.bincount(syms))
+    payload = entropy.lanes_encode(syms, [(500, entropy.make_model(f))], 64)
+    ls = lockstep.LaneSet()
+    ls.add(payload, [500], ls.add_tables(f[None]), 64, "t")
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setenv("WEIGHTPACK_DECODER", "triton")
+    monkeypatch.setattr(lockstep, "decode_triton", broken)
+    monkeypatch.setattr(lockstep, "_TRITON_BROKEN", [])
+    with pytest.warns(RuntimeWarning, match="decoding with torch instead"):
+        assert np.array_equal(lockstep.decode(ls, "cpu", "t").numpy(), syms)
+
+    def damaged(*a, **k):
+        raise FormatError("t: entropy-coded data is corrupt")
+
+    monkeypatch.setattr(lockstep, "_TRITON_BROKEN", [])
+    monkeypatch.setattr(lockstep, "decode_triton", damaged)
+    with pytest.raises(FormatError):
+        lockstep.decode(ls, "cpu", "t")

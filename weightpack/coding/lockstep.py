@@ -19,6 +19,7 @@ stored 15-bit tables: the symbol of a state is found in a 2**15-entry table per 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -310,8 +311,21 @@ def decoder_for(device) -> str:
     return "triton" if str(device).startswith("cuda") and triton_available() else "torch"
 
 
+_TRITON_BROKEN: list = []  # the first error of the Triton kernel on this machine, if it failed to run
+
+
 def decode(lanes: LaneSet, device, where: str, pending: list | None = None):
+    """Decode a LaneSet on `device` with the Triton kernel where it applies, else with torch. Should the
+    kernel fail to compile or launch (a Triton or driver this code has not met), the torch decoder takes
+    over, with a warning, for the rest of the process: slower, the same symbols."""
     d = lanes.to(device)
-    if decoder_for(device) == "triton":
-        return decode_triton(d, where, pending)
+    if decoder_for(device) == "triton" and not _TRITON_BROKEN:
+        try:
+            return decode_triton(d, where, pending)
+        except FormatError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the kernel itself
+            _TRITON_BROKEN.append(e)
+            warnings.warn(f"weightpack: the Triton lane decoder failed ({type(e).__name__}: {e}); "
+                          "decoding with torch instead", RuntimeWarning, stacklevel=2)
     return decode_torch(d, where)
