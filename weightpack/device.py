@@ -8,8 +8,9 @@ unpacked from their bit planes, sign | head | tail joined, lossy stages applied 
 products) and the result viewed as its dtype. No tensor exists as a whole on the host on this path.
 
 Pieces the device does not decode are decoded on the host a chunk at a time and copied up: chunks stored as
-zstd byte planes (the `bytes` chunk codec), zstd-compressed tail parts, trellis-coded levels, and streams
-written before format 1.2 (one ANS stream per chunk).
+zstd byte planes (the `bytes` chunk codec), zstd-compressed tail parts, trellis levels in the step-major
+layout, and streams written before format 1.2 (one ANS stream per chunk). Trellis levels in the lanes layout
+take two decodes: parities with the heads, then, after the trellis walk on the device, the rests.
 
 Checks: crc32 of every chunk's coded bytes (host), every stream's structure, and that each ANS lane uses up
 its words (device). The crc32 of decoded chunks and the SHA-256 of lossy reconstructions are checked by the
@@ -149,7 +150,7 @@ class DeviceDecoder:
         pdata, rdata = trellis.split_parts(plan, b - a, streams.chunk_views(rec, payload, where), where)
         rc = np.bincount(trellis.split_row_classes(plan, a, b - a), minlength=plan.classes)
         batch.lanes.add(pdata, rc.tolist(), row, plan.ans_lane, where)
-        s.rests.append((a, b - a, rdata, rec.get("raw_crc")))
+        s.rests.append(rdata)
 
     def _prepare_fields(self, batch: _Batch, s: _Stream, i: int, rec: dict, payload, row: int, where: str) -> None:
         plan = s.plan
@@ -220,7 +221,7 @@ class DeviceDecoder:
             if plan.rest > 1:
                 row = lanes.add_tables(plan.tables)
                 s.rest_base = lanes.nsymbols
-                for (a, m, rdata, _), c in zip(s.rests, counts):
+                for rdata, c in zip(s.rests, counts):
                     lanes.add(rdata, c.tolist(), row, plan.ans_lane, s.where)
         return lockstep.decode(lanes, self.device, "lanes", self.pending) if lanes.nsymbols else None
 
