@@ -285,9 +285,11 @@ def test_streams_before_format_1_2_still_decode(tmp_path, monkeypatch):
 
 
 def test_unpack_from_the_device_is_byte_identical(tmp_path, small_lanes):
+    """unpack with the device decoder (here on the CPU) and `--device` (cpu: worker processes) restore
+    the same files."""
     src = craft.make_sharded(tmp_path / "src", shards=2).parent
     pk = weightpack.pack(src / "model.safetensors.index.json", tmp_path / "m.wpk")["path"]
-    out = weightpack.unpack(pk, tmp_path / "out", device="cpu")
+    out = weightpack.unpack(pk, tmp_path / "out", device="cpu", decoder="device")
     assert craft.tree(out) == craft.tree(src)
     r = subprocess.run([sys.executable, "-m", "weightpack", "unpack", str(pk), "-o", str(tmp_path / "out2"),
                         "--device", "cpu", "--quiet"], capture_output=True, text=True)

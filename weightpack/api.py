@@ -252,15 +252,18 @@ class _OutputTree:
 
 
 def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False, workers: Optional[int] = None,
-           progress: bool = False, device: "str | torch.device | None" = None) -> Path:
+           progress: bool = False, device: "str | torch.device | None" = None, decoder: str = "auto") -> Path:
     """Restore safetensors from a container: the same files, tensors, headers and `__metadata__`.
 
     A single-file source restores to `dst` (a file path, or a folder to put the original name in);
     a sharded or folder source restores to the folder `dst` (default: beside the container, without
-    `.wpk`), with its index and carried files. Returns the path written. With `device`, tensors are
-    decoded on that torch device (see `load`) and written from there, one at a time.
+    `.wpk`), with its index and carried files. Returns the path written. With `device` (a GPU, or with
+    decoder="device" any device), tensors are decoded on that torch device (see `load`) and written from
+    there, one at a time; on the CPU they are decoded in worker processes.
     """
     dev = _device(device) if device is not None else None
+    if dev is not None and not _use_device_decoder(dev, decoder):
+        dev = None
     with ContainerReader(src) as r:
         idx = r.index
         single = (idx["source"]["kind"] == "file" and len(idx["files"]) == 1 and not idx["carried"]

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="output file or folder (default: beside SRC)")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--device", metavar="DEV",
-                    help="decode on this torch device (cuda, cuda:1, auto) and write the tensors from there "
-                         "(default: decode in worker processes on the CPU)")
+                    help="decode on this torch device (cuda, cuda:1; auto: a GPU if there is one) and write "
+                         "the tensors from there (default, and for cpu: worker processes on the CPU)")
     common(sp)
 
     sp = sub.add_parser("inspect", help="show what a container holds, per tensor", epilog=EPILOG)
