@@ -147,7 +147,7 @@ class DeviceDecoder:
         a, b = plan.chunk_range(i)
         if rec.get("codec") != "trellis":
             raise FormatError(f"{where}: unknown chunk codec {rec.get('codec')!r}")
-        pdata, rdata = trellis.split_parts(plan, b - a, streams.chunk_views(rec, payload, where), where)
+        pdata, rdata = trellis.split_parts(plan, streams.chunk_views(rec, payload, where), where)
         rc = np.bincount(trellis.split_row_classes(plan, a, b - a), minlength=plan.classes)
         batch.lanes.add(pdata, rc.tolist(), row, plan.ans_lane, where)
         s.rests.append(rdata)

@@ -75,8 +75,7 @@ class LaneSet:
         self.words.append(words)
         self.nwords += len(words)
         j = np.arange(nl, dtype=np.int64)
-        starts = np.cumsum(run_counts, dtype=np.int64)[:-1]  # where runs 1..C-1 begin
-        first = np.maximum(0, -(-(starts[None, :] - j[:, None]) // nl))  # ... in each lane's steps
+        first = np.cumsum(entropy.lanes_runs(run_counts, nl), axis=1)[:, :-1]  # lane step where runs 1.. begin
         ctx0 = row + (first == 0).sum(axis=1)  # runs beginning at step 0 (empty runs too) are passed already
         # a row takes over at a step only where the next run does not begin at the same step (empty runs)
         keep = (first > 0) & np.concatenate([first[:, 1:] != first[:, :-1], np.ones((nl, 1), bool)], axis=1)

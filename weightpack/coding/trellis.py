@@ -445,9 +445,7 @@ def make_plan(r: np.ndarray, shape: list[int]) -> LevelPlan:
         byR = fine.reshape(2, 3, R, Rmax // R, A).sum(axis=3)
         rcls = (fine_cls // (Rmax // R)).astype(np.uint8)
         for use_prev in (0, 1):
-            counts = (byR if use_prev else byR.sum(axis=1, keepdims=True)).reshape(-1, A)
-            tables = np.stack([entropy.quantize_counts(h if h.sum() else np.ones(A, np.int64)) for h in counts])
-            bits = sum(entropy.bits_with_table(h, t) for h, t in zip(counts, tables))
+            tables, bits = _tables_of((byR if use_prev else byR.sum(axis=1, keepdims=True)), A)
             cand = replace(plan, prev=use_prev, classes=R, tables=tables.astype(np.uint32), rcls=rcls)
             bits += 8 * len(cand.side(level=3))  # a quick estimate of the side information's size
             if best is None or bits < best[0]:
@@ -457,6 +455,13 @@ def make_plan(r: np.ndarray, shape: list[int]) -> LevelPlan:
         if bits <= best[0] * (1 + SPLIT_TOLERANCE):
             return split
     return best[1]
+
+
+def _tables_of(counts: np.ndarray, A: int) -> tuple[np.ndarray, float]:
+    """One stored table per histogram of A symbols (an empty one: uniform), and the bits they code it in."""
+    counts = counts.reshape(-1, A)
+    tables = np.stack([entropy.quantize_counts(h if h.sum() else np.ones(A, np.int64)) for h in counts])
+    return tables, sum(entropy.bits_with_table(h, t) for h, t in zip(counts, tables))
 
 
 def _split_plan(plan: LevelPlan, r: np.ndarray, fine_cls: np.ndarray, Rmax: int) -> LevelPlan:
@@ -476,19 +481,13 @@ def _split_plan(plan: LevelPlan, r: np.ndarray, fine_cls: np.ndarray, Rmax: int)
         rest += np.bincount((((qq * 2 + p) * Rmax + rc) * B + (k >> 1) - rlo), minlength=4 * Rmax * B)
     par, rest = par.reshape(Rmax, 2), rest.reshape(4, Rmax, B)
     best = None
-
-    def tables_of(counts, A):
-        counts = counts.reshape(-1, A)
-        t = np.stack([entropy.quantize_counts(h if h.sum() else np.ones(A, np.int64)) for h in counts])
-        return t, sum(entropy.bits_with_table(h, x) for h, x in zip(counts, t))
-
     for R in (R for R in ROW_CLASSES if R <= Rmax):
-        pt, bits = tables_of(par.reshape(R, Rmax // R, 2).sum(axis=1), 2)
+        pt, bits = _tables_of(par.reshape(R, Rmax // R, 2).sum(axis=1), 2)
         cand = replace(plan, classes=R, ans_lane=LANES_PER_ANS * entropy.LANE, rlo=rlo, rest=B, ptables=pt.astype(np.uint32),
                        rcls=(fine_cls // (Rmax // R)).astype(np.uint8),
                        tables=np.zeros((0, B), np.uint32))
         if B > 1:
-            rt, rbits = tables_of(rest.reshape(4, R, Rmax // R, B).sum(axis=2), B)
+            rt, rbits = _tables_of(rest.reshape(4, R, Rmax // R, B).sum(axis=2), B)
             cand.tables, bits = rt.astype(np.uint32), bits + rbits
         bits += 8 * len(cand.side(level=3))
         lanes = entropy.lane_count(plan.n, cand.ans_lane) + (plan.n // plan.chunk)  # ~ per part of each chunk
@@ -529,7 +528,7 @@ def _gather(x: np.ndarray, order: Optional[np.ndarray]) -> np.ndarray:
     return (x if order is None else x[order]).astype(np.int32)
 
 
-def split_parts(plan: LevelPlan, m: int, views: dict, where: str):
+def split_parts(plan: LevelPlan, views: dict, where: str):
     """The parity and rest parts of a 1.2 chunk, checked: (parity bytes, rest codec, rest bytes)."""
     if set(views) != {"parity", "rest"}:
         raise FormatError(f"{where}: malformed chunk parts")
@@ -553,7 +552,7 @@ def split_multiples(plan: LevelPlan, p: np.ndarray, rs: np.ndarray, q: np.ndarra
 
 
 def _decode_split(plan: LevelPlan, a: int, m: int, views: dict, where: str) -> np.ndarray:
-    pdata, rdata = split_parts(plan, m, views, where)
+    pdata, rdata = split_parts(plan, views, where)
     rc = split_row_classes(plan, a, m)
     R = plan.classes
     order, counts = _order(rc, R)
