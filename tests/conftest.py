@@ -2,10 +2,34 @@ import hashlib
 import json
 import pathlib
 import shutil
+from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from weightpack.coding import native
+
+# The CPU decoders: the compiled kernels (weightpack/_native.c, where the build made them) and constriction
+# with numpy (always there). Tests that decode run under each.
+CPU_DECODERS = ["native", "numpy"] if native.available() else ["numpy"]
+
+
+@contextmanager
+def cpu_decoder(name: str):
+    """Decode on the CPU with the compiled kernels ("native") or with constriction and numpy ("numpy")."""
+    saved = native.available
+    native.available = (lambda: True) if name == "native" else (lambda: False)
+    try:
+        yield name
+    finally:
+        native.available = saved
+
+
+@pytest.fixture(params=CPU_DECODERS)
+def each_cpu_decoder(request):
+    with cpu_decoder(request.param) as name:
+        yield name
 
 
 def minilm_dir() -> pathlib.Path:

@@ -11,6 +11,8 @@ from weightpack.coding.fields import UINT, join, layout_for, pack_bits, packed_s
 from weightpack.dtypes import DTYPES
 from weightpack.errors import FormatError
 
+from conftest import CPU_DECODERS, cpu_decoder
+
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 64), st.integers(0, 300), st.integers(0, 2**32))
@@ -114,11 +116,14 @@ def test_stream_round_trip_every_bit_pattern(dtype, level):
 
 
 def _round_trip(dtype, shape, u, level):
+    """Code a stream and decode it with every CPU decoder (compiled kernels, constriction + numpy)."""
     plan = streams.make_plan(dtype, shape, lambda a, c: u[a:a + c], level)
     recs = [streams.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
     back = streams.plan_from_record(dtype, u.size, plan.params(), plan.side(), "t")
-    out = b"".join(streams.decode_chunk(back, i, r, memoryview(p), "t") for i, (r, p) in enumerate(recs))
-    assert out == u.tobytes()
+    for name in CPU_DECODERS:
+        with cpu_decoder(name):
+            out = b"".join(streams.decode_chunk(back, i, r, memoryview(p), "t") for i, (r, p) in enumerate(recs))
+        assert out == u.tobytes(), name
     return plan, recs
 
 
@@ -157,7 +162,7 @@ def test_bytes_codec_for_wide_integers_and_sub_byte_types():
     assert streams.decode_chunk(back, 0, rec, memoryview(payload), "t") == raw.tobytes()
 
 
-def test_corrupt_chunks_are_format_errors_never_garbage():
+def test_corrupt_chunks_are_format_errors_never_garbage(each_cpu_decoder):
     rng = np.random.default_rng(5)
     u = (rng.standard_normal(50000) * 0.02).astype(np.float32).view(np.uint32)
     plan, recs = _round_trip("F32", [50, 1000], u, 2)

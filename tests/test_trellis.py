@@ -18,6 +18,7 @@ from weightpack.stages import quantize as Q
 from weightpack.stages.params import QuantParams
 
 import craft
+from conftest import CPU_DECODERS, cpu_decoder
 
 CLI = [sys.executable, "-m", "weightpack"]
 
@@ -87,9 +88,19 @@ def _code(r, shape):
     return plan, coded
 
 
-def _decode(plan, coded, n):
+def _decode_with(plan, coded, n):
     p2 = T.plan_from_record(n, plan.params(), plan.side(), "test")
     return b"".join(T.decode_chunk(p2, i, rec, memoryview(pay), "test") for i, (rec, pay) in enumerate(coded))
+
+
+def _decode(plan, coded, n):
+    """Decoded by every CPU decoder (compiled kernels, constriction + numpy): the same bytes."""
+    outs = []
+    for name in CPU_DECODERS:
+        with cpu_decoder(name):
+            outs.append(_decode_with(plan, coded, n))
+    assert all(o == outs[0] for o in outs)
+    return outs[0]
 
 
 # the ANS lanes of format 1.2 (parity | rest, 64 symbols per lane here: many lanes), and 1.1 (step-major)
@@ -160,7 +171,7 @@ def test_level_coder_uses_its_contexts(lane, monkeypatch):
 
 
 @pytest.mark.parametrize("lane", [entropy.LANE, 0])
-def test_damaged_level_streams_are_refused(lane, monkeypatch):
+def test_damaged_level_streams_are_refused(lane, monkeypatch, each_cpu_decoder):
     monkeypatch.setattr(entropy, "LANE", lane)
     monkeypatch.setattr(T, "SPLIT_TOLERANCE", float("inf"))
     rng = np.random.default_rng(4)
@@ -169,7 +180,12 @@ def test_damaged_level_streams_are_refused(lane, monkeypatch):
     rec, pay = coded[0]
     for bad_pay in (pay[:-4], pay[:8] + bytes(len(pay) - 8), bytes(len(pay)), pay + b"\0\0\0\0"):
         with pytest.raises(FormatError):
-            _decode(plan, [(rec, bad_pay)], r.size)
+            _decode_with(plan, [(rec, bad_pay)], r.size)
+    for pos in rng.integers(0, len(pay), size=40):  # single bit flips
+        bad = bytearray(pay)
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        with pytest.raises(FormatError):
+            _decode_with(plan, [(rec, bytes(bad))], r.size)
     bad = [("lane", 64), ("alphabet", 0), ("classes", 3), ("prev", 2), ("lo", -40000), ("row", 0), ("chunk", 100)]
     if lane:
         bad += [("ans_lane", 100), ("ans_lane", 1 << 30), ("rlo", plan.rlo - 1), ("rest", plan.rest + 1), ("prev", 1)]

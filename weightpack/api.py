@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Optional, Union
 if TYPE_CHECKING:
     import torch
 
+import numpy as np
 import zstandard
 from tqdm import tqdm
 
@@ -340,11 +341,14 @@ def _to_tensor(t: dict, pieces: list[bytes], device: "torch.device") -> "torch.T
     dt = torch_dtype(t["dtype"])
     if dt is None:
         raise WeightpackError(f"tensor {t['name']!r}: torch has no dtype for {t['dtype']}")
-    buf = torch.empty(t["nbytes"], dtype=torch.uint8)
-    view, off = memoryview(buf.numpy()), 0
-    for p in pieces:
-        view[off:off + len(p)] = p
-        off += len(p)
+    if len(pieces) == 1 and isinstance(pieces[0], np.ndarray) and pieces[0].flags.writeable:
+        buf = torch.from_numpy(pieces[0])  # a reconstruction: ours already, no copy
+    else:
+        buf = torch.empty(t["nbytes"], dtype=torch.uint8)
+        view, off = memoryview(buf.numpy()), 0
+        for p in pieces:
+            view[off:off + len(p)] = p
+            off += len(p)
     x = buf.view(dt).reshape(t["shape"])
     return x.to(device) if device.type != "cpu" else x
 

@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import signal
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -45,10 +45,13 @@ def _done(value: Any) -> Future:
 class Pool:
     """A process pool (or inline execution for one worker), used as a context manager."""
 
-    def __init__(self, workers: int | None):
+    def __init__(self, workers: int | None, threads: bool = False):
         self.workers = default_workers() if workers is None else max(1, int(workers))
         self.ex = None
-        if self.workers > 1:
+        if self.workers > 1 and threads:
+            # for work that releases the GIL (the compiled decode kernels, zlib, hashlib, zstd, numpy, torch)
+            self.ex = ThreadPoolExecutor(self.workers)
+        elif self.workers > 1:
             # fork: workers start in milliseconds and inherit the imported modules; they use only
             # numpy, zstandard and constriction, never torch's thread pools.
             self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
@@ -60,7 +63,7 @@ class Pool:
     def __exit__(self, exc_type, *rest) -> None:
         if self.ex is None:
             return
-        if exc_type is not None:
+        if exc_type is not None and isinstance(self.ex, ProcessPoolExecutor):
             # Interrupted or failed: stop the workers now rather than let them finish queued work
             # (and never leave the interpreter waiting on them at exit).
             for p in list(getattr(self.ex, "_processes", {}).values()):

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from .checkpoint import Checkpoint, TensorEntry, pread_exact, read_exact
-from .coding import streams, trellis
+from .coding import native, streams, trellis
 from .coding.fields import UINT
 from .container import ContainerReader, ContainerWriter
 from .dtypes import DTYPES
@@ -263,7 +263,7 @@ def _decode_lossy_task(path: str, t: dict, parts: list[tuple[dict, streams.Plan]
     for part, plan in parts:
         w = f"{where} part {part['name']!r}"
         chunks = part["stream"]["chunks"]
-        got[part["name"]] = b"".join(_checked(part, _decode_task(path, plan, chunks, 0, w, None, 0), w))
+        got[part["name"]] = bytearray().join(_checked(part, _decode_task(path, plan, chunks, 0, w, None, 0), w))
     return [lossy.decode(t, got)]
 
 
@@ -335,7 +335,7 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
             progress(t["nbytes"])
             return t, _checked(t, pieces, f"tensor {t['name']!r}")
         if t["stages"]:
-            parts[mark.part] = b"".join(pieces)
+            parts[mark.part] = bytearray().join(pieces)
             for part in t["parts"]:
                 _checked(part, [parts[part["name"]]], f"tensor {t['name']!r} part {part['name']!r}")
             progress(t["nbytes"])
@@ -346,7 +346,7 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
         if isinstance(item, _Mark):
             if mark is not None and item.part is not None and item.record is mark.record:
                 if mark.part is not None:
-                    parts[mark.part] = b"".join(pieces)
+                    parts[mark.part] = bytearray().join(pieces)
                 mark, pieces = item, []
                 continue
             if mark is not None and mark.in_memory:
@@ -365,7 +365,7 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
 def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Optional[int],
                    progress: Progress = _noop) -> Iterator[tuple[dict, list[bytes]]]:
     """Yield (record, decoded bytes in pieces) for each tensor, decoded in worker processes."""
-    with Pool(workers) as pool:
+    with Pool(workers, threads=native.available()) as pool:
         yield from _decoded(pool.ordered_map(decode_items(reader, tensors)), progress)
 
 

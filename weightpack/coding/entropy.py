@@ -11,10 +11,13 @@ that context's table, groups in context order, all in one AnsCoder stream.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import constriction
 
 from ..errors import FormatError
+from . import native
 
 TABLE_BITS = 15
 MODEL_BITS = 24
@@ -52,6 +55,29 @@ def check_table(f: np.ndarray, where: str) -> None:
 def make_model(f: np.ndarray):
     f24 = widen_table(f)
     return _Categorical((f24 - 1).astype(np.float64), perfect=False)
+
+
+class Tables:
+    """A stream's stored tables (one per context) and, built on first use, what each decoder needs from
+    them: constriction models, or the compiled decoder's slot tables (coding/native.py)."""
+
+    def __init__(self, tables):
+        self.tables = [np.asarray(t) for t in tables]
+        self._models: Optional[list] = None
+        self._slots: Optional[tuple] = None
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def models(self) -> list:
+        if self._models is None:
+            self._models = [make_model(t) for t in self.tables]
+        return self._models
+
+    def slots(self) -> tuple:
+        if self._slots is None:
+            self._slots = native.slot_tables(self.tables)
+        return self._slots
 
 
 def ans_encode(groups: list[tuple[np.ndarray, object]]) -> np.ndarray:
@@ -165,21 +191,23 @@ def lane_words(payload, n: int, lane: int, where: str) -> tuple[np.ndarray, np.n
     return words, counts
 
 
-def lanes_decode(payload, runs: list[tuple[int, object]], lane: int, where: str) -> np.ndarray:
-    """Inverse of lanes_encode: the symbols in coding order (int32)."""
-    counts = [c for c, _ in runs]
+def lanes_decode(payload, counts: list[int], tables: Tables, lane: int, where: str) -> np.ndarray:
+    """Inverse of lanes_encode: the symbols in coding order (int32); run c holds counts[c] symbols of
+    table c. The compiled decoder where it is available, else one constriction call per lane and run."""
     n = int(sum(counts))
     nl = lane_count(n, lane)
     words, wc = lane_words(payload, n, lane, where)
+    per = lanes_runs(counts, nl)
+    if native.available():
+        return native.lanes(words, wc, per, tables.slots(), where)
     out = np.empty(n, dtype=np.int32)
     ends = np.cumsum(wc).tolist()
-    per = lanes_runs(counts, nl).tolist()
-    models = [model for _, model in runs]
+    models = tables.models()
     begin = 0
-    for j in range(nl):
+    for j, row in enumerate(per.tolist()):
         dec = Decoder(words[begin:ends[j]], where)
         begin = ends[j]
-        got = [dec.decode(models[c], k) for c, k in enumerate(per[j]) if k]
+        got = [dec.decode(models[c], k) for c, k in enumerate(row) if k]
         dec.finish()
         out[j::nl] = np.concatenate(got) if len(got) > 1 else got[0]
     return out

@@ -68,7 +68,7 @@ class Plan:
     tz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     block_base: int = 0  # index of the first block that cls and tz hold
     lane: int = 0  # symbols per ANS lane of the heads (format 1.2); 0: one ANS stream per chunk (1.0/1.1)
-    _models: Optional[list] = None
+    _tables: Optional[entropy.Tables] = None
     _lut: Optional[np.ndarray] = None
 
     @property
@@ -106,10 +106,13 @@ class Plan:
         ])
         return _zstd(raw, 19)
 
+    def coding_tables(self) -> entropy.Tables:
+        if self._tables is None:
+            self._tables = entropy.Tables(self.tables)
+        return self._tables
+
     def models(self):
-        if self._models is None:
-            self._models = [entropy.make_model(t) for t in self.tables]
-        return self._models
+        return self.coding_tables().models()
 
     def lut(self) -> np.ndarray:
         if self._lut is None:
@@ -124,7 +127,7 @@ class Plan:
         bpc = self.chunk // self.block
         lo, hi = first * bpc - self.block_base, last * bpc - self.block_base
         return replace(self, cls=self.cls[lo:hi], tz=self.tz[lo:hi], block_base=first * bpc,
-                       _models=None, _lut=None)
+                       _tables=None, _lut=None)
 
 
 def _zstd(data: bytes, level: int) -> bytes:
@@ -517,11 +520,11 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
             raise FormatError(f"{where}: malformed head part")
         C = plan.tables.shape[0]
         g = BlockGroups(bcls, C, L, m)
-        runs = [(g.counts[c], plan.models()[c]) for c in range(C)]
         if plan.lane:
-            syms = entropy.lanes_decode(hdata, runs, plan.lane, where)
+            syms = entropy.lanes_decode(hdata, g.counts, plan.coding_tables(), plan.lane, where)
             got = np.split(syms, np.cumsum(g.counts)[:-1])
         else:
+            runs = [(g.counts[c], plan.models()[c]) for c in range(C)]
             got = entropy.ans_decode(np.frombuffer(hdata, dtype="<u4"), runs, where)
         head = np.empty(m, dtype=wd)
         for c in g.keys():

@@ -30,7 +30,7 @@ import numpy as np
 import zstandard
 
 from ..errors import FormatError
-from . import entropy
+from . import entropy, native
 
 STATES = 8
 # next state = NEXT[state, parity]: a feedback shift register (state bits b2 b1 b0 -> (p ^ b2 ^ b1 ^ b0) b2 b1)
@@ -332,8 +332,8 @@ class LevelPlan:
     codec: str = "trellis"
     itemsize_bits: int = 16
     dtype: str = "I16"
-    _models: Optional[list] = None
-    _pmodels: Optional[list] = None
+    _coded: Optional[entropy.Tables] = None
+    _pcoded: Optional[entropy.Tables] = None
 
     @property
     def nchunks(self) -> int:
@@ -366,18 +366,25 @@ class LevelPlan:
                + self.rcls.astype(np.uint8).tobytes())
         return zstandard.ZstdCompressor(level=level).compress(raw)
 
+    def coding_tables(self) -> entropy.Tables:
+        """The tables of the levels (step-major layout) or of the rests (lanes layout)."""
+        if self._coded is None:
+            self._coded = entropy.Tables(self.tables)
+        return self._coded
+
+    def parity_tables(self) -> entropy.Tables:
+        if self._pcoded is None:
+            self._pcoded = entropy.Tables(self.ptables)
+        return self._pcoded
+
     def models(self):
-        if self._models is None:
-            self._models = [entropy.make_model(t) for t in self.tables]
-        return self._models
+        return self.coding_tables().models()
 
     def pmodels(self):
-        if self._pmodels is None:
-            self._pmodels = [entropy.make_model(t) for t in self.ptables]
-        return self._pmodels
+        return self.parity_tables().models()
 
     def for_chunks(self, first: int, last: int) -> "LevelPlan":
-        return replace(self, _models=None, _pmodels=None)
+        return replace(self, _coded=None, _pcoded=None)
 
     def contexts_of(self, prevcls: np.ndarray, q: np.ndarray, rc: np.ndarray) -> np.ndarray:
         c = q * (3 if self.prev else 1) + (prevcls if self.prev else 0)
@@ -555,17 +562,34 @@ def _decode_split(plan: LevelPlan, a: int, m: int, views: dict, where: str) -> n
     pdata, rdata = split_parts(plan, views, where)
     rc = split_row_classes(plan, a, m)
     R = plan.classes
+    if native.available():
+        return _decode_split_native(plan, m, pdata, rdata, rc, where)
     order, counts = _order(rc, R)
-    p = _scatter(entropy.lanes_decode(pdata, list(zip(counts.tolist(), plan.pmodels())), plan.ans_lane, where),
+    p = _scatter(entropy.lanes_decode(pdata, counts.tolist(), plan.parity_tables(), plan.ans_lane, where),
                  order, np.uint8)
     q = walk_parities(p)
     if plan.rest > 1:
         order, counts = _order(rest_contexts(plan, rc, p, q), 4 * R)
-        rs = _scatter(entropy.lanes_decode(rdata, list(zip(counts.tolist(), plan.models())), plan.ans_lane, where),
+        rs = _scatter(entropy.lanes_decode(rdata, counts.tolist(), plan.coding_tables(), plan.ans_lane, where),
                       order, np.int32)
     else:
         rs = np.zeros(m, dtype=np.int32)
     return split_multiples(plan, p, rs, q)
+
+
+def _decode_split_native(plan: LevelPlan, m: int, pdata, rdata, rc: np.ndarray, where: str) -> np.ndarray:
+    """_decode_split with the compiled kernels: the same symbols, without sorts (one pass each)."""
+    counts = np.bincount(rc, minlength=plan.classes)
+    grouped = entropy.lanes_decode(pdata, counts.tolist(), plan.parity_tables(), plan.ans_lane, where)
+    p = native.ungroup(grouped, rc, counts, np.uint8)
+    q = native.walk(p, LANE)
+    if plan.rest > 1:
+        ctx, counts = native.split_contexts(p, q, rc, plan.classes)
+        grouped = entropy.lanes_decode(rdata, counts.tolist(), plan.coding_tables(), plan.ans_lane, where)
+        rs = native.ungroup(grouped, ctx, counts, np.int32)
+    else:
+        rs = np.zeros(m, dtype=np.int32)
+    return native.split_multiples(p, rs, q, plan.rlo)
 
 
 def _scatter(grouped: np.ndarray, order: Optional[np.ndarray], dtype) -> np.ndarray:
@@ -652,9 +676,18 @@ def decode_chunk(plan: LevelPlan, i: int, rec: dict, payload, where: str) -> byt
     return raw
 
 
+def _multiple_table(plan: LevelPlan) -> np.ndarray:
+    """multiple[state, symbol]: the multiple of delta that a symbol decodes to in a state."""
+    k = np.arange(plan.alphabet) + plan.lo
+    return (2 * k[None, :] - QUANT[:, None] * np.sign(k)[None, :]).astype("<i2")
+
+
 def _decode_multiples(plan: LevelPlan, a: int, m: int, words: np.ndarray, where: str) -> np.ndarray:
     """Step by step over the lanes of a chunk: each lane's context from its state, previous level and row;
     the symbols of each context decoded in one call; the multiples written as they come."""
+    if native.available():
+        return native.step_major(words, m, LANE, a, plan.row, plan.rcls, plan.classes, plan.prev, plan.lo,
+                                 plan.coding_tables().slots(), _multiple_table(plan), where)
     coder = entropy.Decoder(words, where)
     L = -(-m // LANE)
     models = plan.models()
@@ -662,7 +695,7 @@ def _decode_multiples(plan: LevelPlan, a: int, m: int, words: np.ndarray, where:
     # per (state, symbol): the multiple it decodes to, and the next state; per symbol: its sign class
     k = np.arange(plan.alphabet) + plan.lo
     A = plan.alphabet
-    multiple = (2 * k[None, :] - QUANT[:, None] * np.sign(k)[None, :]).astype("<i2").reshape(-1)  # [state * A + symbol]
+    multiple = _multiple_table(plan).reshape(-1)  # [state * A + symbol]
     following = NEXT[:, k & 1].reshape(-1)
     sign_class = np.sign(k) + 1
     state_ctx = QUANT * (3 if plan.prev else 1) * R

@@ -8,6 +8,7 @@ and the quality measured at pack time.
 from __future__ import annotations
 
 import hashlib
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -32,24 +33,41 @@ def can_apply(dtype: str, numel: int) -> bool:
     return dtype in LOSSY_DTYPES and numel > 0
 
 
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 0
+
+
 @contextmanager
 def _one_torch_thread():
     """Torch's own thread pool busy-waits and slows 15-40x when any other process wants the cores (the
-    pack's coder workers do): the stages run in one thread, the parallelism is the worker pool's."""
+    pack's coder workers do): the stages run in one thread, the parallelism is the worker pool's. Several
+    threads of a decode may be inside at once: the first sets one thread, the last restores the count."""
     import torch
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    global _threads_users, _threads_saved
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
 
 
 def _tensor(raw, dtype: str, shape: list[int]):
     import torch
 
     return torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
+
+
+def _writable(raw) -> bytearray:
+    return raw if isinstance(raw, bytearray) else bytearray(raw)
 
 
 def _raw(x) -> bytes:
@@ -110,13 +128,14 @@ def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encod
     )
 
 
-def decode(t: dict, parts: dict[str, bytes]) -> bytes:
-    """The reconstructed raw bytes of a tensor from its decoded parts; checks the recorded SHA-256."""
+def decode(t: dict, parts: dict[str, bytes | bytearray]) -> "np.ndarray":
+    """The reconstructed raw bytes of a tensor (a uint8 array) from its decoded parts; checks the recorded
+    SHA-256."""
     where = f"tensor {t['name']!r}"
-    tensors = {part["name"]: _tensor(bytearray(parts[part["name"]]), part["dtype"], part["shape"])
+    tensors = {part["name"]: _tensor(_writable(parts[part["name"]]), part["dtype"], part["shape"])
                for part in t["parts"]}
     with _one_torch_thread():
-        raw = _raw(reconstruct(t, tensors))
+        raw = reconstruct(t, tensors).contiguous().reshape(-1).view(torch_dtype("U8")).numpy()
     if hashlib.sha256(raw).hexdigest() != t["decoded_sha256"]:
         raise FormatError(f"{where}: reconstruction does not match its recorded hash")
     return raw

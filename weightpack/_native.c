@@ -1,0 +1,233 @@
+/* Compiled CPU kernels for the decoders' hot loops (called through ctypes: weightpack/coding/native.py).
+ *
+ * The same algorithms as the numpy/constriction paths and the lock-step decoder (coding/lockstep.py), on
+ * the same bytes (docs/FORMAT.md):
+ *   wp_lanes           ANS lanes (entropy.lanes_encode's layout), one 2**15-entry symbol table per context;
+ *                      constriction's AnsCoder: 64-bit state, 32-bit words, 24-bit precision.
+ *   wp_ungroup_*       symbols in coding order (grouped by a key, stable) back to element order.
+ *   wp_walk            the trellis quantizer of each element from the parities of the levels before it.
+ *   wp_split_contexts  the rest contexts of the trellis lanes layout, and their counts.
+ *   wp_split_multiples the multiples of the step from parity, rest and quantizer.
+ *   wp_step_major      the step-major trellis layout (format 1.1) of one chunk, whole.
+ *
+ * Memory safety on any input is by construction: every read index is bounded by the sizes passed in (the
+ * caller checks those against each other), words are read only between a lane's first and last word, and a
+ * symbol found in a table is below that table's alphabet. Corrupt data decodes to some symbols and is
+ * reported by the end-of-lane check (all words read, state back at 0) or by the caller's checksums.
+ * No Python API is used: ctypes releases the GIL around each call. */
+
+#include <Python.h>
+#include <stdint.h>
+
+#define SLOTS 32768
+#define LANE_STATES 8
+
+static inline uint64_t ans_start(const uint32_t *words, int64_t lo, int64_t hi, int64_t *ptr) {
+    int64_t size = hi - lo; /* 0 words: state 0 (only symbol 0 was coded); 1 word: a state below 2**32 */
+    if (size >= 2) {
+        *ptr = hi - 2;
+        return ((uint64_t)words[hi - 1] << 32) | (uint64_t)words[hi - 2];
+    }
+    if (size == 1) {
+        *ptr = hi - 1;
+        return (uint64_t)words[hi - 1];
+    }
+    *ptr = hi;
+    return 0;
+}
+
+/* One decoding step with table c: returns the symbol, advances the state and reads a word if due. */
+static inline uint32_t ans_step(uint64_t *state, const uint32_t *words, int64_t lo, int64_t *ptr,
+                                const uint16_t *sym, const uint32_t *F, const uint32_t *cdf) {
+    uint64_t x = *state;
+    uint64_t q = x & 0xFFFFFF;
+    uint64_t slot = q >> 9;
+    uint32_t s = sym[slot];
+    x = (x >> 24) * ((uint64_t)F[s] << 9) + ((slot - (uint64_t)cdf[s]) << 9) + (q & 511);
+    if (x < ((uint64_t)1 << 32) && *ptr > lo) {
+        *ptr -= 1;
+        x = (x << 32) | (uint64_t)words[*ptr];
+    }
+    *state = x;
+    return s;
+}
+
+/* Lane j (of nl) holds per[j * C + c] symbols of context c, contexts in order, and writes them at
+ * t * nl + j. wcount[j] words each, back to back. Returns -1, or the first lane that did not end cleanly.
+ * Caller: sum(wcount) == nwords, lane j holds ceil((n - j) / nl) symbols in all (n: the output's length).
+ * IL lanes are decoded together: each step's table lookups are independent, so their latencies overlap. */
+#define IL 8
+int64_t wp_lanes(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
+                 const int64_t *restrict per, int64_t C, const uint16_t *restrict sym, const uint32_t *restrict F,
+                 const uint32_t *restrict cdf, int64_t A, int32_t *restrict out) {
+    int64_t base = 0;
+    (void)nwords;
+    for (int64_t j0 = 0; j0 < nl; j0 += IL) {
+        uint64_t st[IL];
+        int64_t lo[IL], ptr[IL], pos[IL], left[IL], c[IL], rem[IL], steps = 0;
+        for (int i = 0; i < IL; i++) {
+            int64_t j = j0 + i;
+            left[i] = 0;
+            lo[i] = ptr[i] = pos[i] = 0;
+            st[i] = 0;
+            c[i] = -1;
+            rem[i] = 0;
+            if (j >= nl)
+                continue;
+            lo[i] = base;
+            base += wcount[j];
+            st[i] = ans_start(words, lo[i], base, &ptr[i]);
+            pos[i] = j;
+            for (int64_t k = 0; k < C; k++)
+                left[i] += per[j * C + k];
+            if (left[i] > steps)
+                steps = left[i];
+        }
+        for (int64_t t = 0; t < steps; t++) {
+            for (int i = 0; i < IL; i++) {
+                if (t >= left[i])
+                    continue;
+                while (rem[i] == 0) {
+                    c[i]++;
+                    rem[i] = per[(j0 + i) * C + c[i]];
+                }
+                rem[i]--;
+                int64_t ci = c[i];
+                out[pos[i]] = (int32_t)ans_step(&st[i], words, lo[i], &ptr[i], sym + ci * SLOTS, F + ci * A,
+                                                cdf + ci * A);
+                pos[i] += nl;
+            }
+        }
+        for (int i = 0; i < IL && j0 + i < nl; i++)
+            if (ptr[i] != lo[i] || st[i] != 0)
+                return j0 + i;
+    }
+    return -1;
+}
+
+/* out[i] = the next symbol of key keys[i] in grouped (the keys' runs in key order, counts[k] each, n in
+ * all). Returns 0, or -1 where a key is out of range or has more elements than its count (nothing is read
+ * or written out of bounds then). */
+#define UNGROUP(NAME, T)                                                                                    \
+    int64_t NAME(const int32_t *grouped, const uint8_t *keys, int64_t n, const int64_t *counts, int64_t K,  \
+                 T *out) {                                                                                  \
+        int64_t off[256], end[256], acc = 0;                                                                \
+        if (K > 256)                                                                                        \
+            return -1;                                                                                      \
+        for (int64_t k = 0; k < K; k++) {                                                                   \
+            off[k] = acc;                                                                                   \
+            acc += counts[k];                                                                               \
+            end[k] = acc;                                                                                   \
+        }                                                                                                   \
+        if (acc > n)                                                                                        \
+            return -1;                                                                                      \
+        for (int64_t i = 0; i < n; i++) {                                                                   \
+            uint8_t k = keys[i];                                                                            \
+            if (k >= K || off[k] >= end[k])                                                                 \
+                return -1;                                                                                  \
+            out[i] = (T)grouped[off[k]++];                                                                  \
+        }                                                                                                   \
+        return 0;                                                                                           \
+    }
+UNGROUP(wp_ungroup_u8, uint8_t)
+UNGROUP(wp_ungroup_i32, int32_t)
+
+/* The trellis machine (coding/trellis.py): states 0-3 quantizer 0, 4-7 quantizer 1; next state from the
+ * parity p of the level: ((p ^ parity(popcount(s))) << 2) | (s >> 1). */
+static inline int next_state(int s, int p) {
+    return ((p ^ __builtin_parity((unsigned)s)) << 2) | (s >> 1);
+}
+
+void wp_walk(const uint8_t *p, int64_t n, int64_t lane, uint8_t *q) {
+    uint8_t nxt[LANE_STATES][2];
+    for (int s = 0; s < LANE_STATES; s++)
+        for (int b = 0; b < 2; b++)
+            nxt[s][b] = (uint8_t)next_state(s, b);
+    for (int64_t a = 0; a < n; a += lane) {
+        int64_t e = a + lane < n ? a + lane : n;
+        int s = 0;
+        for (int64_t i = a; i < e; i++) {
+            q[i] = (uint8_t)(s >> 2);
+            s = nxt[s][p[i] & 1];
+        }
+    }
+}
+
+/* ctx = (q * 2 + p) * R + rc; counts[ctx]++. Caller: q, p in {0, 1}, rc < R, counts has 4R zeros. */
+void wp_split_contexts(const uint8_t *p, const uint8_t *q, const uint8_t *rc, int64_t n, int64_t R, uint8_t *ctx,
+                       int64_t *counts) {
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t c = (uint8_t)(((q[i] & 1) * 2 + (p[i] & 1)) * R + rc[i]);
+        ctx[i] = c;
+        counts[c]++;
+    }
+}
+
+/* Level k = 2 (rest + rlo) + parity; the multiple is 2k on quantizer 0, 2k - sign(k) on quantizer 1. */
+void wp_split_multiples(const uint8_t *p, const int32_t *rs, const uint8_t *q, int64_t n, int64_t rlo,
+                        int16_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t k = 2 * ((int64_t)rs[i] + rlo) + (p[i] & 1);
+        int64_t m = 2 * k - (int64_t)(q[i] & 1) * ((k > 0) - (k < 0));
+        out[i] = (int16_t)m;
+    }
+}
+
+/* The step-major trellis layout of one chunk of m elements (element a of the tensor first): lanes of `lane`
+ * elements; at step j, every lane that has an element j gets a context (quantizer of its state, the sign
+ * class of its previous level when prev, its row's class), the symbols of each context are decoded as one
+ * group, contexts in order, lanes in order within a group, all from one ANS stream. multiple[s * A + sym]
+ * is the multiple a symbol decodes to in state s. Scratch: 4 * L int64 (L lanes) + 2 * C int64 (C contexts).
+ * Writes out[l * lane + j] (out holds L * lane int16). Returns 1 when the stream ends cleanly, else 0.
+ * Caller: rcls[r] < R for r < nrows, nrows >= 1, tables for C = 2 * (prev ? 3 : 1) * R contexts. */
+int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t lane, int64_t a, int64_t row,
+                      const uint8_t *rcls, int64_t nrows, int64_t R, int64_t prev, int64_t lo,
+                      const uint16_t *sym, const uint32_t *F, const uint32_t *cdf, int64_t A,
+                      const int16_t *multiple, int64_t *scratch, int16_t *out) {
+    int64_t L = (m + lane - 1) / lane, C = 2 * (prev ? 3 : 1) * R, ptr;
+    int64_t *st = scratch, *pv = scratch + L, *ctx = scratch + 2 * L, *got = scratch + 3 * L,
+            *counts = scratch + 4 * L, *off = counts + C;
+    uint64_t state = ans_start(words, 0, nwords, &ptr);
+    for (int64_t l = 0; l < L; l++) {
+        st[l] = 0;
+        pv[l] = 1; /* a lane starts as if after a zero */
+    }
+    for (int64_t j = 0; j < lane; j++) {
+        int64_t active = (m - j + lane - 1) / lane;
+        if (active <= 0)
+            break;
+        for (int64_t c = 0; c < C; c++)
+            counts[c] = 0;
+        for (int64_t l = 0; l < active; l++) {
+            int64_t r = (a + l * lane + j) / row;
+            if (r > nrows - 1)
+                r = nrows - 1;
+            int64_t c = (st[l] >> 2) * (prev ? 3 : 1) + (prev ? pv[l] : 0);
+            c = c * R + rcls[r];
+            ctx[l] = c;
+            counts[c]++;
+        }
+        /* the groups in context order, from the stream; the g-th symbol of context c is the g-th lane's
+         * (in lane order) with context c */
+        int64_t g = 0;
+        for (int64_t c = 0; c < C; c++) {
+            const uint16_t *sc = sym + c * SLOTS;
+            const uint32_t *Fc = F + c * A, *cc = cdf + c * A;
+            off[c] = g;
+            for (int64_t k = counts[c]; k > 0; k--)
+                got[g++] = ans_step(&state, words, 0, &ptr, sc, Fc, cc);
+        }
+        for (int64_t l = 0; l < active; l++) {
+            int64_t s = got[off[ctx[l]]++];
+            int64_t k = s + lo;
+            out[l * lane + j] = multiple[st[l] * A + s];
+            st[l] = next_state((int)st[l], (int)(k & 1));
+            pv[l] = k < 0 ? 0 : (k == 0 ? 1 : 2);
+        }
+    }
+    return ptr == 0 && state == 0;
+}
+
+static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native", "ctypes kernels", -1, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }

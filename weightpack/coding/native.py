@@ -1,0 +1,172 @@
+"""The compiled CPU kernels (weightpack/_native.c) behind the decoders' hot loops, called through ctypes.
+
+constriction decodes one run of symbols per call and finds each symbol by a binary search of its table;
+the trellis decoder around it is a handful of numpy passes over every element (sorts by context, scatters,
+the state walk). The kernels do the same work in compiled loops over the same bytes, and ctypes releases
+the GIL while they run.
+
+The extension is built when the package is installed (setuptools, `optional`: without a C compiler the
+install still succeeds). Where it is missing or WEIGHTPACK_NO_NATIVE is set, `available()` is False and the
+decoders use constriction and numpy, which decode the same symbols (the test suite runs both).
+
+Each wrapper checks the sizes it passes against each other, so that the kernels' reads and writes stay
+inside the arrays whatever the container holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from typing import Optional
+
+import numpy as np
+
+from ..errors import FormatError
+
+SLOT_BITS = 15  # entropy.TABLE_BITS: a symbol is found by bits 9..23 of the state
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+
+
+def _arr(dtype):
+    return np.ctypeslib.ndpointer(dtype=dtype, flags="C_CONTIGUOUS")
+
+
+_I64 = ctypes.c_int64
+_SIGNATURES = {
+    "wp_lanes": (_I64, [_arr(np.uint32), _I64, _arr(np.int64), _I64, _arr(np.int64), _I64, _arr(np.uint16),
+                        _arr(np.uint32), _arr(np.uint32), _I64, _arr(np.int32)]),
+    "wp_ungroup_u8": (_I64, [_arr(np.int32), _arr(np.uint8), _I64, _arr(np.int64), _I64, _arr(np.uint8)]),
+    "wp_ungroup_i32": (_I64, [_arr(np.int32), _arr(np.uint8), _I64, _arr(np.int64), _I64, _arr(np.int32)]),
+    "wp_walk": (None, [_arr(np.uint8), _I64, _I64, _arr(np.uint8)]),
+    "wp_split_contexts": (None, [_arr(np.uint8), _arr(np.uint8), _arr(np.uint8), _I64, _I64, _arr(np.uint8),
+                                 _arr(np.int64)]),
+    "wp_split_multiples": (None, [_arr(np.uint8), _arr(np.int32), _arr(np.uint8), _I64, _I64, _arr(np.int16)]),
+    "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
+                             _arr(np.uint16), _arr(np.uint32), _arr(np.uint32), _I64, _arr(np.int16),
+                             _arr(np.int64), _arr(np.int16)]),
+}
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if not os.environ.get("WEIGHTPACK_NO_NATIVE"):
+            try:
+                spec = importlib.util.find_spec("weightpack._native")
+                if spec is not None and spec.origin:
+                    lib = ctypes.CDLL(spec.origin)
+                    for name, (res, args) in _SIGNATURES.items():
+                        fn = getattr(lib, name)
+                        fn.restype, fn.argtypes = res, args
+                    _lib = lib
+            except (OSError, AttributeError, ImportError):
+                _lib = None
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used in this process."""
+    return _load() is not None
+
+
+def slot_tables(tables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For stored 15-bit tables (one per context, any alphabets up to 2**12, each summing to 2**15): per
+    context and slot its symbol (uint16), per context and symbol its frequency and cumulative frequency."""
+    C = max(len(tables), 1)
+    A = max((len(f) for f in tables), default=1)
+    sym = np.zeros((C, 1 << SLOT_BITS), dtype=np.uint16)
+    F = np.ones((C, A), dtype=np.uint32)
+    cdf = np.zeros((C, A), dtype=np.uint32)
+    for c, f in enumerate(tables):
+        f = np.asarray(f, dtype=np.int64)
+        F[c, :len(f)] = f
+        cdf[c, :len(f)] = np.cumsum(f) - f
+        sym[c] = np.repeat(np.arange(len(f), dtype=np.uint16), f)
+    return sym, F, cdf
+
+
+def lanes(words: np.ndarray, wcount: np.ndarray, per: np.ndarray, slots: tuple, where: str) -> np.ndarray:
+    """Decode lanes: lane j (of nl) holds per[j, c] symbols of context c, contexts in order, and they go to
+    positions t * nl + j of the output (int32, coding order)."""
+    sym, F, cdf = slots
+    nl, C = per.shape
+    n = int(per.sum())
+    if len(wcount) != nl or int(wcount.sum()) != len(words) or C > sym.shape[0] or int(per.min(initial=0)) < 0 \
+            or not np.array_equal(per.sum(axis=1), -(-(n - np.arange(nl)) // max(nl, 1))):  # lane j: t * nl + j < n
+        raise FormatError(f"{where}: malformed lanes part")
+    out = np.empty(n, dtype=np.int32)
+    bad = _lib.wp_lanes(np.ascontiguousarray(words, dtype=np.uint32), len(words),
+                        np.ascontiguousarray(wcount, dtype=np.int64), nl, np.ascontiguousarray(per, dtype=np.int64),
+                        C, sym, F, cdf, F.shape[1], out)
+    if bad >= 0:
+        raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
+    return out
+
+
+def ungroup(grouped: np.ndarray, keys: np.ndarray, counts: np.ndarray, dtype) -> np.ndarray:
+    """Symbols in coding order (the runs of each key, in key order, stable) back to element order."""
+    n = len(keys)
+    if len(grouped) != n:
+        raise ValueError("keys and symbols disagree")
+    out = np.empty(n, dtype=dtype)
+    fn = _lib.wp_ungroup_u8 if out.dtype == np.uint8 else _lib.wp_ungroup_i32
+    if fn(np.ascontiguousarray(grouped, dtype=np.int32), np.ascontiguousarray(keys, dtype=np.uint8), n,
+          np.ascontiguousarray(counts, dtype=np.int64), len(counts), out):
+        raise ValueError("keys and counts disagree")
+    return out
+
+
+def walk(p: np.ndarray, lane: int) -> np.ndarray:
+    """The trellis quantizer (uint8) of each element of flat level parities, lanes from element 0."""
+    p = np.ascontiguousarray(p, dtype=np.uint8)
+    q = np.empty(len(p), dtype=np.uint8)
+    _lib.wp_walk(p, len(p), lane, q)
+    return q
+
+
+def split_contexts(p: np.ndarray, q: np.ndarray, rc: np.ndarray, R: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rest contexts (q * 2 + p) * R + rc (uint8) of every element, and how many of each."""
+    n = len(p)
+    rc = np.ascontiguousarray(rc, dtype=np.uint8)
+    if len(q) != n or len(rc) != n or not 1 <= R <= 64 or (n and int(rc.max()) >= R):
+        raise ValueError("contexts out of range")
+    ctx = np.empty(n, dtype=np.uint8)
+    counts = np.zeros(4 * R, dtype=np.int64)
+    _lib.wp_split_contexts(np.ascontiguousarray(p, dtype=np.uint8), np.ascontiguousarray(q, dtype=np.uint8), rc, n,
+                           R, ctx, counts)
+    return ctx, counts
+
+
+def split_multiples(p: np.ndarray, rs: np.ndarray, q: np.ndarray, rlo: int) -> np.ndarray:
+    """The multiples (int16) of levels given by parity and rest symbols, on quantizers q."""
+    n = len(p)
+    if len(rs) != n or len(q) != n:
+        raise ValueError("length mismatch")
+    out = np.empty(n, dtype="<i2")
+    _lib.wp_split_multiples(np.ascontiguousarray(p, dtype=np.uint8), np.ascontiguousarray(rs, dtype=np.int32),
+                            np.ascontiguousarray(q, dtype=np.uint8), n, rlo, out)
+    return out
+
+
+def step_major(words: np.ndarray, m: int, lane: int, a: int, row: int, rcls: np.ndarray, R: int, prev: int, lo: int,
+               slots: tuple, multiple: np.ndarray, where: str) -> np.ndarray:
+    """The multiples (int16) of one step-major trellis chunk of m elements starting at element a."""
+    sym, F, cdf = slots
+    C = 2 * (3 if prev else 1) * R
+    A = multiple.shape[1]
+    rcls = np.ascontiguousarray(rcls, dtype=np.uint8)
+    if sym.shape[0] != C or F.shape[1] != A or multiple.shape[0] != 8 or not len(rcls) or int(rcls.max()) >= R \
+            or m < 1 or row < 1 or a < 0:
+        raise FormatError(f"{where}: malformed level stream")
+    L = -(-m // lane)
+    scratch = np.empty(4 * L + 2 * C, dtype=np.int64)
+    out = np.zeros(L * lane, dtype="<i2")
+    ok = _lib.wp_step_major(np.ascontiguousarray(words, dtype=np.uint32), len(words), m, lane, a, row, rcls,
+                            len(rcls), R, prev, lo, sym, F, cdf, A,
+                            np.ascontiguousarray(multiple, dtype="<i2"), scratch, out)
+    if not ok:
+        raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
+    return out[:m]
