@@ -6,10 +6,12 @@ and end-to-end load time beside safetensors.
     python scripts/bench_decode.py --gpu-gb 4      # the generated LLM-shaped BF16 checkpoint's size
     python scripts/bench_decode.py --device cpu --gpu-gb 0.05   # the GPU part's code, run on the CPU
 
-CPU part (the 40 MiniLM matrices + the rest of the model, cast to BF16 and kept F32):
-  * one core: ANS lanes decoded by constriction (symbols/s), trellis levels (symbols/s), and the
-    lock-step torch decoder that the device path runs (symbols/s; on the CPU it is only a test vehicle);
-  * `load` with 1 and 2 worker processes (MB/s of reconstructed tensors) and the scaling between them.
+CPU part (all-MiniLM-L6-v2 cast to BF16 and kept F32, lossless; and packed with q-tcq):
+  * one core: ANS lanes and trellis levels decoded by each CPU decoder, the compiled kernels ("native",
+    weightpack/_native.c) and constriction + numpy ("numpy") (symbols/s), and the lock-step torch decoder
+    that the device path runs (symbols/s; on the CPU it is only a test vehicle);
+  * `load` with 1 and 2 workers under each CPU decoder (native: threads; numpy: processes) (MB/s of
+    reconstructed tensors) and the scaling between them.
 GPU part (a generated checkpoint shaped like a 7B-class decoder's layers, BF16, `--gpu-gb` GB):
   * `safetensors.torch.load_file(original, device=DEV)`, and `weightpack.load(pack, device=DEV)` of a
     lossless and an int4 pack, from the page cache (each file read once before timing), best of --runs;
@@ -34,7 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import weightpack  # noqa: E402
-from weightpack.coding import entropy, lockstep, streams, trellis  # noqa: E402
+from weightpack.coding import entropy, lockstep, native, streams, trellis  # noqa: E402
 from weightpack.container import ContainerReader  # noqa: E402
 from weightpack.pipeline import stream_plan  # noqa: E402
 
@@ -83,18 +85,26 @@ def head_lanes(pk: Path, limit: int = 1 << 62):
     return jobs, lanes
 
 
+def cpu_decoders() -> list[str]:
+    return ["native", "numpy"] if native.available() else ["numpy"]
+
+
 def cpu_lanes(pk: Path, runs: int) -> dict:
-    """Heads of every laned fields chunk, decoded by constriction on one core, and by the lock-step
-    torch decoder (one batch, as the device path does)."""
+    """Heads of every laned fields chunk, decoded on one core by each CPU decoder (the compiled kernels;
+    constriction), and by the lock-step torch decoder (one batch, as the device path does)."""
     heads, lanes = head_lanes(pk)
-    jobs = [(head, list(zip(counts, plan.models())), plan.lane) for plan, head, counts in heads]
     n = lanes.nsymbols
-    t = best(runs, lambda: [entropy.lanes_decode(h, r, lane, "bench") for h, r, lane in jobs])
+    res = {"symbols": n}
+    for name in cpu_decoders():
+        with native.enabled(name == "native"):
+            t = best(runs, lambda: [entropy.lanes_decode(h, counts, plan.coding_tables(), plan.lane, "bench")
+                                    for plan, h, counts in heads])
+        res[f"{name}_s"], res[f"{name}_msym_s"] = t, n / t / 1e6
     with _one_thread():
         d = lanes.to("cpu")
         tl = best(1, lambda: lockstep.decode_torch(d, "bench"))
-    return {"symbols": n, "constriction_s": t, "constriction_msym_s": n / t / 1e6,
-            "lockstep_torch_s": tl, "lockstep_torch_msym_s": n / tl / 1e6, "lanes": d.nlanes}
+    res.update(lockstep_torch_s=tl, lockstep_torch_msym_s=n / tl / 1e6, lanes=d.nlanes)
+    return res
 
 
 class _one_thread:
@@ -107,10 +117,30 @@ class _one_thread:
 
 
 def cpu_trellis(pk: Path, runs: int) -> dict:
+    """Trellis level chunks (every layout) decoded on one core by each CPU decoder."""
     items = list(_chunks(pk, "trellis"))
     n = sum(plan.chunk_range(i)[1] - plan.chunk_range(i)[0] for plan, i, _, _ in items)
-    t = best(runs, lambda: [trellis.decode_chunk(plan, i, rec, memoryview(p), "bench") for plan, i, rec, p in items])
-    return {"symbols": n, "seconds": t, "msym_s": n / t / 1e6}
+    res = {"symbols": n}
+    for name in cpu_decoders():
+        with native.enabled(name == "native"):
+            t = best(runs, lambda: [trellis.decode_chunk(plan, i, rec, memoryview(p), "bench")
+                                    for plan, i, rec, p in items])
+        res[f"{name}_s"], res[f"{name}_msym_s"] = t, n / t / 1e6
+    return res
+
+
+def _loads(pk: Path, runs: int, nbytes: int) -> dict:
+    """`load` of every tensor with 1 and 2 workers under each CPU decoder (native: threads; numpy:
+    processes); MB/s of reconstructed tensors."""
+    row = {}
+    for name in cpu_decoders():
+        with native.enabled(name == "native"):
+            weightpack.load(pk, workers=1)  # the first call of a process pays its imports
+            for w in (1, 2):
+                t = best(runs, lambda: weightpack.load(pk, workers=w))
+                row[f"{name}_load_{w}w_s"], row[f"{name}_load_{w}w_MBps"] = t, nbytes / t / 1e6
+        row[f"{name}_scaling_1_to_2"] = row[f"{name}_load_1w_s"] / row[f"{name}_load_2w_s"]
+    return row
 
 
 def cpu_part(out: Path, runs: int) -> dict:
@@ -123,19 +153,12 @@ def cpu_part(out: Path, runs: int) -> dict:
         pk = out / f"minilm-{dt}.wpk"
         weightpack.pack(f, pk, recipe="lossless", force=True)
         nbytes = os.path.getsize(f)
-        row = {"file_bytes": os.path.getsize(f), "pack_bytes": os.path.getsize(pk), **cpu_lanes(pk, runs)}
-        for w in (1, 2):
-            row[f"load_{w}w_s"] = best(runs, lambda: weightpack.load(pk, workers=w))
-            row[f"load_{w}w_MBps"] = nbytes / row[f"load_{w}w_s"] / 1e6
-        row["scaling_1_to_2"] = row["load_1w_s"] / row["load_2w_s"]
-        res[f"lossless {dt}"] = row
+        res[f"lossless {dt}"] = {"file_bytes": nbytes, "pack_bytes": os.path.getsize(pk), **cpu_lanes(pk, runs),
+                                 **_loads(pk, runs, nbytes)}
     pk = out / "minilm-q-tcq.wpk"
     weightpack.pack(src, pk, recipe="q-tcq", force=True)
-    row = {"pack_bytes": os.path.getsize(pk), "trellis": cpu_trellis(pk, runs)}
-    for w in (1, 2):
-        row[f"load_{w}w_s"] = best(runs, lambda: weightpack.load(pk, workers=w))
-    row["scaling_1_to_2"] = row["load_1w_s"] / row["load_2w_s"]
-    res["q-tcq (22.8 dB class)"] = row
+    res["q-tcq (22.8 dB class)"] = {"pack_bytes": os.path.getsize(pk), "trellis": cpu_trellis(pk, runs),
+                                    **_loads(pk, runs, os.path.getsize(src))}
     return res
 
 

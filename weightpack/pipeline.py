@@ -381,7 +381,7 @@ def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int
                       progress: Progress = _noop) -> None:
     """Decode every tensor into its place in an output file: targets[name] = (path, offset). Workers write
     the chunks of plain tensors themselves; tensors with stages are rebuilt here and then written."""
-    with Pool(workers) as pool:
+    with Pool(workers, threads=native.available()) as pool:
         plain = {t["name"]: targets[t["name"]] for t in reader.index["tensors"] if not t["stages"]}
         for t, pieces in _decoded(pool.ordered_map(decode_items(reader, reader.index["tensors"], plain)), progress):
             path, offset = targets[t["name"]]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from ..errors import FormatError
 SLOT_BITS = 15  # entropy.TABLE_BITS: a symbol is found by bits 9..23 of the state
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
+_use = True
 
 
 def _arr(dtype):
@@ -68,8 +70,22 @@ def _load() -> Optional[ctypes.CDLL]:
 
 
 def available() -> bool:
-    """Whether the compiled kernels can be used in this process."""
-    return _load() is not None
+    """Whether the decoders use the compiled kernels (they are built and loaded, and not switched off)."""
+    return _load() is not None and _use
+
+
+@contextmanager
+def enabled(flag: bool) -> Iterator[None]:
+    """Inside the block the decoders use the compiled kernels (flag True; they must be built) or
+    constriction and numpy (False): tests and benchmarks run both on the same bytes. Not thread-safe."""
+    global _use
+    if flag and _load() is None:
+        raise RuntimeError("the compiled kernels are not built")
+    saved, _use = _use, flag
+    try:
+        yield
+    finally:
+        _use = saved
 
 
 def slot_tables(tables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
