@@ -281,6 +281,30 @@ def test_relative_allocation_keeps_small_tensors_from_starving(tmp_path, model):
         weightpack.pack(model, tmp_path / "x.wpk", bits=3.0, allocate="fair")
 
 
+def test_tensor_allocation_counts_each_tensor_once(tmp_path):
+    """--allocate tensor: steps in units of RMS x sqrt(size / 2^20), so a tensor's relative squared error
+    grows with its size (64x the weights: ~18 dB less SQNR); names with pattern characters get their own
+    step too; the budget holds."""
+    g = torch.Generator().manual_seed(3)
+    src = tmp_path / "m.safetensors"
+    save_file({"big.weight": torch.randn(1024, 512, generator=g) * 0.02,
+               "small[0].weight": torch.randn(64, 128, generator=g) * 0.02,
+               "norm.weight": torch.ones(512)}, str(src))
+    r = subprocess.run(CLI + ["pack", str(src), "-o", str(tmp_path / "t.wpk"), "--bits", "3", "--allocate", "tensor"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "x each tensor's RMS x sqrt(its size / 2^20)" in r.stdout
+    rows = {x["name"]: x for x in weightpack.inspect(tmp_path / "t.wpk")["tensors"] if x["stages"] != ["lossless"]}
+    assert set(rows) == {"big.weight", "small[0].weight"}
+    bpw = 8 * sum(x["bytes_after"] for x in rows.values()) / sum(math.prod(x["shape"]) for x in rows.values())
+    assert 2.85 <= bpw <= 3.0
+    gap = rows["small[0].weight"]["quality"]["sqnr_db"] - rows["big.weight"]["quality"]["sqnr_db"]
+    assert 14 < gap < 22, gap
+    assert rows["big.weight"]["stages"][0] != rows["small[0].weight"]["stages"][0]  # each its own step
+    back = weightpack.load(tmp_path / "t.wpk")
+    assert torch.equal(back["norm.weight"], torch.ones(512))
+
+
 def test_rate_control_meets_a_size_and_says_when_it_cannot(tmp_path, model):
     limit = 120_000
     r = subprocess.run(CLI + ["pack", str(model), "-o", str(tmp_path / "s.wpk"), "--size", "120K"],

@@ -76,7 +76,9 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     ecsq/tcq matrices (q-tcq's when the recipe has none) get one step, the finest whose lossy tensors
     average at most this many bits per weight; `size` (bytes, or a string such as "9.5MiB"): the same, for
     the whole file at most this size. `allocate`: "absolute" (one step for all: the least total squared
-    error) or "relative" (one step in units of each tensor's RMS: the least sum of relative errors).
+    error), "relative" (one step in units of each tensor's RMS: the least sum over weights of relative
+    errors) or "tensor" (in units of RMS x sqrt(size / 2**20): the least sum of the tensors' relative
+    errors, each tensor counted once; the closest model outputs at equal size, ratecontrol.py).
     Writes `dst` (default: beside `src`, with the `.wpk` suffix) atomically and returns a summary:
     ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``, plus ``"allocation"`` under
     `bits` or `size` (the step, the target, what was reached, and each lossy tensor's bits and SQNR).
@@ -132,7 +134,6 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
 
     if allocate not in ratecontrol.ALLOCATIONS:
         raise RecipeError(f"allocate must be one of {', '.join(ratecontrol.ALLOCATIONS)}")
-    relative = allocate == "relative"
     if bits is not None and not (isinstance(bits, (int, float)) and 0 < bits <= 32):
         raise RecipeError("bits must be a number of bits per weight above 0 and at most 32")
     limit = ratecontrol.parse_size(size) if isinstance(size, str) else size
@@ -146,8 +147,8 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
     fixed = fixed_lossy if bits is not None else fixed_lossy + fixed_other  # --bits counts lossy tensors only
     budget = goal * (1 - BUDGET_MARGIN)
     for attempt in range(BUDGET_TRIES):
-        step = ratecontrol.find_step(samples, fixed, budget, relative)
-        tensors, out_size = _pack_once(ckpt, target, ratecontrol.with_step(rec, step, relative), workers,
+        step = ratecontrol.find_step(samples, fixed, budget, allocate)
+        tensors, out_size = _pack_once(ckpt, target, ratecontrol.with_step(rec, step, allocate, samples), workers,
                                        force or attempt > 0, progress)
         lossy_rows = [t for t in tensors if t["stages"]]
         lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)

@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "every ecsq/tcq matrix (q-tcq's rules when the recipe has none), the least total error")
     target.add_argument("--size", metavar="SIZE",
                         help="lossy: the whole file at most SIZE (bytes, or 9.5MiB, 2G, ...), allocated as --bits")
-    sp.add_argument("--allocate", choices=["absolute", "relative"], default="absolute",
-                    help="with --bits/--size: one step for all (least total squared error; default), or one step "
-                         "in units of each tensor's RMS (least sum of relative errors)")
+    sp.add_argument("--allocate", choices=["absolute", "relative", "tensor"], default="absolute",
+                    help="with --bits/--size: one step for all (least total squared error; default); one step "
+                         "in units of each tensor's RMS (least sum over weights of relative errors); or in units "
+                         "of RMS x sqrt(size / 2^20) (least sum of the tensors' relative errors, each tensor "
+                         "counted once: closest model outputs at equal size)")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     common(sp)
@@ -125,7 +127,8 @@ def _print_allocation(a: dict) -> None:
         print(f"{t['name']:<{w}}  {t['bits_per_weight']:>6.3f}  {t['sqnr_db']:>6.2f}dB")
     goal = a["target"]
     want = f"{goal['bits_per_weight']:g} bits per weight" if "bits_per_weight" in goal else _human(goal["bytes"])
-    unit = " x each tensor's RMS" if a["allocate"] == "relative" else ""
+    unit = {"relative": " x each tensor's RMS", "tensor": " x each tensor's RMS x sqrt(its size / 2^20)"}.get(
+        a["allocate"], "")
     print(f"rate control: one step {a['step']:.4g}{unit} for all; {a['bits_per_weight']:.3f} bits per weight over the "
           f"lossy tensors, {_human(a['bytes'])} in all (target {want})")
 

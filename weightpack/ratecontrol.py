@@ -3,10 +3,16 @@
 The same step everywhere is the equal-slope allocation: a uniform (or trellis) quantizer's squared error per
 weight is about step^2 times a constant and its rate falls by about one bit per doubling of the step,
 whatever the tensor, so one step gives every tensor the same distortion-rate slope, which minimizes the
-total squared error for the total size ("absolute"). "relative": the step in units of each tensor's RMS,
-the equal-slope allocation for the sum of the tensors' relative squared errors (each tensor's error over
-its energy), which keeps small tensors from being starved: on MiniLM it keeps sentence embeddings closer
-to the original's at equal size.
+total squared error for the total size ("absolute"). The step can be measured in another unit per tensor,
+which makes the same argument minimize another sum:
+* "relative": units of each tensor's RMS: the least sum over weights of relative squared error (each
+  tensor's error over its energy, weighted by its size), which keeps small tensors from being starved.
+* "tensor": units of RMS x sqrt(size / 2**20): the least sum of the tensors' relative errors, each tensor
+  counted once whatever its size. A tensor is one operator of the network: at equal relative error, a big
+  one perturbs the output about as much as a small one (measured on MiniLM: noise at 20 dB SQNR on the
+  11.7 M-weight word embeddings moves the sentence embeddings about as much as on one 147 k-weight value
+  matrix, docs/BENCHMARKS-lossy.md), so bits are better spent on the many small ones. Equal slope for
+  that sum puts each tensor's relative squared error in proportion to its size.
 
 The step is found by bisection on estimated sizes: each adjustable tensor is read once (one at a time) and
 a sample of its lanes kept; a tensor's size at a step is its sample's entropy (per trellis quantizer) times
@@ -16,7 +22,8 @@ its size. Everything else is a fixed cost: the rate-controlled pack then measure
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import glob
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -39,20 +46,39 @@ class _Sample:
     x: np.ndarray  # whole lanes, evenly spread over the tensor
     quant: QuantParams
     rms: float  # of the whole tensor (the unit of a relative step)
+    stages: list = field(default_factory=list)  # the tensor's whole chain (quant last)
+    unit: float = 1.0  # what the step is measured in for this tensor (set by the allocation)
 
 
 def adjustable(recipe: Recipe) -> bool:
     return any(isinstance(s, QuantParams) and s.mode in ADJUSTABLE for r in recipe.rules for s in r.stages)
 
 
-ALLOCATIONS = ("absolute", "relative")
+ALLOCATIONS = ("absolute", "relative", "tensor")
+TENSOR_UNIT_WEIGHTS = 1 << 20  # "tensor": a tensor of this many weights has its step in units of its RMS
 
 
-def with_step(recipe: Recipe, step: float, relative: bool) -> Recipe:
-    """The recipe with every ecsq/tcq stage at this step (in units of each tensor's RMS when relative)."""
+def unit_of(s: _Sample, allocate: str) -> float:
+    """What a step is measured in for this tensor under an allocation (see the module's docstring)."""
+    if allocate == "absolute" or s.rms <= 0:
+        return 1.0
+    if allocate == "relative":
+        return s.rms
+    return s.rms * math.sqrt(s.n / TENSOR_UNIT_WEIGHTS)
+
+
+def with_step(recipe: Recipe, step: float, allocate: str, samples: list[_Sample]) -> Recipe:
+    """The recipe with every ecsq/tcq stage at this step: as it is ("absolute"), in units of each tensor's
+    RMS ("relative", which the stage applies), or at each tensor's own step ("tensor": one rule per
+    tensor, ahead of the recipe's rules)."""
+    relative = allocate == "relative"
     rules = [Rule(r.match, [replace(s, step=step, relative=relative)
                             if isinstance(s, QuantParams) and s.mode in ADJUSTABLE else s
                             for s in r.stages], r.min_dims) for r in recipe.rules]
+    if allocate == "tensor":
+        own = [Rule(glob.escape(s.name), [*s.stages[:-1], replace(s.quant, step=step * unit_of(s, allocate),
+                                                                   relative=False)]) for s in samples]
+        rules = own + rules
     return Recipe(recipe.name, recipe.description, recipe.level, rules)
 
 
@@ -99,13 +125,13 @@ def collect(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[_Sample], float, flo
         flat = w.reshape(-1).double().numpy()
         lanes = trellis.lanes(flat)
         pick = np.unique(np.linspace(0, len(lanes) - 1, min(SAMPLE_LANES, len(lanes))).astype(np.int64))
-        samples.append(_Sample(e.name, e.numel, lanes[pick].reshape(-1), quant, math.sqrt(float(np.mean(flat * flat)))))
+        samples.append(_Sample(e.name, e.numel, lanes[pick].reshape(-1), quant, math.sqrt(float(np.mean(flat * flat))),
+                               list(stages)))
     return samples, fixed_lossy, fixed_other, lossy_weights
 
 
 def _unit(s: _Sample) -> float:
-    """What a step is measured in for this tensor: its RMS when the step is relative, else 1."""
-    return s.rms if s.quant.relative and s.rms > 0 else 1.0
+    return s.unit
 
 
 def _side_bits(alphabet: int) -> float:
@@ -137,7 +163,9 @@ def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> fl
         x = np.concatenate([(s.x / (step * _unit(s))).astype(np.float32).reshape(-1, trellis.LANE) for s in group])
         owner = np.repeat(np.arange(len(group)), [s.x.size // trellis.LANE for s in group])
         rc = np.repeat(owner[:, None], trellis.LANE, axis=1)
-        lv = trellis.search_lanes(x, rc, len(group), lam)
+        # rates measured on every sampled lane: each tensor is a class here, and a thinned first pass
+        # would leave each one a few lanes (estimates ~0.5% low on MiniLM under "tensor")
+        lv = trellis.search_lanes(x, rc, len(group), lam, rate_lanes=len(x))
         q = trellis.walk(lv)
         lo = int(lv.min())
         A = int(lv.max()) - lo + 1
@@ -160,13 +188,13 @@ def _bisect(fits, lo: float, hi: float, ratio: float) -> float:
     return hi
 
 
-def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float, relative: bool) -> float:
+def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float, allocate: str) -> float:
     """The finest step whose estimated total is within the budget: a bisection on the log of the step with
-    the quick estimate, then one with the full estimate around it. With `relative`, the step is in units of
-    each tensor's RMS."""
+    the quick estimate, then one with the full estimate around it. The step is in each tensor's unit under
+    the allocation (unit_of)."""
     if not samples:
         raise WeightpackError("rate control: no tensor to quantize (the recipe quantizes nothing here)")
-    samples = [replace(s, quant=replace(s.quant, relative=relative)) for s in samples]
+    samples = [replace(s, unit=unit_of(s, allocate)) for s in samples]
 
     def fits(step: float, quick: bool) -> bool:
         if quick:

@@ -290,15 +290,17 @@ def search(w: np.ndarray, cols: int, delta: float, lam: float, passes: int = 2, 
     return levels if stride > 1 else levels.reshape(-1)[:n]
 
 
-def search_lanes(x: np.ndarray, rc: Optional[np.ndarray], R: int, lam: float, passes: int = 2) -> np.ndarray:
+def search_lanes(x: np.ndarray, rc: Optional[np.ndarray], R: int, lam: float, passes: int = 2,
+                 rate_lanes: int = RATE_SAMPLE_LANES) -> np.ndarray:
     """Levels (lanes, LANE) of lanes in units of delta, rc the class (0..R-1) of each element (None: one
     class): the rate tables are per quantizer and class. The passes before the last only measure rates,
-    on a sample of lanes."""
-    sub = max(1, len(x) // RATE_SAMPLE_LANES)
+    on a sample of about `rate_lanes` lanes."""
+    sub = max(1, len(x) // rate_lanes)
     k0 = np.round(x[::sub] * 0.5).astype(np.int64)
     lo = int(k0.min()) - 2
     A = max(int(max(float(x.max()), -float(x.min())) * 0.5) + 3 - lo, int(k0.max()) + 3 - lo)
     rate = _rate_table(k0, np.zeros_like(k0), rc[::sub] if rc is not None else None, R, lo, A)
+    rate[1] = rate[0]  # the first pass prices both quantizers' levels alike (not Q1's as uniform over A)
     for p in range(passes):
         s = sub if p < passes - 1 else 1
         xs, rs = x[::s], (rc[::s] if rc is not None else None)
