@@ -406,6 +406,37 @@ def write_replaced(everything: dict[str, np.ndarray], decoded: dict[str, np.ndar
     return write
 
 
+def sensitivity(everything: dict, mats: dict, emb: "Embedder", rel: float = 0.1, seed: int = 0) -> list[dict]:
+    """Where a tensor's error matters: Gaussian noise of `rel` x the RMS (20 dB SQNR at 0.1) added to one
+    group of matrices at a time (the word embeddings, the position embeddings, each kind of layer matrix
+    across the 6 layers, the pooler), and 1 - the mean cosine of the sentence embeddings."""
+    import re
+
+    def group(k: str) -> str:
+        for key, name in (("word_emb", "word embeddings"), ("position", "position embeddings"),
+                          ("token_type", "token type embeddings"), ("pooler", "pooler")):
+            if key in k:
+                return name
+        m = re.search(r"layer\.\d+\.(.*)\.weight", k)
+        return m.group(1) if m else k
+
+    groups: dict[str, list[str]] = {}
+    for k in mats:
+        groups.setdefault(group(k), []).append(k)
+    rng = np.random.default_rng(seed)
+    out = []
+    for g, ks in groups.items():
+        dec = {}
+        for k in ks:
+            w = mats[k].astype(np.float64)
+            dec[k] = (w + rng.standard_normal(w.shape) * rel * np.sqrt((w * w).mean())).astype(np.float32)
+        loss = 1 - emb.cosine(write_replaced(everything, dec))
+        n = sum(mats[k].size for k in ks)
+        out.append({"group": g, "tensors": len(ks), "weights": n, "one_minus_cosine": loss,
+                    "per_tensor": loss / len(ks)})
+    return out
+
+
 # -- analysis --------------------------------------------------------------------------------------
 
 def interp_bpw(points: list[tuple[float, float]], x: float, transform=lambda v: v) -> float | None:
@@ -471,6 +502,7 @@ FAMILY_LABELS = {
     "wp-tcq": "weightpack tcq (min_sqnr: one step per tensor)",
     "wp-tcq-bits": "weightpack tcq (--bits: one step for all)",
     "wp-tcq-rel": "weightpack tcq (--bits --allocate relative)",
+    "wp-tcq-tensor": "weightpack tcq (--bits --allocate tensor)",
     "wp-prune-tcq": "weightpack prune + tcq (sparsity sweep)",
     "wp-preset": "weightpack presets",
     "gguf": "GGUF (numpy, legacy + MXFP4)",
@@ -505,6 +537,12 @@ def report(results: list[dict], info: dict) -> str:
     for name, vals in FIELD.items():
         cells = [fmt(v, 2) for v in vals[:3]] + ([fmt(vals[3], 2)] if has_cos else [])
         L.append(f"| {name} (FIELD.md) | " + " | ".join(cells) + " |")
+    if info.get("sensitivity"):
+        L += ["", "Where a tensor's error matters (noise at 20 dB SQNR on one group of matrices at a time):", "",
+              "| group | tensors | weights | 1 - mean cosine | per tensor |", "|---|---:|---:|---:|---:|"]
+        for r in info["sensitivity"]:
+            L.append(f"| {r['group']} | {r['tensors']} | {r['weights']} | {r['one_minus_cosine']:.5f} | "
+                     f"{r['per_tensor']:.5f} |")
     return "\n".join(L)
 
 
@@ -519,7 +557,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax = axes[0][0]
     style = {"wp-rtn-g128": ("tab:blue", "o-"), "wp-rtn-ch": ("tab:cyan", "s-"), "wp-ecsq": ("tab:green", "D-"),
              "wp-tcq": ("tab:olive", "^-"), "wp-tcq-bits": ("black", "*-"), "wp-tcq-rel": ("tab:gray", "x-"),
-             "wp-prune-tcq": ("tab:pink", "p--"),
+             "wp-tcq-tensor": ("tab:brown", "P-"), "wp-prune-tcq": ("tab:pink", "p--"),
              "nncodec": ("tab:red", "v-")}
     fams = curves(results)
     for fam, (color, st) in style.items():
@@ -623,6 +661,7 @@ def main() -> int:
     qps = [-28, -36] if args.quick else [-22, -26, -30, -34, -38]
     tcq_bits = [2.8, 3.8, 5.7] if args.quick else [2, 2.5, 2.8, 3.2, 3.5, 3.8, 4.2, 5, 5.7, 6.5, 7.5]
     rel_bits = [3.8] if args.quick else [2.8, 3.5, 3.7, 3.9, 4.2, 5.7]
+    tensor_bits = [3.0] if args.quick else [2.2, 2.6, 2.8, 3.0, 3.2, 3.6, 4.2, 5.7]
 
     jobs = []  # (label, family, pack kwargs)
     for b in bits:
@@ -638,6 +677,9 @@ def main() -> int:
     for b in rel_bits:
         jobs.append((f"weightpack tcq --bits {b:g} --allocate relative", "wp-tcq-rel",
                      {"bits": float(b), "allocate": "relative"}))
+    for b in tensor_bits:
+        jobs.append((f"weightpack tcq --bits {b:g} --allocate tensor", "wp-tcq-tensor",
+                     {"bits": float(b), "allocate": "tensor"}))
     for sp in ([0.5] if args.quick else [0.3, 0.5, 0.7]):
         jobs.append((f"weightpack prune{round(100 * sp)} + tcq 22.8 dB", "wp-prune-tcq", {"recipe": {
             "name": f"prune{sp}-tcq", "rules": [{"match": "*", "min_dims": 2, "stages": [
@@ -683,6 +725,11 @@ def main() -> int:
         ctl.unlink()
         if info["control_lossless_cosine"] < 0.99999:
             raise BenchFailure(f"lossless control: cosine {info['control_lossless_cosine']} (the harness is broken)")
+        if not only:
+            info["sensitivity"] = sensitivity(everything, mats, emb)
+            for row in info["sensitivity"]:
+                log(f"  noise at 20 dB on {row['group']} ({row['tensors']} tensors, {row['weights']} weights): "
+                    f"1 - cosine {row['one_minus_cosine']:.5f}")
 
     results: list[dict] = []
     for label, fam, kw in jobs:
