@@ -557,7 +557,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax = axes[0][0]
     style = {"wp-rtn-g128": ("tab:blue", "o-"), "wp-rtn-ch": ("tab:cyan", "s-"), "wp-ecsq": ("tab:green", "D-"),
              "wp-tcq": ("tab:olive", "^-"), "wp-tcq-bits": ("black", "*-"), "wp-tcq-rel": ("tab:gray", "x-"),
-             "wp-tcq-tensor": ("tab:brown", "P-"), "wp-prune-tcq": ("tab:pink", "p--"),
+             "wp-tcq-tensor": ("darkviolet", "P-"), "wp-prune-tcq": ("tab:pink", "p--"),
              "nncodec": ("tab:red", "v-")}
     fams = curves(results)
     for fam, (color, st) in style.items():

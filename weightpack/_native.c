@@ -228,6 +228,134 @@ int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t 
     return ptr == 0 && state == 0;
 }
 
+/* A fields chunk rebuilt from its decoded head symbols and its packed tail (coding/streams.py, fields.py):
+ * m elements of W bits in nb blocks of L (the last one maybe shorter); element = sign | head | tail with
+ * T tail bits and S (0 or 1) sign bits. syms: the head symbols grouped by class (classes in order, blocks
+ * in order within a class; ccount[c] elements each), alphabet[s] the head value of symbol s. tail: for each
+ * trailing-zero count tz in order (blocks with btz == tz, in order), the tails of width T - tz + S packed as
+ * bit planes of 8, 4, 2 and 1 bits, lowest bits first (fields.pack_bits). scratch: m uint64. out: W/8
+ * bytes per element. Returns 0, or -1 on any inconsistency (nothing is read or written out of bounds then). */
+static int64_t packed_size(int64_t n, int64_t width) {
+    int64_t size = n * (width / 8), r = width % 8;
+    for (int64_t w = 4; w >= 1; w >>= 1)
+        if (r & w)
+            size += (n * w + 7) / 8;
+    return size;
+}
+
+/* The tails of one tz group (n values of `width` bits, planes from tail + pos) into v[0..n). */
+static void unpack_planes(const uint8_t *restrict tail, int64_t pos, int64_t n, int64_t width, uint64_t *restrict v) {
+    int64_t shift = 0;
+    for (int64_t j = 0; j < n; j++)
+        v[j] = 0;
+    for (int64_t k = 0; k < width / 8; k++, shift += 8, pos += n) {
+        const uint8_t *p = tail + pos;
+        for (int64_t j = 0; j < n; j++)
+            v[j] |= (uint64_t)p[j] << shift;
+    }
+    int64_t r = width % 8;
+    if (r & 4) {
+        const uint8_t *p = tail + pos;
+        for (int64_t j = 0; j < n; j++)
+            v[j] |= (uint64_t)((p[j >> 1] >> ((j & 1) << 2)) & 15) << shift;
+        shift += 4, pos += (n * 4 + 7) / 8;
+    }
+    if (r & 2) {
+        const uint8_t *p = tail + pos;
+        for (int64_t j = 0; j < n; j++)
+            v[j] |= (uint64_t)((p[j >> 2] >> ((j & 3) << 1)) & 3) << shift;
+        shift += 2, pos += (n * 2 + 7) / 8;
+    }
+    if (r & 1) {
+        const uint8_t *p = tail + pos;
+        for (int64_t j = 0; j < n; j++)
+            v[j] |= (uint64_t)((p[j >> 3] >> (j & 7)) & 1) << shift;
+    }
+}
+
+#define FIELDS(NAME, U, W)                                                                                  \
+    static int64_t NAME(const int32_t *restrict syms, int64_t m, const uint64_t *restrict alphabet,        \
+                        int64_t A, const uint8_t *restrict bcls, const uint8_t *restrict btz, int64_t nb,   \
+                        int64_t L, int64_t *restrict off, const int64_t *restrict end,                     \
+                        const uint8_t *restrict tail, int64_t tail_len, int64_t S, int64_t T,               \
+                        uint64_t *restrict v, U *restrict out) {                                            \
+        for (int64_t b = 0; b < nb; b++) { /* heads, in place */                                            \
+            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b];                                  \
+            if (off[c] + len > end[c])                                                                      \
+                return -1;                                                                                  \
+            const int32_t *sc = syms + off[c];                                                              \
+            for (int64_t i = 0; i < len; i++) {                                                             \
+                uint32_t s = (uint32_t)sc[i];                                                               \
+                if (s >= (uint64_t)A)                                                                       \
+                    return -1;                                                                              \
+                out[a + i] = (U)(alphabet[s] << T);                                                         \
+            }                                                                                               \
+            off[c] += len;                                                                                  \
+        }                                                                                                   \
+        if (T + S == 0)                                                                                     \
+            return tail_len == 0 ? 0 : -1;                                                                  \
+        int64_t pos = 0;                                                                                    \
+        for (int64_t tz = 0; tz <= T; tz++) {                                                               \
+            int64_t n = 0;                                                                                  \
+            for (int64_t b = 0; b < nb; b++)                                                                \
+                if (btz[b] == tz)                                                                           \
+                    n += b == nb - 1 ? m - b * L : L;                                                       \
+            if (!n)                                                                                         \
+                continue;                                                                                   \
+            int64_t t = T - tz, size = packed_size(n, t + S);                                               \
+            if (pos + size > tail_len)                                                                      \
+                return -1;                                                                                  \
+            unpack_planes(tail, pos, n, t + S, v);                                                          \
+            uint64_t mask = t ? ((((uint64_t)1) << t) - 1) : 0;                                             \
+            const uint64_t *vj = v;                                                                         \
+            for (int64_t b = 0; b < nb; b++) {                                                              \
+                if (btz[b] != tz)                                                                           \
+                    continue;                                                                               \
+                int64_t a = b * L, len = b == nb - 1 ? m - a : L;                                           \
+                for (int64_t i = 0; i < len; i++) {                                                         \
+                    uint64_t x = vj[i];                                                                     \
+                    uint64_t y = (x & mask) << tz;                                                          \
+                    if (S)                                                                                  \
+                        y |= (x >> t) << (W - 1);                                                           \
+                    out[a + i] |= (U)y;                                                                     \
+                }                                                                                           \
+                vj += len;                                                                                  \
+            }                                                                                               \
+            pos += size;                                                                                    \
+        }                                                                                                   \
+        return pos == tail_len ? 0 : -1;                                                                    \
+    }
+FIELDS(fields8, uint8_t, 8)
+FIELDS(fields16, uint16_t, 16)
+FIELDS(fields32, uint32_t, 32)
+FIELDS(fields64, uint64_t, 64)
+
+int64_t wp_fields(const int32_t *syms, int64_t m, const uint64_t *alphabet, int64_t A, const uint8_t *bcls,
+                  const uint8_t *btz, int64_t nb, int64_t L, int64_t C, const int64_t *ccount, const uint8_t *tail,
+                  int64_t tail_len, int64_t W, int64_t S, int64_t T, uint64_t *scratch, void *out) {
+    int64_t off[256], end[256], acc = 0;
+    if (C < 1 || C > 256 || L < 1 || nb != (m + L - 1) / L || T < 0 || T > 63 || (S != 0 && S != 1) ||
+        T + S >= W)
+        return -1;
+    for (int64_t c = 0; c < C; c++) {
+        off[c] = acc;
+        acc += ccount[c];
+        end[c] = acc;
+    }
+    if (acc != m)
+        return -1;
+    for (int64_t b = 0; b < nb; b++)
+        if (bcls[b] >= C || btz[b] > T)
+            return -1;
+    switch (W) {
+    case 8: return fields8(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
+    case 16: return fields16(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
+    case 32: return fields32(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
+    case 64: return fields64(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
+    default: return -1;
+    }
+}
+
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native", "ctypes kernels", -1, NULL};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }

@@ -1,4 +1,5 @@
-"""Work spread over processes (constriction holds the GIL, so threads would not scale).
+"""Work spread over processes (constriction holds the GIL, so threads would not scale), or over threads for
+tasks that release it (the compiled decode kernels, zlib, hashlib, zstd).
 
 `ordered_map` runs tasks from a lazy iterator with a bounded number in flight and yields results in
 task order, so output is identical whatever the number of workers. Items that are not `Task`s pass
@@ -43,7 +44,8 @@ def _done(value: Any) -> Future:
 
 
 class Pool:
-    """A process pool (or inline execution for one worker), used as a context manager."""
+    """A process pool, or with `threads` a thread pool (for tasks that spend their time outside the GIL),
+    or inline execution for one worker; used as a context manager."""
 
     def __init__(self, workers: int | None, threads: bool = False):
         self.workers = default_workers() if workers is None else max(1, int(workers))

@@ -364,7 +364,8 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
 
 def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Optional[int],
                    progress: Progress = _noop) -> Iterator[tuple[dict, list[bytes]]]:
-    """Yield (record, decoded bytes in pieces) for each tensor, decoded in worker processes."""
+    """Yield (record, decoded bytes in pieces) for each tensor, decoded by worker threads where the compiled
+    kernels are built (they release the GIL), else by worker processes."""
     with Pool(workers, threads=native.available()) as pool:
         yield from _decoded(pool.ordered_map(decode_items(reader, tensors)), progress)
 

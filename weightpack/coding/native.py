@@ -45,6 +45,9 @@ _SIGNATURES = {
     "wp_split_contexts": (None, [_arr(np.uint8), _arr(np.uint8), _arr(np.uint8), _I64, _I64, _arr(np.uint8),
                                  _arr(np.int64)]),
     "wp_split_multiples": (None, [_arr(np.uint8), _arr(np.int32), _arr(np.uint8), _I64, _I64, _arr(np.int16)]),
+    "wp_fields": (_I64, [_arr(np.int32), _I64, _arr(np.uint64), _I64, _arr(np.uint8), _arr(np.uint8), _I64, _I64,
+                         _I64, _arr(np.int64), _arr(np.uint8), _I64, _I64, _I64, _I64, _arr(np.uint64),
+                         ctypes.c_void_p]),
     "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
                              _arr(np.uint16), _arr(np.uint32), _arr(np.uint32), _I64, _arr(np.int16),
                              _arr(np.int64), _arr(np.int16)]),
@@ -186,3 +189,22 @@ def step_major(words: np.ndarray, m: int, lane: int, a: int, row: int, rcls: np.
     if not ok:
         raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
     return out[:m]
+
+
+def fields(syms: np.ndarray, alphabet: np.ndarray, bcls: np.ndarray, btz: np.ndarray, block: int, m: int,
+           ccount: np.ndarray, tail, bits: int, sign: int, tail_bits: int, where: str) -> np.ndarray:
+    """A fields chunk's m elements (uint of `bits`) from its head symbols (grouped by block class, counts
+    ccount per class) and its packed tail part (fields.pack_bits per trailing-zero group)."""
+    out = np.empty(m, dtype=np.dtype(f"<u{bits // 8}"))
+    n_tail = len(tail)
+    buf = np.frombuffer(tail, dtype=np.uint8) if n_tail else np.zeros(1, np.uint8)
+    if len(syms) != m or len(bcls) != len(btz):
+        raise FormatError(f"{where}: malformed chunk")
+    bad = _lib.wp_fields(np.ascontiguousarray(syms, dtype=np.int32), m, np.ascontiguousarray(alphabet, dtype=np.uint64),
+                         len(alphabet), np.ascontiguousarray(bcls, dtype=np.uint8),
+                         np.ascontiguousarray(btz, dtype=np.uint8), len(bcls), block, len(ccount),
+                         np.ascontiguousarray(ccount, dtype=np.int64), buf, n_tail, bits, sign, tail_bits,
+                         np.empty(max(m, 1), dtype=np.uint64), out.ctypes.data)
+    if bad:
+        raise FormatError(f"{where}: entropy-coded data is corrupt")
+    return out

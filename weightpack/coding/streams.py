@@ -27,7 +27,7 @@ import zstandard
 
 from ..dtypes import DTYPES
 from ..errors import FormatError
-from . import entropy, trellis
+from . import entropy, native, trellis
 from .fields import (UINT, Layout, join, layout_for, pack_bits, packed_size, split, tail_values, trailing_zeros,
                      unpack_bits, work_dtype)
 
@@ -501,6 +501,32 @@ def fields_part_names(lay: Layout) -> set:
     return {"head", "tail"} if lay.tail + lay.sign else {"head"}
 
 
+def _block_counts(bkeys: np.ndarray, nkeys: int, L: int, m: int) -> np.ndarray:
+    """Elements per key of blocks of L (the last one m - (nb - 1) L long)."""
+    lengths = np.full(len(bkeys), L, dtype=np.int64)
+    if len(bkeys):
+        lengths[-1] = m - (len(bkeys) - 1) * L
+    return np.bincount(bkeys, weights=lengths, minlength=nkeys)[:nkeys].astype(np.int64)
+
+
+def _fields_decode_native(plan: Plan, m: int, bcls: np.ndarray, btz: np.ndarray, hdata, views: dict,
+                          where: str) -> np.ndarray:
+    """_fields_decode of a laned chunk with the compiled kernels: heads decoded, put in place and joined
+    with the unpacked tails in two passes."""
+    lay, L = plan.layout, plan.block
+    ccount = _block_counts(bcls, plan.tables.shape[0], L, m)
+    syms = entropy.lanes_decode(hdata, ccount.tolist(), plan.coding_tables(), plan.lane, where)
+    tail = b""
+    if lay.tail + lay.sign:
+        if int(btz.max(initial=0)) > lay.tail:
+            raise FormatError(f"{where}: malformed trailing zeros")
+        tzc = _block_counts(btz, lay.tail + 1, L, m)
+        expected = sum(packed_size(int(c), lay.tail - tz + lay.sign) for tz, c in enumerate(tzc) if c)
+        tcodec, tdata = views["tail"]
+        tail = unstore(tcodec, tdata, expected, where + " tail")
+    return native.fields(syms, plan.alphabet, bcls, btz, L, m, ccount, tail, lay.bits, lay.sign, lay.tail, where)
+
+
 def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.ndarray:
     lay, L = plan.layout, plan.block
     wd = work_dtype(lay)
@@ -519,6 +545,8 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
         if hcodec != ("lanes" if plan.lane else "ans") or len(hdata) % 4:
             raise FormatError(f"{where}: malformed head part")
         C = plan.tables.shape[0]
+        if plan.lane and native.available():
+            return _fields_decode_native(plan, m, bcls, btz, hdata, views, where)
         g = BlockGroups(bcls, C, L, m)
         if plan.lane:
             syms = entropy.lanes_decode(hdata, g.counts, plan.coding_tables(), plan.lane, where)
