@@ -19,7 +19,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define SLOTS 32768
+#define BUCKETS 4096 /* per context: 2**15 slots, 8 a bucket */
 #define LANE_STATES 8
 
 static inline uint64_t ans_start(const uint32_t *words, int64_t lo, int64_t hi, int64_t *ptr) {
@@ -36,14 +36,19 @@ static inline uint64_t ans_start(const uint32_t *words, int64_t lo, int64_t hi, 
     return 0;
 }
 
-/* One decoding step with table c: returns the symbol, advances the state and reads a word if due. */
+/* One decoding step with the table of one context: bucket[i] is the symbol of slot 8i, cdf its A + 1
+ * cumulative frequencies (15-bit, cdf[A] = 2**15). Returns the symbol, advances the state and reads a word
+ * if due. A bucket holds 8 slots, so the tables of many contexts stay in cache (8 KB each). */
+#define BUCKET_SHIFT 3
 static inline uint32_t ans_step(uint64_t *state, const uint32_t *words, int64_t lo, int64_t *ptr,
-                                const uint16_t *sym, const uint32_t *F, const uint32_t *cdf) {
+                                const uint16_t *bucket, const uint32_t *cdf) {
     uint64_t x = *state;
     uint64_t q = x & 0xFFFFFF;
     uint64_t slot = q >> 9;
-    uint32_t s = sym[slot];
-    x = (x >> 24) * ((uint64_t)F[s] << 9) + ((slot - (uint64_t)cdf[s]) << 9) + (q & 511);
+    uint32_t s = bucket[slot >> BUCKET_SHIFT];
+    while (cdf[s + 1] <= slot)
+        s++;
+    x = (x >> 24) * ((uint64_t)(cdf[s + 1] - cdf[s]) << 9) + ((slot - (uint64_t)cdf[s]) << 9) + (q & 511);
     if (x < ((uint64_t)1 << 32) && *ptr > lo) {
         *ptr -= 1;
         x = (x << 32) | (uint64_t)words[*ptr];
@@ -53,13 +58,14 @@ static inline uint32_t ans_step(uint64_t *state, const uint32_t *words, int64_t 
 }
 
 /* Lane j (of nl) holds per[j * C + c] symbols of context c, contexts in order, and writes them at
- * t * nl + j. wcount[j] words each, back to back. Returns -1, or the first lane that did not end cleanly.
+ * t * nl + j (tables as for ans_step, cdf rows of A1 entries). wcount[j] words each, back to back. Returns
+ * -1, or the first lane that did not end cleanly.
  * Caller: sum(wcount) == nwords, lane j holds ceil((n - j) / nl) symbols in all (n: the output's length).
  * IL lanes are decoded together: each step's table lookups are independent, so their latencies overlap. */
 #define IL 8
 int64_t wp_lanes(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
-                 const int64_t *restrict per, int64_t C, const uint16_t *restrict sym, const uint32_t *restrict F,
-                 const uint32_t *restrict cdf, int64_t A, int32_t *restrict out) {
+                 const int64_t *restrict per, int64_t C, const uint16_t *restrict bucket,
+                 const uint32_t *restrict cdf, int64_t A1, int32_t *restrict out) {
     int64_t base = 0;
     (void)nwords;
     for (int64_t j0 = 0; j0 < nl; j0 += IL) {
@@ -93,8 +99,8 @@ int64_t wp_lanes(const uint32_t *restrict words, int64_t nwords, const int64_t *
                 }
                 rem[i]--;
                 int64_t ci = c[i];
-                out[pos[i]] = (int32_t)ans_step(&st[i], words, lo[i], &ptr[i], sym + ci * SLOTS, F + ci * A,
-                                                cdf + ci * A);
+                out[pos[i]] = (int32_t)ans_step(&st[i], words, lo[i], &ptr[i], bucket + ci * BUCKETS,
+                                                cdf + ci * A1);
                 pos[i] += nl;
             }
         }
@@ -176,55 +182,77 @@ void wp_split_multiples(const uint8_t *p, const int32_t *rs, const uint8_t *q, i
 /* The step-major trellis layout of one chunk of m elements (element a of the tensor first): lanes of `lane`
  * elements; at step j, every lane that has an element j gets a context (quantizer of its state, the sign
  * class of its previous level when prev, its row's class), the symbols of each context are decoded as one
- * group, contexts in order, lanes in order within a group, all from one ANS stream. multiple[s * A + sym]
- * is the multiple a symbol decodes to in state s. Scratch: 4 * L int64 (L lanes) + 2 * C int64 (C contexts).
- * Writes out[l * lane + j] (out holds L * lane int16). Returns 1 when the stream ends cleanly, else 0.
- * Caller: rcls[r] < R for r < nrows, nrows >= 1, tables for C = 2 * (prev ? 3 : 1) * R contexts. */
+ * group, contexts in order, lanes in order within a group, all from one ANS stream (tables as for
+ * ans_step, cdf rows of A + 1). multiple[s * A + sym]
+ * is the multiple a symbol decodes to in state s. scratch: 2 * L * lane + 16 * L + 16 * C bytes (L lanes,
+ * C contexts; 8-byte aligned). Writes out[l * lane + j] (out holds L * lane int16). Returns 1 when the
+ * stream ends cleanly, else 0. Caller: rcls[r] < R for r < nrows, nrows >= 1, C = 2 * (prev ? 3 : 1) * R
+ * <= 256 tables of A <= 4096 symbols. The per-lane state is kept in small types (it is swept at every step)
+ * and each step's multiples are written contiguously, then transposed into place. */
 int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t lane, int64_t a, int64_t row,
                       const uint8_t *rcls, int64_t nrows, int64_t R, int64_t prev, int64_t lo,
-                      const uint16_t *sym, const uint32_t *F, const uint32_t *cdf, int64_t A,
+                      const uint16_t *bucket, const uint32_t *cdf, int64_t A,
                       const int16_t *multiple, int64_t *scratch, int16_t *out) {
     int64_t L = (m + lane - 1) / lane, C = 2 * (prev ? 3 : 1) * R, ptr;
-    int64_t *st = scratch, *pv = scratch + L, *ctx = scratch + 2 * L, *got = scratch + 3 * L,
-            *counts = scratch + 4 * L, *off = counts + C;
+    int64_t *counts = scratch, *off = scratch + C;
+    int32_t *rw = (int32_t *)(off + C), *rp = rw + L;
+    uint16_t *got = (uint16_t *)(rp + L);
+    uint8_t *st = (uint8_t *)(got + L), *pv = st + L, *ctx = pv + L;
+    int16_t *byStep = (int16_t *)(((uintptr_t)(ctx + L) + 7) & ~(uintptr_t)7); /* [j * L + l] */
     uint64_t state = ans_start(words, 0, nwords, &ptr);
+    if (C > 256 || row < 1)
+        return 0;
     for (int64_t l = 0; l < L; l++) {
         st[l] = 0;
         pv[l] = 1; /* a lane starts as if after a zero */
+        rw[l] = (int32_t)((a + l * lane) / row); /* the row of the lane's next element, and its place in it */
+        rp[l] = (int32_t)((a + l * lane) % row);
     }
+    int64_t steps = 0;
     for (int64_t j = 0; j < lane; j++) {
         int64_t active = (m - j + lane - 1) / lane;
         if (active <= 0)
             break;
+        steps = j + 1;
         for (int64_t c = 0; c < C; c++)
             counts[c] = 0;
         for (int64_t l = 0; l < active; l++) {
-            int64_t r = (a + l * lane + j) / row;
-            if (r > nrows - 1)
-                r = nrows - 1;
+            int64_t r = rw[l] < nrows ? rw[l] : nrows - 1;
+            if (++rp[l] == row) {
+                rp[l] = 0;
+                rw[l]++;
+            }
             int64_t c = (st[l] >> 2) * (prev ? 3 : 1) + (prev ? pv[l] : 0);
             c = c * R + rcls[r];
-            ctx[l] = c;
+            ctx[l] = (uint8_t)c;
             counts[c]++;
         }
         /* the groups in context order, from the stream; the g-th symbol of context c is the g-th lane's
          * (in lane order) with context c */
         int64_t g = 0;
         for (int64_t c = 0; c < C; c++) {
-            const uint16_t *sc = sym + c * SLOTS;
-            const uint32_t *Fc = F + c * A, *cc = cdf + c * A;
+            const uint16_t *bc = bucket + c * BUCKETS;
+            const uint32_t *cc = cdf + c * (A + 1);
             off[c] = g;
             for (int64_t k = counts[c]; k > 0; k--)
-                got[g++] = ans_step(&state, words, 0, &ptr, sc, Fc, cc);
+                got[g++] = (uint16_t)ans_step(&state, words, 0, &ptr, bc, cc);
         }
+        int16_t *row_out = byStep + j * L;
         for (int64_t l = 0; l < active; l++) {
             int64_t s = got[off[ctx[l]]++];
             int64_t k = s + lo;
-            out[l * lane + j] = multiple[st[l] * A + s];
-            st[l] = next_state((int)st[l], (int)(k & 1));
+            row_out[l] = multiple[st[l] * A + s];
+            st[l] = (uint8_t)next_state((int)st[l], (int)(k & 1));
             pv[l] = k < 0 ? 0 : (k == 0 ? 1 : 2);
         }
     }
+    /* transpose (steps x L, only the active part of each step is written) into out[l * lane + j] */
+    for (int64_t l0 = 0; l0 < L; l0 += 64)
+        for (int64_t j0 = 0; j0 < steps; j0 += 64)
+            for (int64_t l = l0; l < l0 + 64 && l < L; l++)
+                for (int64_t j = j0; j < j0 + 64 && j < steps; j++)
+                    if (l * lane + j < m)
+                        out[l * lane + j] = byStep[j * L + l];
     return ptr == 0 && state == 0;
 }
 

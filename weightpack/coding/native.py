@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import FormatError
 
 SLOT_BITS = 15  # entropy.TABLE_BITS: a symbol is found by bits 9..23 of the state
+BUCKETS = 1 << 12  # slots are looked up 8 at a time, then the symbol is found by its cumulative frequency
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
 _use = True
@@ -38,7 +39,7 @@ def _arr(dtype):
 _I64 = ctypes.c_int64
 _SIGNATURES = {
     "wp_lanes": (_I64, [_arr(np.uint32), _I64, _arr(np.int64), _I64, _arr(np.int64), _I64, _arr(np.uint16),
-                        _arr(np.uint32), _arr(np.uint32), _I64, _arr(np.int32)]),
+                        _arr(np.uint32), _I64, _arr(np.int32)]),
     "wp_ungroup_u8": (_I64, [_arr(np.int32), _arr(np.uint8), _I64, _arr(np.int64), _I64, _arr(np.uint8)]),
     "wp_ungroup_i32": (_I64, [_arr(np.int32), _arr(np.uint8), _I64, _arr(np.int64), _I64, _arr(np.int32)]),
     "wp_walk": (None, [_arr(np.uint8), _I64, _I64, _arr(np.uint8)]),
@@ -49,7 +50,7 @@ _SIGNATURES = {
                          _I64, _arr(np.int64), _arr(np.uint8), _I64, _I64, _I64, _I64, _arr(np.uint64),
                          ctypes.c_void_p]),
     "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
-                             _arr(np.uint16), _arr(np.uint32), _arr(np.uint32), _I64, _arr(np.int16),
+                             _arr(np.uint16), _arr(np.uint32), _I64, _arr(np.int16),
                              _arr(np.int64), _arr(np.int16)]),
 }
 
@@ -91,35 +92,35 @@ def enabled(flag: bool) -> Iterator[None]:
         _use = saved
 
 
-def slot_tables(tables) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def slot_tables(tables) -> tuple[np.ndarray, np.ndarray]:
     """For stored 15-bit tables (one per context, any alphabets up to 2**12, each summing to 2**15): per
-    context and slot its symbol (uint16), per context and symbol its frequency and cumulative frequency."""
+    context the symbol of every 8th slot (uint16, 4096 buckets) and the cumulative frequencies (uint32,
+    A + 1 per context, padded with 2**15), as the kernels' ans_step reads them."""
     C = max(len(tables), 1)
     A = max((len(f) for f in tables), default=1)
-    sym = np.zeros((C, 1 << SLOT_BITS), dtype=np.uint16)
-    F = np.ones((C, A), dtype=np.uint32)
-    cdf = np.zeros((C, A), dtype=np.uint32)
+    bucket = np.zeros((C, BUCKETS), dtype=np.uint16)
+    cdf = np.full((C, A + 1), 1 << SLOT_BITS, dtype=np.uint32)
+    cdf[:, 0] = 0
     for c, f in enumerate(tables):
         f = np.asarray(f, dtype=np.int64)
-        F[c, :len(f)] = f
-        cdf[c, :len(f)] = np.cumsum(f) - f
-        sym[c] = np.repeat(np.arange(len(f), dtype=np.uint16), f)
-    return sym, F, cdf
+        cdf[c, 1:len(f) + 1] = np.cumsum(f)
+        bucket[c] = np.repeat(np.arange(len(f), dtype=np.uint16), f)[::1 << (SLOT_BITS - 12)]
+    return bucket, cdf
 
 
 def lanes(words: np.ndarray, wcount: np.ndarray, per: np.ndarray, slots: tuple, where: str) -> np.ndarray:
     """Decode lanes: lane j (of nl) holds per[j, c] symbols of context c, contexts in order, and they go to
     positions t * nl + j of the output (int32, coding order)."""
-    sym, F, cdf = slots
+    bucket, cdf = slots
     nl, C = per.shape
     n = int(per.sum())
-    if len(wcount) != nl or int(wcount.sum()) != len(words) or C > sym.shape[0] or int(per.min(initial=0)) < 0 \
+    if len(wcount) != nl or int(wcount.sum()) != len(words) or C > bucket.shape[0] or int(per.min(initial=0)) < 0 \
             or not np.array_equal(per.sum(axis=1), -(-(n - np.arange(nl)) // max(nl, 1))):  # lane j: t * nl + j < n
         raise FormatError(f"{where}: malformed lanes part")
     out = np.empty(n, dtype=np.int32)
     bad = _lib.wp_lanes(np.ascontiguousarray(words, dtype=np.uint32), len(words),
                         np.ascontiguousarray(wcount, dtype=np.int64), nl, np.ascontiguousarray(per, dtype=np.int64),
-                        C, sym, F, cdf, F.shape[1], out)
+                        C, bucket, cdf, cdf.shape[1], out)
     if bad >= 0:
         raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
     return out
@@ -173,18 +174,18 @@ def split_multiples(p: np.ndarray, rs: np.ndarray, q: np.ndarray, rlo: int) -> n
 def step_major(words: np.ndarray, m: int, lane: int, a: int, row: int, rcls: np.ndarray, R: int, prev: int, lo: int,
                slots: tuple, multiple: np.ndarray, where: str) -> np.ndarray:
     """The multiples (int16) of one step-major trellis chunk of m elements starting at element a."""
-    sym, F, cdf = slots
+    bucket, cdf = slots
     C = 2 * (3 if prev else 1) * R
     A = multiple.shape[1]
     rcls = np.ascontiguousarray(rcls, dtype=np.uint8)
-    if sym.shape[0] != C or F.shape[1] != A or multiple.shape[0] != 8 or not len(rcls) or int(rcls.max()) >= R \
-            or m < 1 or row < 1 or a < 0:
+    if bucket.shape[0] != C or cdf.shape[1] != A + 1 or multiple.shape[0] != 8 or not len(rcls) \
+            or int(rcls.max()) >= R or m < 1 or row < 1 or a < 0:
         raise FormatError(f"{where}: malformed level stream")
     L = -(-m // lane)
-    scratch = np.empty(4 * L + 2 * C, dtype=np.int64)
+    scratch = np.empty(-(-(2 * L * lane + 16 * L + 16 * C + 8) // 8), dtype=np.int64)
     out = np.zeros(L * lane, dtype="<i2")
     ok = _lib.wp_step_major(np.ascontiguousarray(words, dtype=np.uint32), len(words), m, lane, a, row, rcls,
-                            len(rcls), R, prev, lo, sym, F, cdf, A,
+                            len(rcls), R, prev, lo, bucket, cdf, A,
                             np.ascontiguousarray(multiple, dtype="<i2"), scratch, out)
     if not ok:
         raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
