@@ -259,13 +259,14 @@ def rtn_recipe(bits: int, channel: bool) -> dict:
     return {"name": name, "rules": [{"match": "*", "min_dims": 2, "stages": [q]}]}
 
 
-def run_weightpack(label: str, family: str, src: Path, work: Path, scorer: Scorer, runs: int, **pack_kw) -> dict:
+def run_weightpack(label: str, family: str, src: Path, work: Path, scorer: Scorer, runs: int, decode_runs: int = 2,
+                   **pack_kw) -> dict:
     import torch
     import weightpack
 
     wpk = work / f"{label}.wpk"
     enc, enc_others, _ = best_of(runs, lambda: weightpack.pack(src, wpk, force=True, **pack_kw))
-    dec, dec_others, tensors = best_of(runs + 1, lambda: weightpack.load(wpk))
+    dec, dec_others, tensors = best_of(max(runs + 1, decode_runs), lambda: weightpack.load(wpk))
     rows = weightpack.inspect(wpk)["tensors"]
     lossy = [r for r in rows if r["stages"] != ["lossless"]]
     names = {r["name"] for r in lossy}
@@ -336,7 +337,7 @@ def import_nncodec():
     return compression
 
 
-def run_nncodec(mats: dict[str, np.ndarray], scorer: Scorer, qps: list[int], wait: float):
+def run_nncodec(mats: dict[str, np.ndarray], scorer: Scorer, qps: list[int], wait: float, decode_runs: int = 1):
     C = import_nncodec()
     for qp in qps:
         if wait:
@@ -344,12 +345,10 @@ def run_nncodec(mats: dict[str, np.ndarray], scorer: Scorer, qps: list[int], wai
         with Timed() as te:
             bs = C.compress(dict(mats), bitstream_path=None, qp=qp, return_bitstream=True, verbose=False)
         enc = te.wall
-        with Timed() as td:
-            rec = C.decompress(bytearray(bs))
-        dec = td.wall
+        dec, dec_others, rec = best_of(decode_runs, lambda: C.decompress(bytearray(bs)))
         r = {"family": "nncodec", "method": f"NNCodec qp={qp}", "bpw": 8 * len(bs) / scorer.n,
              "sqnr_db": scorer.sqnr(rec), "encode_s": enc, "decode_s": dec, "encode_others": te.others,
-             "decode_others": td.others, "bytes": len(bs),
+             "decode_others": dec_others, "bytes": len(bs),
              "decoded": {k: np.asarray(rec[k], np.float32) for k in mats}}
         log(f"  NNCodec qp={qp}: {r['bpw']:.3f} bpw, {r['sqnr_db']:.2f} dB, enc {enc:.1f} s, dec {dec:.1f} s")
         yield r
@@ -640,6 +639,8 @@ def main() -> int:
     ap.add_argument("--only", default="", metavar="FAMILIES",
                     help="comma-separated subset of: " + ", ".join(FAMILY_LABELS) + " (e.g. to re-time one family)")
     ap.add_argument("--runs", type=int, default=2, help="weightpack: best of this many packs (loads: one more)")
+    ap.add_argument("--decode-runs", type=int, default=2, metavar="N",
+                    help="decode time: best of at least N decodes, for weightpack and NNCodec alike")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot from a bench_lossy.json")
     args = ap.parse_args()
     if args.replot:
@@ -736,7 +737,7 @@ def main() -> int:
         if args.wait_idle:
             wait_idle(args.wait_idle)
         try:
-            r = run_weightpack(label.replace(" ", "_"), fam, src, work, scorer, args.runs, **kw)
+            r = run_weightpack(label.replace(" ", "_"), fam, src, work, scorer, args.runs, args.decode_runs, **kw)
         except Exception as e:  # a failing recipe is a finding, not a reason to lose the rest of the run
             traceback.print_exc()
             info["skipped"][label] = f"failed: {type(e).__name__}: {e}"
@@ -771,7 +772,7 @@ def main() -> int:
         info["skipped"]["NNCodec"] = "--no-nncodec"
     elif not only or "nncodec" in only:
         try:
-            for r in run_nncodec(mats, scorer, qps, args.wait_idle):
+            for r in run_nncodec(mats, scorer, qps, args.wait_idle, args.decode_runs):
                 add_cosine(r)
                 r.pop("decoded")
                 results.append(r)

@@ -261,7 +261,7 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
     a sharded or folder source restores to the folder `dst` (default: beside the container, without
     `.wpk`), with its index and carried files. Returns the path written. With `device` (a GPU, or with
     decoder="device" any device), tensors are decoded on that torch device (see `load`) and written from
-    there, one at a time; on the CPU they are decoded in worker processes.
+    there, one at a time; on the CPU they are decoded by workers (threads with the C kernels, else processes).
     """
     dev = _device(device) if device is not None else None
     if dev is not None and not _use_device_decoder(dev, decoder):
@@ -367,7 +367,7 @@ def load(path: PathLike, device: "str | torch.device" = "cpu", workers: Optional
          decoder: str = "auto", progress: bool = False) -> "dict[str, torch.Tensor]":
     """Decode every tensor of a container into a dict of torch tensors on `device` ("cpu", "cuda", "auto").
 
-    `decoder`: "host" decodes in worker processes on the CPU (then copies to the device); "device"
+    `decoder`: "host" decodes on the CPU with workers (then copies to the device); "device"
     decodes on the device itself (device.py: lock-step ANS lanes, reconstruction in torch); "auto" (the
     default) is "device" for a GPU and "host" for the CPU.
     """

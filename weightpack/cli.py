@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors; no progress bar")
         if workers:
             sp.add_argument("-j", "--workers", type=_workers, default=None, metavar="N",
-                            help="worker processes (default: all cores)")
+                            help="workers (default: all cores): processes, or threads when decoding with the "
+                                 "C kernels")
 
     sp = sub.add_parser("pack", help="pack a checkpoint into a .wpk container", epilog=EPILOG,
                         description="Pack a safetensors file, a sharded checkpoint (its *.safetensors.index.json) "
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--device", metavar="DEV",
                     help="decode on this torch device (cuda, cuda:1; auto: a GPU if there is one) and write "
-                         "the tensors from there (default, and for cpu: worker processes on the CPU)")
+                         "the tensors from there (default, and for cpu: workers on the CPU)")
     common(sp)
 
     sp = sub.add_parser("inspect", help="show what a container holds, per tensor", epilog=EPILOG)
