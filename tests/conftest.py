@@ -22,6 +22,17 @@ def cpu_decoder(name: str):
         yield name
 
 
+def under_every_cpu_decoder(decode, same=lambda a, b: a == b):
+    """decode() run under each CPU decoder; the results must agree (same(a, b)). Returns the first."""
+    outs = []
+    for name in CPU_DECODERS:
+        with cpu_decoder(name):
+            outs.append(decode())
+    for name, o in zip(CPU_DECODERS[1:], outs[1:]):
+        assert same(o, outs[0]), f"the {name} decoder disagrees with the {CPU_DECODERS[0]} decoder"
+    return outs[0]
+
+
 @pytest.fixture(params=CPU_DECODERS)
 def each_cpu_decoder(request):
     with cpu_decoder(request.param) as name:

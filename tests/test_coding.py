@@ -11,7 +11,7 @@ from weightpack.coding.fields import UINT, join, layout_for, pack_bits, packed_s
 from weightpack.dtypes import DTYPES
 from weightpack.errors import FormatError
 
-from conftest import CPU_DECODERS, cpu_decoder
+from conftest import under_every_cpu_decoder
 
 
 @settings(max_examples=200, deadline=None)
@@ -120,10 +120,9 @@ def _round_trip(dtype, shape, u, level):
     plan = streams.make_plan(dtype, shape, lambda a, c: u[a:a + c], level)
     recs = [streams.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
     back = streams.plan_from_record(dtype, u.size, plan.params(), plan.side(), "t")
-    for name in CPU_DECODERS:
-        with cpu_decoder(name):
-            out = b"".join(streams.decode_chunk(back, i, r, memoryview(p), "t") for i, (r, p) in enumerate(recs))
-        assert out == u.tobytes(), name
+    out = under_every_cpu_decoder(
+        lambda: b"".join(streams.decode_chunk(back, i, r, memoryview(p), "t") for i, (r, p) in enumerate(recs)))
+    assert out == u.tobytes()
     return plan, recs
 
 

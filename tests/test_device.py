@@ -26,20 +26,15 @@ from weightpack.coding import entropy, lockstep, streams, trellis
 from weightpack.errors import FormatError, WeightpackError
 
 import craft
-from conftest import CPU_DECODERS, cpu_decoder
+from conftest import CPU_DECODERS, cpu_decoder, under_every_cpu_decoder
 
 HAVE_CUDA = torch.cuda.is_available()
 
 
 def _lanes_decode(payload, counts, tables, lane, where="t"):
     """entropy.lanes_decode by every CPU decoder (the compiled kernels, constriction): the same symbols."""
-    outs = []
-    for name in CPU_DECODERS:
-        with cpu_decoder(name):
-            outs.append(entropy.lanes_decode(payload, list(counts), entropy.Tables(tables), lane, where))
-    for o in outs[1:]:
-        assert np.array_equal(o, outs[0])
-    return outs[0]
+    return under_every_cpu_decoder(
+        lambda: entropy.lanes_decode(payload, list(counts), entropy.Tables(tables), lane, where), np.array_equal)
 
 
 def _lanes_decode_fails(payload, counts, tables, lane, match):

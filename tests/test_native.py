@@ -16,7 +16,7 @@ from weightpack.coding import entropy, native
 from weightpack.coding import trellis as T
 from weightpack.errors import FormatError
 
-from conftest import CPU_DECODERS, cpu_decoder
+from conftest import CPU_DECODERS, cpu_decoder, under_every_cpu_decoder
 
 needs_native = pytest.mark.skipif(not native.available(), reason="the compiled kernels were not built here")
 
@@ -85,10 +85,9 @@ def test_step_major_with_previous_level_contexts(monkeypatch):
     u = r.view(np.uint16)
     coded = [T.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
     back = T.plan_from_record(r.size, plan.params(), plan.side(), "t")
-    for name in CPU_DECODERS:
-        with cpu_decoder(name):
-            out = b"".join(T.decode_chunk(back, i, rec, memoryview(p), "t") for i, (rec, p) in enumerate(coded))
-        assert out == r.tobytes(), name
+    out = under_every_cpu_decoder(
+        lambda: b"".join(T.decode_chunk(back, i, rec, memoryview(p), "t") for i, (rec, p) in enumerate(coded)))
+    assert out == r.tobytes()
 
 
 @pytest.mark.parametrize("recipe", ["lossless", "q-tcq"])

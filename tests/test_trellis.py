@@ -18,7 +18,7 @@ from weightpack.stages import quantize as Q
 from weightpack.stages.params import QuantParams
 
 import craft
-from conftest import CPU_DECODERS, cpu_decoder
+from conftest import under_every_cpu_decoder
 
 CLI = [sys.executable, "-m", "weightpack"]
 
@@ -95,12 +95,7 @@ def _decode_with(plan, coded, n):
 
 def _decode(plan, coded, n):
     """Decoded by every CPU decoder (compiled kernels, constriction + numpy): the same bytes."""
-    outs = []
-    for name in CPU_DECODERS:
-        with cpu_decoder(name):
-            outs.append(_decode_with(plan, coded, n))
-    assert all(o == outs[0] for o in outs)
-    return outs[0]
+    return under_every_cpu_decoder(lambda: _decode_with(plan, coded, n))
 
 
 # the ANS lanes of format 1.2 (parity | rest, 64 symbols per lane here: many lanes), and 1.1 (step-major)

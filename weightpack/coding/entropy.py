@@ -66,9 +66,6 @@ class Tables:
         self._models: Optional[list] = None
         self._slots: Optional[tuple] = None
 
-    def __len__(self) -> int:
-        return len(self.tables)
-
     def models(self) -> list:
         if self._models is None:
             self._models = [make_model(t) for t in self.tables]

@@ -358,6 +358,14 @@ def plan_from_record(dtype: str, numel: int, params: dict, side: bytes, where: s
 
 # -- chunks --------------------------------------------------------------------------------------
 
+def _block_counts(bkeys: np.ndarray, nkeys: int, L: int, m: int) -> np.ndarray:
+    """Elements per key of blocks of L (the last one m - (nb - 1) L long)."""
+    lengths = np.full(len(bkeys), L, dtype=np.int64)
+    if len(bkeys):
+        lengths[-1] = m - (len(bkeys) - 1) * L
+    return np.bincount(bkeys, weights=lengths, minlength=nkeys)[:nkeys].astype(np.int64)
+
+
 class BlockGroups:
     """Elements of a chunk grouped by a per-block key (class or trailing zeros), in block order.
 
@@ -369,7 +377,7 @@ class BlockGroups:
         self.last = m - (self.nb - 1) * L  # length of the last (maybe partial) block
         self.uniform = self.nb == 0 or int(bkeys.min()) == int(bkeys.max())
         self.rows = [np.flatnonzero(bkeys == k) for k in range(nkeys)]
-        self.counts = [len(r) * L - (L - self.last if len(r) and r[-1] == self.nb - 1 else 0) for r in self.rows]
+        self.counts = _block_counts(bkeys, nkeys, L, m).tolist()
 
     def keys(self):
         return [k for k, c in enumerate(self.counts) if c]
@@ -499,14 +507,6 @@ def chunk_views(rec: dict, payload, where: str) -> dict:
 
 def fields_part_names(lay: Layout) -> set:
     return {"head", "tail"} if lay.tail + lay.sign else {"head"}
-
-
-def _block_counts(bkeys: np.ndarray, nkeys: int, L: int, m: int) -> np.ndarray:
-    """Elements per key of blocks of L (the last one m - (nb - 1) L long)."""
-    lengths = np.full(len(bkeys), L, dtype=np.int64)
-    if len(bkeys):
-        lengths[-1] = m - (len(bkeys) - 1) * L
-    return np.bincount(bkeys, weights=lengths, minlength=nkeys)[:nkeys].astype(np.int64)
 
 
 def _fields_decode_native(plan: Plan, m: int, bcls: np.ndarray, btz: np.ndarray, hdata, views: dict,
