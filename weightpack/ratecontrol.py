@@ -21,8 +21,8 @@ its size. Everything else is a fixed cost: the rate-controlled pack then measure
 
 from __future__ import annotations
 
-import math
 import glob
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
