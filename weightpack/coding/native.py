@@ -104,7 +104,7 @@ def slot_tables(tables) -> tuple[np.ndarray, np.ndarray]:
     for c, f in enumerate(tables):
         f = np.asarray(f, dtype=np.int64)
         cdf[c, 1:len(f) + 1] = np.cumsum(f)
-        bucket[c] = np.repeat(np.arange(len(f), dtype=np.uint16), f)[::1 << (SLOT_BITS - 12)]
+        bucket[c] = np.repeat(np.arange(len(f), dtype=np.uint16), f)[::(1 << SLOT_BITS) // BUCKETS]
     return bucket, cdf
 
 

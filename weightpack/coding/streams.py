@@ -509,6 +509,16 @@ def fields_part_names(lay: Layout) -> set:
     return {"head", "tail"} if lay.tail + lay.sign else {"head"}
 
 
+def _tail_widths(lay: Layout, tz_counts) -> dict:
+    """The packed width of the tails of each trailing-zero count present in a chunk."""
+    return {tz: lay.tail - tz + lay.sign for tz, c in enumerate(tz_counts) if c}
+
+
+def _tail_size(lay: Layout, tz_counts) -> int:
+    """Bytes of a chunk's tail part: every trailing-zero group's tails packed at its width."""
+    return sum(packed_size(int(tz_counts[tz]), w) for tz, w in _tail_widths(lay, tz_counts).items())
+
+
 def _fields_decode_native(plan: Plan, m: int, bcls: np.ndarray, btz: np.ndarray, hdata, views: dict,
                           where: str) -> np.ndarray:
     """_fields_decode of a laned chunk with the compiled kernels: heads decoded, put in place and joined
@@ -520,10 +530,8 @@ def _fields_decode_native(plan: Plan, m: int, bcls: np.ndarray, btz: np.ndarray,
     if lay.tail + lay.sign:
         if int(btz.max(initial=0)) > lay.tail:
             raise FormatError(f"{where}: malformed trailing zeros")
-        tzc = _block_counts(btz, lay.tail + 1, L, m)
-        expected = sum(packed_size(int(c), lay.tail - tz + lay.sign) for tz, c in enumerate(tzc) if c)
         tcodec, tdata = views["tail"]
-        tail = unstore(tcodec, tdata, expected, where + " tail")
+        tail = unstore(tcodec, tdata, _tail_size(lay, _block_counts(btz, lay.tail + 1, L, m)), where + " tail")
     return native.fields(syms, plan.alphabet, bcls, btz, L, m, ccount, tail, lay.bits, lay.sign, lay.tail, where)
 
 
@@ -563,10 +571,9 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
     if not lay.tail + lay.sign:
         return head.astype(UINT[lay.bits])
     g = BlockGroups(btz, lay.tail + 1, L, m)
-    widths = {tz: lay.tail - tz + lay.sign for tz in g.keys()}
-    expected = sum(packed_size(g.counts[tz], w) for tz, w in widths.items())
+    widths = _tail_widths(lay, g.counts)
     tcodec, tdata = views["tail"]
-    tail = memoryview(unstore(tcodec, tdata, expected, where + " tail"))
+    tail = memoryview(unstore(tcodec, tdata, _tail_size(lay, g.counts), where + " tail"))
     out = np.empty(m, dtype=wd) if not g.uniform else None
     off = 0
     for tz, w in widths.items():
