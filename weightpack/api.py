@@ -67,7 +67,8 @@ def _output_path(dst: PathLike, name: str) -> Path:
 def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe | dict | None" = "lossless",
          level: Optional[int] = None, min_sqnr: Optional[float] = None, bits: Optional[float] = None,
          size: "int | str | None" = None, allocate: str = "absolute", workers: Optional[int] = None,
-         force: bool = False, progress: bool = False) -> dict:
+         force: bool = False, progress: bool = False, shard_size: "int | str | None" = None,
+         executor: str = "local", ray_address: Optional[str] = None) -> dict:
     """Pack a safetensors file, a sharded index (`*.safetensors.index.json`) or a model folder.
 
     `recipe` is a preset name, a TOML file, a dict or a Recipe; `level` (1-3) trades decode speed for
@@ -82,6 +83,11 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     Writes `dst` (default: beside `src`, with the `.wpk` suffix) atomically and returns a summary:
     ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``, plus ``"allocation"`` under
     `bits` or `size` (the step, the target, what was reached, and each lossy tensor's bits and SQNR).
+
+    `shard_size` (bytes, or "5GB", at least 1 MB): write a sharded set instead of one file,
+    `<stem>-00001-of-0000N.wpk` ... and the index `<stem>.wpk.index.json` (then "path" is the index and
+    "shards" lists the shard files; shards.py, docs/FORMAT.md). `executor="ray"` runs the work units as
+    Ray tasks on the cluster at `ray_address` (distributed.py); the output is byte-identical.
     """
     t0 = time.perf_counter()
     if sum(x is not None for x in (min_sqnr, bits, size)) > 1:
@@ -92,14 +98,25 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     if min_sqnr is not None:  # every matrix: trellis-coded quantization at that quality
         rec = load_recipe({"name": f"{rec.name}, min SQNR {min_sqnr} dB", "level": rec.level, "rules": [
             {"match": "*", "min_dims": 2, "stages": [{"name": "quantize", "mode": "tcq", "sqnr": min_sqnr}]}]})
-    ckpt = open_checkpoint(src)
-    target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
-    if bits is None and size is None:
-        tensors, out_size = _pack_once(ckpt, target, rec, workers, force, progress)
-        extra = {}
-    else:
-        tensors, out_size, extra = _pack_to_budget(ckpt, target, rec, bits, size, allocate, workers, force,
-                                                   progress)
+    pack_once = _pack_once
+    if shard_size is not None:
+        from . import shards
+
+        pack_once = shards.sharded_packer(shards.parse_shard_size(shard_size))
+    with _executor(executor, ray_address) as ex:
+        if ex.pool is not None:  # workers elsewhere open the files by these paths
+            src, dst = os.path.abspath(src), (os.path.abspath(dst) + (os.sep if str(dst).endswith(("/", os.sep)) else "")
+                                              if dst is not None else None)
+        ckpt = open_checkpoint(src)
+        target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
+        if bits is None and size is None:
+            tensors, out_size = pack_once(ckpt, target, rec, workers, force, progress, pool=ex.pool)
+            extra = {}
+        else:
+            tensors, out_size, extra = _pack_to_budget(ckpt, target, rec, bits, size, allocate, workers, force,
+                                                       progress, pool=ex.pool, pack_once=pack_once)
+    if shard_size is not None:
+        target, extra["shards"] = pack_once.summary(target)
     decided = [t for t in tensors if "lowrank" in t]
     if decided:  # what a low-rank stage chose, tensor by tensor (rank 0: quantized directly)
         extra["lowrank"] = [{"name": t["name"], "rank": t["lowrank"]["rank"]} for t in decided]
@@ -109,9 +126,15 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
             "tensors": len(tensors), **extra}
 
 
-def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: bool) -> tuple[list, int]:
+def _executor(kind: Optional[str], address: Optional[str]):
+    from .distributed import executor
+
+    return executor(kind, address)
+
+
+def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: bool, pool=None) -> tuple[list, int]:
     with ContainerWriter(target, force) as w, _bar(ckpt.total_bytes, "pack", progress) as bar:
-        tensors = pack_checkpoint(ckpt, w, rec, workers, bar.update)
+        tensors = pack_checkpoint(ckpt, w, rec, workers, bar.update, pool=pool)
         carried = [_carry(w, name, path) for name, path in ckpt.carried]
         index = {
             "format": "weightpack", "version": list(VERSION),
@@ -127,7 +150,7 @@ BUDGET_MARGIN = 0.004  # the estimate is within ~0.5% at high rates: aim a littl
 
 
 def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, workers, force: bool,
-                    progress: bool):
+                    progress: bool, pool=None, pack_once=None):
     """Rate control (ratecontrol.py): estimate the step, pack, measure; when the result is over the budget,
     scale the budget by what the estimate missed and pack again. A result that never fits is removed."""
     from . import ratecontrol
@@ -148,8 +171,8 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
     budget = goal * (1 - BUDGET_MARGIN)
     for attempt in range(BUDGET_TRIES):
         step = ratecontrol.find_step(samples, fixed, budget, allocate)
-        tensors, out_size = _pack_once(ckpt, target, ratecontrol.with_step(rec, step, allocate, samples), workers,
-                                       force or attempt > 0, progress)
+        tensors, out_size = (pack_once or _pack_once)(ckpt, target, ratecontrol.with_step(rec, step, allocate, samples),
+                                                      workers, force or attempt > 0, progress, pool=pool)
         lossy_rows = [t for t in tensors if t["stages"]]
         lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)
         reached = lossy_bits if bits is not None else 8.0 * out_size
@@ -157,7 +180,10 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
             break
         budget *= goal / reached * 0.998
     else:
-        target.unlink(missing_ok=True)
+        if pack_once is None or pack_once is _pack_once:
+            target.unlink(missing_ok=True)
+        else:
+            pack_once.remove(target)
         what = f"{bits} bits per weight" if bits is not None else f"{limit} bytes"
         raise WeightpackError(f"rate control: could not meet {what} (closest: "
                               f"{reached / lossy_weights if bits is not None else reached / 8:.4g})")
@@ -254,7 +280,8 @@ class _OutputTree:
 
 
 def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False, workers: Optional[int] = None,
-           progress: bool = False, device: "str | torch.device | None" = None, decoder: str = "auto") -> Path:
+           progress: bool = False, device: "str | torch.device | None" = None, decoder: str = "auto",
+           executor: str = "local", ray_address: Optional[str] = None) -> Path:
     """Restore safetensors from a container: the same files, tensors, headers and `__metadata__`.
 
     A single-file source restores to `dst` (a file path, or a folder to put the original name in);
@@ -262,10 +289,25 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
     `.wpk`), with its index and carried files. Returns the path written. With `device` (a GPU, or with
     decoder="device" any device), tensors are decoded on that torch device (see `load`) and written from
     there, one at a time; on the CPU they are decoded by workers (threads with the C kernels, else processes).
+    `src` may be a sharded set (its `*.wpk.index.json`, or its folder): the set restores as one model.
+    `executor="ray"` decodes on the Ray cluster at `ray_address` (workers write into the output files, so
+    they must see the same storage).
     """
     dev = _device(device) if device is not None else None
     if dev is not None and not _use_device_decoder(dev, decoder):
         dev = None
+    with _executor(executor, ray_address) as ex:
+        if ex.pool is not None:
+            src = os.path.abspath(src)
+            dst = (os.path.abspath(dst) + (os.sep if str(dst).endswith(("/", os.sep)) else "")) if dst is not None else None
+        return _unpack(src, dst, force, workers, progress, dev, ex.pool)
+
+
+def _unpack(src, dst, force: bool, workers, progress: bool, dev, pool) -> Path:
+    from . import shards
+
+    if shards.is_set(src):
+        return shards.unpack(src, dst, force, workers, progress, dev, pool=pool)
     with ContainerReader(src) as r:
         idx = r.index
         single = (idx["source"]["kind"] == "file" and len(idx["files"]) == 1 and not idx["carried"]
@@ -294,7 +336,7 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
                     targets[e.name] = (str(path), 8 + len(header) + e.begin)
             with _bar(sum(t["nbytes"] for t in idx["tensors"]), "unpack", progress) as bar:
                 if dev is None:
-                    decode_into_files(r, targets, workers, bar.update)
+                    decode_into_files(r, targets, workers, bar.update, pool=pool)
                 else:
                     _write_from_device(r, dev, targets, bar.update)
             for c in idx["carried"]:
@@ -371,7 +413,11 @@ def load(path: PathLike, device: "str | torch.device" = "cpu", workers: Optional
     decodes on the device itself (device.py: lock-step ANS lanes, reconstruction in torch); "auto" (the
     default) is "device" for a GPU and "host" for the CPU.
     """
+    from . import shards
+
     dev = _device(device)
+    if shards.is_set(path):  # a sharded set (its index or its folder): one dict over every shard
+        return shards.load(path, dev, workers, decoder, progress)
     with ContainerReader(path) as r:
         with _bar(sum(t["nbytes"] for t in r.index["tensors"]), "load", progress) as bar:
             if _use_device_decoder(dev, decoder):
@@ -425,14 +471,24 @@ class WpkFile:
 
 
 def open(path: PathLike, device: "str | torch.device" = "cpu", decoder: str = "auto") -> WpkFile:  # noqa: A001
-    """Open a container for lazy, per-tensor access (like safetensors' safe_open; see `load` for `decoder`)."""
+    """Open a container (or a sharded set: its index or folder) for lazy, per-tensor access (like safetensors'
+    safe_open; see `load` for `decoder`)."""
+    from . import shards
+
+    if shards.is_set(path):
+        return shards.ShardedWpkFile(path, device, decoder)
     return WpkFile(path, device, decoder)
 
 
 # -- inspect / verify ----------------------------------------------------------------------------
 
 def inspect(path: PathLike) -> dict:
-    """Per-tensor rows (name, dtype, shape, stages, bytes before/after, bits per weight, codec) and totals."""
+    """Per-tensor rows (name, dtype, shape, stages, bytes before/after, bits per weight, codec) and totals;
+    for a sharded set also "shards" and each row's "shard"."""
+    from . import shards
+
+    if shards.is_set(path):
+        return shards.inspect(path)
     with ContainerReader(path) as r:
         return metrics.inspect_report(r)
 
@@ -450,7 +506,7 @@ class VerifyReport:
 
 def verify(path: PathLike, against: Optional[PathLike] = None, *, min_sqnr: Optional[float] = None,
            max_rel_error: Optional[float] = None, workers: Optional[int] = None,
-           progress: bool = False) -> VerifyReport:
+           progress: bool = False, executor: str = "local", ray_address: Optional[str] = None) -> VerifyReport:
     """Check every checksum and decode every tensor against its recorded SHA-256.
 
     With `against` (the source checkpoint), also require every lossless tensor, the metadata and the
@@ -459,8 +515,20 @@ def verify(path: PathLike, against: Optional[PathLike] = None, *, min_sqnr: Opti
     and `max_rel_error` bound that quality for every lossy tensor.
 
     Returns a report; `report.ok` is False on any difference or missed bound. Structural damage raises
-    FormatError.
+    FormatError. `path` may be a sharded set (its index or folder): every shard's SHA-256 is checked too.
+    `executor="ray"` decodes on the Ray cluster at `ray_address`.
     """
+    from . import shards
+
+    with _executor(executor, ray_address) as ex:
+        if ex.pool is not None:
+            path, against = os.path.abspath(path), os.path.abspath(against) if against is not None else None
+        if shards.is_set(path):
+            return shards.verify(path, against, min_sqnr, max_rel_error, workers, progress, pool=ex.pool)
+        return _verify(path, against, min_sqnr, max_rel_error, workers, progress, ex.pool)
+
+
+def _verify(path, against, min_sqnr, max_rel_error, workers, progress: bool, pool) -> VerifyReport:
     problems: list[str] = []
     quality: dict[str, dict] = {}
     checked = 0
@@ -483,7 +551,7 @@ def verify(path: PathLike, against: Optional[PathLike] = None, *, min_sqnr: Opti
         if not problems:
             with _bar(sum(t["nbytes"] for t in idx["tensors"]), "verify", progress) as bar:
                 try:
-                    for t, pieces in decode_tensors(r, idx["tensors"], workers, bar.update):
+                    for t, pieces in decode_tensors(r, idx["tensors"], workers, bar.update, pool=pool):
                         checked += 1
                         if t["stages"]:  # the reconstruction was checked against decoded_sha256
                             quality[t["name"]] = _lossy_quality(t, pieces, src.get(t["name"]))

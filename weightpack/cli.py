@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("-j", "--workers", type=_workers, default=None, metavar="N",
                             help="workers (default: all cores): processes, or threads when decoding with the "
                                  "C kernels")
+            sp.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                            help="run the work on a Ray cluster (pip install 'weightpack[ray]'): ADDRESS as "
+                                 "ray.init takes it (auto, HOST:6379, ray://HOST:10001); without one, RAY_ADDRESS "
+                                 "or a new local instance. Files must be on storage every node sees")
 
     sp = sub.add_parser("pack", help="pack a checkpoint into a .wpk container", epilog=EPILOG,
                         description="Pack a safetensors file, a sharded checkpoint (its *.safetensors.index.json) "
@@ -71,13 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "in units of each tensor's RMS (least sum over weights of relative errors); or in units "
                          "of RMS x sqrt(size / 2^20) (least sum of the tensors' relative errors, each tensor "
                          "counted once: closest model outputs at equal size)")
+    sp.add_argument("--shard-size", metavar="SIZE",
+                    help="write a sharded set: SRC-00001-of-0000N.wpk ... of at most SIZE source bytes each "
+                         "(5GB, 500MiB; at least 1 MB) and its index SRC.wpk.index.json")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     common(sp)
 
     sp = sub.add_parser("unpack", help="restore safetensors from a .wpk container", epilog=EPILOG,
                         description="Restore the original safetensors file(s), index and carried files.")
-    sp.add_argument("src", help="the .wpk container")
+    sp.add_argument("src", help="the .wpk container, or a sharded set's *.wpk.index.json or folder")
     sp.add_argument("-o", "--output", help="output file or folder (default: beside SRC)")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--device", metavar="DEV",
@@ -86,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
 
     sp = sub.add_parser("inspect", help="show what a container holds, per tensor", epilog=EPILOG)
-    sp.add_argument("src", help="the .wpk container")
+    sp.add_argument("src", help="the .wpk container, or a sharded set's *.wpk.index.json or folder")
     sp.add_argument("--json", action="store_true", help="print JSON")
 
     sp = sub.add_parser("verify", help="check checksums, and bit-exactness against the source", epilog=EPILOG,
                         description="Check every checksum and decode every tensor against its recorded hash. "
                                     "With --against, also require equality with the source checkpoint.")
-    sp.add_argument("src", help="the .wpk container")
+    sp.add_argument("src", help="the .wpk container, or a sharded set's *.wpk.index.json or folder")
     sp.add_argument("--against", metavar="SRC", help="the source checkpoint to compare with")
     sp.add_argument("--min-sqnr", type=float, metavar="DB", help="every lossy tensor at least this SQNR (dB)")
     sp.add_argument("--max-rel-error", type=float, metavar="E", help="every lossy tensor at most this relative error")
@@ -141,10 +148,12 @@ def run(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     show = progress_enabled(getattr(args, "quiet", False))
+    ray = getattr(args, "ray", None)
+    on = {"executor": "ray", "ray_address": ray or None} if ray is not None else {}
     if args.command == "pack":
         res = api.pack(args.src, args.output, recipe=args.recipe, level=args.level, min_sqnr=args.min_sqnr,
                        bits=args.bits, size=args.size, allocate=args.allocate, workers=args.workers,
-                       force=args.force, progress=show)
+                       force=args.force, progress=show, shard_size=args.shard_size, **on)
         if args.json:
             print(json.dumps(res, indent=2))
         elif not args.quiet:
@@ -155,11 +164,13 @@ def run(argv: Optional[list[str]] = None) -> int:
                 print(f"low rank: {len(taken)} of {len(res['lowrank'])} matrices factorized"
                       + (f": {', '.join(taken)}" if taken else "")
                       + ("; for the others no rank saved bits at equal error" if len(taken) < len(res["lowrank"]) else ""))
+            if "shards" in res:
+                print(f"{len(res['shards'])} shards: {', '.join(res['shards'])}")
             print(f"{res['path']}: {_human(res['bytes_in'])} -> {_human(res['bytes_out'])} "
                   f"({100 * res['ratio']:.2f}%), {res['tensors']} tensors in {res['seconds']:.1f} s")
     elif args.command == "unpack":
         out = api.unpack(args.src, args.output, force=args.force, workers=args.workers, progress=show,
-                         device=args.device)
+                         device=args.device, **on)
         if not args.quiet:
             print(f"{out}")
     elif args.command == "inspect":
@@ -170,7 +181,7 @@ def run(argv: Optional[list[str]] = None) -> int:
             _print_inspect(rep)
     elif args.command == "verify":
         rep = api.verify(args.src, args.against, min_sqnr=args.min_sqnr, max_rel_error=args.max_rel_error,
-                         workers=args.workers, progress=show)
+                         workers=args.workers, progress=show, **on)
         if args.json:
             print(json.dumps(rep.to_json(), indent=2))
         else:

@@ -174,8 +174,9 @@ def _elements_of(dtype: str, data: bytes) -> np.ndarray:
 
 
 def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, workers: Optional[int],
-                    progress: Progress = _noop) -> list[dict]:
-    """Code every tensor of `ckpt` into `writer`; returns the tensor records for the index."""
+                    progress: Progress = _noop, pool: Optional[Callable] = None) -> list[dict]:
+    """Code every tensor of `ckpt` into `writer`; returns the tensor records for the index. `pool` makes
+    the worker pool (default: parallel.Pool; distributed.py's for a Ray cluster)."""
     records: list[dict] = []
     stream: Optional[dict] = None
 
@@ -184,7 +185,7 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
             rec.update(writer.write_blob(payload))
             stream["chunks"].append(rec)
 
-    with Pool(workers) as pool:
+    with (pool or Pool)(workers) as pool:
         # a slow tensor (lossy stages on a big matrix) holds back the output: let the other workers run ahead
         for item in pool.ordered_map(_pack_items(ckpt, recipe), inflight=PACK_INFLIGHT * pool.workers):
             if isinstance(item, _TensorStart):
@@ -363,10 +364,10 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
 
 
 def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Optional[int],
-                   progress: Progress = _noop) -> Iterator[tuple[dict, list[bytes]]]:
+                   progress: Progress = _noop, pool: Optional[Callable] = None) -> Iterator[tuple[dict, list[bytes]]]:
     """Yield (record, decoded bytes in pieces) for each tensor, decoded by worker threads where the compiled
     kernels are built (they release the GIL), else by worker processes."""
-    with Pool(workers, threads=native.available()) as pool:
+    with (pool or Pool)(workers, threads=native.available()) as pool:
         yield from _decoded(pool.ordered_map(decode_items(reader, tensors)), progress)
 
 
@@ -379,10 +380,10 @@ def _checked(t: dict, pieces: list[bytes], where: str) -> list[bytes]:
 
 
 def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int]], workers: Optional[int],
-                      progress: Progress = _noop) -> None:
+                      progress: Progress = _noop, pool: Optional[Callable] = None) -> None:
     """Decode every tensor into its place in an output file: targets[name] = (path, offset). Workers write
     the chunks of plain tensors themselves; tensors with stages are rebuilt here and then written."""
-    with Pool(workers, threads=native.available()) as pool:
+    with (pool or Pool)(workers, threads=native.available()) as pool:
         plain = {t["name"]: targets[t["name"]] for t in reader.index["tensors"] if not t["stages"]}
         for t, pieces in _decoded(pool.ordered_map(decode_items(reader, reader.index["tensors"], plain)), progress):
             path, offset = targets[t["name"]]
