@@ -35,6 +35,26 @@ def _run(fn, args):
     return fn(*args)
 
 
+PROBE_TIMEOUT = 5.0
+
+
+def _probe(address: Optional[str]) -> None:
+    """Fail in seconds, with one line, when a HOST:PORT (or ray://HOST:PORT) address does not answer:
+    ray.init itself retries for minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise WeightpackError(f"Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT).close()
+    except OSError as e:
+        raise WeightpackError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+
+
 class Session:
     """A connection to a Ray cluster for one API call: `address` as `ray.init` takes it ("auto",
     "host:6379", "ray://host:10001"; None: RAY_ADDRESS, else a new local instance). An existing connection
@@ -47,6 +67,7 @@ class Session:
     def __enter__(self) -> "Session":
         ray = import_ray()
         if not ray.is_initialized():
+            _probe(self.address)
             try:
                 ray.init(address=self.address, log_to_driver=False, include_dashboard=False,
                          logging_level="ERROR", configure_logging=False)
