@@ -163,7 +163,7 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
     if limit is not None and (type(limit) is not int or limit <= 0):
         raise RecipeError("size must be a positive number of bytes")
     rec = ratecontrol.default_recipe(rec)
-    samples, fixed_lossy, fixed_other, lossy_weights = ratecontrol.collect(ckpt, rec)
+    samples, fixed_lossy, fixed_other, lossy_weights = ratecontrol.collect(ckpt, rec, pool=pool)
     if not lossy_weights:
         raise RecipeError("rate control: the recipe quantizes no tensor of this checkpoint")
     goal = bits * lossy_weights if bits is not None else 8.0 * limit

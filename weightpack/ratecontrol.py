@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -90,13 +91,12 @@ def default_recipe(recipe: Recipe) -> Recipe:
     return Recipe(f"{recipe.name} + q-tcq", base.description, recipe.level, base.rules)
 
 
-def collect(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[_Sample], float, float, int]:
+def collect(ckpt: Checkpoint, recipe: Recipe, pool=None) -> tuple[list[_Sample], float, float, int]:
     """Samples of the adjustable tensors; the fixed bits of the other lossy tensors (fixed-width ones at
     their width plus scales) and of everything else (lossless tensors at their raw size, index records);
-    and the weights of all lossy tensors."""
-    import torch
-
-    from .stages import prune
+    and the weights of all lossy tensors. The adjustable tensors are read and sampled one task each: here
+    (default), or by `pool`'s workers (a Ray cluster: distributed.py), with the same results in order."""
+    from .parallel import Pool, Task
 
     samples, fixed_lossy, fixed_other, lossy_weights = [], 0.0, 0.0, 0
     for _, path in ckpt.carried:  # a folder's other files ride along (compressed: their size is a bound)
@@ -104,30 +104,50 @@ def collect(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[_Sample], float, flo
             fixed_other += 8 * path.stat().st_size
         except OSError:
             pass  # pack itself reports an unreadable file
-    for _, f, e in ckpt.tensors():
-        stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
-        fixed_other += 8 * INDEX_BYTES_PER_TENSOR
-        if not stages:
-            fixed_other += 8 * e.nbytes
-            continue
-        *before, quant = stages
-        if quant.mode not in ADJUSTABLE:
+
+    def items():
+        nonlocal fixed_lossy, fixed_other, lossy_weights
+        for _, f, e in ckpt.tensors():
+            stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
+            fixed_other += 8 * INDEX_BYTES_PER_TENSOR
+            if not stages:
+                fixed_other += 8 * e.nbytes
+                continue
+            quant = stages[-1]
+            if quant.mode not in ADJUSTABLE:
+                lossy_weights += e.numel
+                fixed_lossy += quant.bits * e.numel + 32 * math.prod(quant.parts(e.shape)["scale"][1])
+                continue
+            yield Task(_sample_tensor, (str(f.path), e, list(stages)))
+
+    with (pool(None) if pool is not None else Pool(1)) as p:
+        for e, sample in p.ordered_map(items()):
+            if sample is None:  # packed losslessly
+                fixed_other += 8 * e.nbytes
+                continue
             lossy_weights += e.numel
-            fixed_lossy += quant.bits * e.numel + 32 * math.prod(quant.parts(e.shape)["scale"][1])
-            continue
-        w = lossy._tensor(f.read(e), e.dtype, e.shape).to(torch.float32)
-        if not bool(torch.isfinite(w).all()):  # packed losslessly
-            fixed_other += 8 * e.nbytes
-            continue
-        lossy_weights += e.numel
-        if before:
-            w = prune.apply(w, before[0])
-        flat = w.reshape(-1).double().numpy()
-        lanes = trellis.lanes(flat)
-        pick = np.unique(np.linspace(0, len(lanes) - 1, min(SAMPLE_LANES, len(lanes))).astype(np.int64))
-        samples.append(_Sample(e.name, e.numel, lanes[pick].reshape(-1), quant, math.sqrt(float(np.mean(flat * flat))),
-                               list(stages)))
+            samples.append(sample)
     return samples, fixed_lossy, fixed_other, lossy_weights
+
+
+def _sample_tensor(path: str, e, stages: list):
+    """(entry, the sample of one adjustable tensor, or None when it holds NaN or infinity)."""
+    import torch
+
+    from .checkpoint import read_exact
+    from .stages import prune
+
+    *before, quant = stages
+    w = lossy._tensor(read_exact(Path(path), e.begin, e.nbytes), e.dtype, e.shape).to(torch.float32)
+    if not bool(torch.isfinite(w).all()):
+        return e, None
+    if before:
+        w = prune.apply(w, before[0])
+    flat = w.reshape(-1).double().numpy()
+    lanes = trellis.lanes(flat)
+    pick = np.unique(np.linspace(0, len(lanes) - 1, min(SAMPLE_LANES, len(lanes))).astype(np.int64))
+    return e, _Sample(e.name, e.numel, lanes[pick].reshape(-1), quant, math.sqrt(float(np.mean(flat * flat))),
+                      list(stages))
 
 
 def _unit(s: _Sample) -> float:
