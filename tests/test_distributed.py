@@ -158,6 +158,7 @@ def test_a_lost_driver_leaves_no_output(cluster, tmp_path):
         deadline = time.time() + 60
         while time.time() < deadline and not any(n.name.endswith(".partial") for n in tmp_path.iterdir()):
             time.sleep(0.05)
+        assert any(n.name.endswith(".partial") for n in tmp_path.iterdir()), "the pack never started"
         time.sleep(0.5)
         assert p.poll() is None, p.stderr.read()
         p.send_signal(signal.SIGKILL)
