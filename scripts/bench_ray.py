@@ -136,6 +136,26 @@ def task_times(addr: str) -> dict:
             "p95_s": times[int(0.95 * (n - 1))] if n else None, "sum_s": sum(times)}
 
 
+def driver_pass(src: Path) -> dict:
+    """What the driver itself does per lossless tensor before handing out its tasks, timed alone: the
+    SHA-256 of the source bytes and the planning pass (pipeline._pack_items: tensor_sha256, make_plan)."""
+    from weightpack.checkpoint import open_checkpoint
+    from weightpack.coding import streams
+    from weightpack.pipeline import _reader, tensor_sha256
+
+    ck = open_checkpoint(src)
+    hash_s = plan_s = 0.0
+    for _, f, e in ck.tensors():
+        t0 = time.perf_counter()
+        tensor_sha256(f.path, e)
+        t1 = time.perf_counter()
+        streams.make_plan(e.dtype, e.shape, _reader(f.path, e))
+        hash_s += t1 - t0
+        plan_s += time.perf_counter() - t1
+    return {"bytes": ck.total_bytes, "hash_s": hash_s, "plan_s": plan_s,
+            "hash_MBps": ck.total_bytes / 1e6 / hash_s, "plan_MBps": ck.total_bytes / 1e6 / plan_s}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=8.0, help="checkpoint size in GiB (multiples of 0.25)")
@@ -145,12 +165,18 @@ def main():
     ap.add_argument("--store", type=int, default=1 << 30, help="object store bytes per node")
     ap.add_argument("--interval", type=float, default=0.2)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--driver-pass-only", action="store_true", help="only time the driver's own pass")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     src = out / "model.safetensors"
     ntensors = max(1, round(a.gb * 4))
     info = generate(src, ntensors, seed=0)
+    if a.driver_pass_only:
+        print(json.dumps(driver_pass(src), indent=2))
+        if not a.keep:
+            shutil.rmtree(out)
+        return
     wp = str(Path(sys.executable).with_name("weightpack"))
     extra = ["--shard-size", a.shard_size] if a.shard_size else []
     results = {"checkpoint": info, "cpus": a.cpus, "shard_size": a.shard_size, "runs": {}}
@@ -176,6 +202,7 @@ def main():
         print(f"{mode}: {r['wall_s']:.1f} s", file=sys.stderr)
     first = next(iter(hashes.values()))
     results["byte_identical"] = all(h == first for h in hashes.values())
+    results["driver_pass"] = driver_pass(src)
     (out / "bench_ray.json").write_text(json.dumps(results, indent=2))
     gib = info["bytes"] / 2**30
     print(f"checkpoint: {info['bytes'] / 1e9:.2f} GB BF16, {info['tensors']} tensors; {a.cpus} CPUs; "
@@ -191,6 +218,8 @@ def main():
               f"| {mode} | {r['wall_s']:.1f} | {s['seconds']:.1f} | {info['bytes'] / 1e6 / s['seconds']:.0f} | "
               f"{s['ratio']:.4f} | {p['driver'] / MIB:.0f} | {workers / MIB:.0f} | - | - | - |")
     print(f"\n({gib:.2f} GiB; container {results['runs']['local']['summary']['bytes_out'] / 1e6:.1f} MB)")
+    d = results["driver_pass"]
+    print(f"driver's own pass: SHA-256 {d['hash_MBps']:.0f} MB/s, planning {d['plan_MBps']:.0f} MB/s")
     if not a.keep:
         shutil.rmtree(out)
 

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                             help="run the work on a Ray cluster (pip install 'weightpack[ray]'): ADDRESS as "
                                  "ray.init takes it (auto, HOST:6379, ray://HOST:10001); without one, RAY_ADDRESS "
-                                 "or a new local instance. Files must be on storage every node sees")
+                                 "or a new local instance. Files must be on storage every node sees; with -j N at most 4N tasks "
+                                 "are in flight (default: 4 per cluster CPU)")
 
     sp = sub.add_parser("pack", help="pack a checkpoint into a .wpk container", epilog=EPILOG,
                         description="Pack a safetensors file, a sharded checkpoint (its *.safetensors.index.json) "
