@@ -345,6 +345,10 @@ class ShardSet:
         # every source file's header names exactly the tensors the shards hold for it, dtype and shape alike
         records = {t["name"]: (t, r.index["files"][t["file"]]["name"]) for _, r in self.readers
                    for t in r.index["tensors"]}
+        listed = {f["name"] for f in self.index["files"]}
+        for t, fn in records.values():
+            if fn not in listed:
+                raise FormatError(f"{w}: tensor {t['name']!r} belongs to file {fn}, which the index does not list")
         for f in self.index["files"]:
             try:
                 _, entries = validate_header(f["header"], sum(rec["nbytes"] for rec, fn in records.values()
