@@ -24,7 +24,7 @@ TASK_EVENTS_MS = 100
 @pytest.fixture(scope="module")
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _system_config={"task_events_report_interval_ms": TASK_EVENTS_MS})
+             _node_ip_address="127.0.0.1", _system_config={"task_events_report_interval_ms": TASK_EVENTS_MS})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
