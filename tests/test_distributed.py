@@ -186,3 +186,14 @@ def test_without_ray_installed(tmp_path, ckpt):
             "weightpack.load(sys.argv[2]); weightpack.verify(sys.argv[2]); assert 'ray' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code, str(ckpt), str(tmp_path / "y.wpk")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_pack_unpack_verify_on_ray(cluster, ckpt, tmp_path):
+    r = _cli("pack", ckpt, "-o", tmp_path / "m.wpk", "--shard-size", "3MB", "-q", "--ray", cluster)
+    assert r.returncode == 0, r.stderr
+    index = tmp_path / "m.wpk.index.json"
+    r = _cli("verify", index, "--against", ckpt, "--ray", cluster)
+    assert r.returncode == 0 and "ok:" in r.stdout, r.stderr
+    r = _cli("unpack", index, "-o", tmp_path / "back.safetensors", "-q", "--ray", cluster)
+    assert r.returncode == 0, r.stderr
+    assert sha256(tmp_path / "back.safetensors") == sha256(ckpt)
