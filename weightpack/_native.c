@@ -384,6 +384,237 @@ int64_t wp_fields(const int32_t *syms, int64_t m, const uint64_t *alphabet, int6
     }
 }
 
+/* -- encoding ----------------------------------------------------------------------------------------
+ *
+ * The encoders write exactly the bytes the Python/constriction encoders write (tests/test_native.py checks
+ * both ways): the planning histograms of coding/streams.make_plan, and fields chunks with their heads as
+ * ANS lanes (entropy.lanes_encode) and their tails packed by trailing-zero group (fields.pack_bits). */
+
+/* Element i of an array of W-bit unsigned values, widened. */
+static inline uint64_t elem(const void *u, int64_t W, int64_t i) {
+    switch (W) {
+    case 8: return ((const uint8_t *)u)[i];
+    case 16: return ((const uint16_t *)u)[i];
+    case 32: return ((const uint32_t *)u)[i];
+    default: return ((const uint64_t *)u)[i];
+    }
+}
+
+/* Planning, first pass over n elements (blocks of L from block b0 on; n a multiple of L but for the last
+ * piece): hist[head]++, bsum[b] += head, blow[b] |= tail bits, where head = (v >> T) & (2**H - 1).
+ * Caller: hist has 2**H entries, bsum and blow ceil(n / L) from b0. */
+#define SCAN(NAME, U)                                                                                       \
+    static void NAME(const U *restrict u, int64_t n, int64_t T, uint64_t hmask, uint64_t tmask, int64_t L,  \
+                     int64_t *restrict hist, int64_t *restrict bsum, uint64_t *restrict blow) {             \
+        for (int64_t a = 0, b = 0; a < n; a += L, b++) {                                                    \
+            int64_t e = a + L < n ? a + L : n, s = 0;                                                       \
+            uint64_t low = 0;                                                                               \
+            for (int64_t i = a; i < e; i++) {                                                               \
+                uint64_t v = u[i], h = (v >> T) & hmask;                                                    \
+                hist[h]++;                                                                                  \
+                s += (int64_t)h;                                                                            \
+                low |= v & tmask;                                                                           \
+            }                                                                                               \
+            bsum[b] = s;                                                                                    \
+            blow[b] = low;                                                                                  \
+        }                                                                                                   \
+    }
+SCAN(scan8, uint8_t)
+SCAN(scan16, uint16_t)
+SCAN(scan32, uint32_t)
+SCAN(scan64, uint64_t)
+
+int64_t wp_plan_scan(const void *u, int64_t n, int64_t W, int64_t H, int64_t T, int64_t L, int64_t *hist,
+                     int64_t *bsum, uint64_t *blow) {
+    if (L < 1 || H < 1 || H > 16 || T < 0 || T > 63 || n < 0)
+        return -1;
+    uint64_t hmask = ((uint64_t)1 << H) - 1, tmask = T ? (((uint64_t)1 << T) - 1) : 0;
+    switch (W) {
+    case 8: scan8(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
+    case 16: scan16(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
+    case 32: scan32(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
+    case 64: scan64(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
+    default: return -1;
+    }
+}
+
+/* Planning, second pass: fine[cls[b] * A + lut[head]]++ over n elements in blocks of L (cls from the
+ * first of these blocks). Caller: lut has 2**H entries below A, cls entries below the classes of fine. */
+int64_t wp_class_hist(const void *u, int64_t n, int64_t W, int64_t H, int64_t T, int64_t L, const uint8_t *cls,
+                      const int32_t *lut, int64_t A, int64_t *fine) {
+    if (L < 1 || H < 1 || H > 16 || T < 0 || T > 63 || n < 0)
+        return -1;
+    uint64_t hmask = ((uint64_t)1 << H) - 1;
+    for (int64_t a = 0, b = 0; a < n; a += L, b++) {
+        int64_t e = a + L < n ? a + L : n;
+        int64_t *row = fine + (int64_t)cls[b] * A;
+        for (int64_t i = a; i < e; i++)
+            row[lut[(elem(u, W, i) >> T) & hmask]]++;
+    }
+    return 0;
+}
+
+/* constriction's AnsCoder, encoding: 64-bit state, 32-bit words, 24-bit precision, tables f << 9 of the
+ * stored 15-bit tables. Symbols are encoded in reverse order; a word is pushed when the state would
+ * overflow; at the end the state follows as its low word and, when not zero, its high word (nothing for
+ * state 0). */
+static inline void ans_put(uint64_t *state, uint32_t *buf, int64_t *nw, uint32_t f, uint32_t c) {
+    uint64_t x = *state;
+    if (x >= ((uint64_t)f << 49)) {
+        buf[(*nw)++] = (uint32_t)x;
+        x >>= 32;
+    }
+    uint64_t q = (x >> 9) / f;
+    *state = (q << 24) | ((x - q * ((uint64_t)f << 9)) + ((uint64_t)c << 9));
+}
+
+static inline void ans_flush(uint64_t state, uint32_t *buf, int64_t *nw) {
+    if (state) {
+        buf[(*nw)++] = (uint32_t)state;
+        if (state >> 32)
+            buf[(*nw)++] = (uint32_t)(state >> 32);
+    }
+}
+
+/* The lanes payload of n symbols (coding order; ctx[i] the context of symbol i): nl = ceil(n / lane)
+ * lanes, symbol i in lane i % nl; nl word counts, then each lane's words. freq/cdf: C rows of A and A + 1
+ * (15-bit). scratch: IL * (lane + 2) words. Returns the payload's length in bytes, or -1 if out would
+ * overflow (cap bytes) or a symbol or context is out of range. */
+int64_t wp_lanes_encode(const uint16_t *restrict sym, const uint8_t *restrict ctx, int64_t n, int64_t lane,
+                        const uint32_t *restrict freq, const uint32_t *restrict cdf, int64_t C, int64_t A,
+                        uint32_t *restrict scratch, uint8_t *restrict out, int64_t cap) {
+    if (lane < 1 || n < 0 || C < 1 || A < 1)
+        return -1;
+    int64_t nl = (n + lane - 1) / lane, pos = 4 * nl;
+    if (pos > cap)
+        return -1;
+    for (int64_t j0 = 0; j0 < nl; j0 += IL) {
+        uint64_t st[IL];
+        int64_t nw[IL], t[IL], live = 0;
+        for (int i = 0; i < IL; i++) {
+            int64_t j = j0 + i;
+            st[i] = 0;
+            nw[i] = 0;
+            t[i] = j < nl ? (n - 1 - j) / nl : -1; /* the lane's last step */
+            if (j < nl && t[i] + 1 > live)
+                live = t[i] + 1;
+        }
+        for (int64_t k = 0; k < live; k++) {
+            for (int i = 0; i < IL; i++) {
+                if (t[i] < 0)
+                    continue;
+                int64_t p = t[i] * nl + j0 + i;
+                uint32_t s = sym[p], c = ctx[p];
+                if (s >= A || c >= C)
+                    return -1;
+                ans_put(&st[i], scratch + i * (lane + 2), &nw[i], freq[c * A + s], cdf[c * (A + 1) + s]);
+                t[i]--;
+            }
+        }
+        for (int i = 0; i < IL && j0 + i < nl; i++) {
+            uint32_t *w = scratch + i * (lane + 2);
+            ans_flush(st[i], w, &nw[i]);
+            uint32_t count = (uint32_t)nw[i];
+            if (pos + 4 * nw[i] > cap)
+                return -1;
+            for (int b = 0; b < 4; b++) /* little-endian, as the decoders read it */
+                out[4 * (j0 + i) + b] = (uint8_t)(count >> (8 * b));
+            for (int64_t k = 0; k < nw[i]; k++)
+                for (int b = 0; b < 4; b++)
+                    out[pos + 4 * k + b] = (uint8_t)(w[k] >> (8 * b));
+            pos += 4 * nw[i];
+        }
+    }
+    return pos;
+}
+
+/* A fields chunk's heads and tails (m elements of W bits, blocks of L, the last maybe shorter):
+ * sym/ctx: the head symbols lut[head] grouped by block class (classes in order, blocks in order within a
+ * class) and each one's class; tail: for each trailing-zero count tz in order, the tails (low T bits
+ * without their tz zeros, the sign on top when S) of the blocks with btz == tz, packed at width T - tz + S
+ * as fields.pack_bits packs them. Returns the tail's length, or -1 on inconsistent arguments. */
+int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t H, int64_t T, int64_t L,
+                        const uint8_t *bcls, const uint8_t *btz, int64_t nb, int64_t C, const int32_t *lut,
+                        uint16_t *sym, uint8_t *ctx, uint8_t *tail, int64_t tail_cap) {
+    int64_t off[256], toff[65], tcount[65];
+    if (L < 1 || nb != (m + L - 1) / L || C < 1 || C > 256 || T < 0 || T > 63 || H < 1 || H > 16 ||
+        (S != 0 && S != 1) || S + H + T != W)
+        return -1;
+    uint64_t hmask = ((uint64_t)1 << H) - 1;
+    if (sym) { /* heads, grouped by class */
+        int64_t acc = 0;
+        for (int64_t c = 0; c < C; c++)
+            off[c] = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            if (bcls[b] >= C)
+                return -1;
+            off[bcls[b]] += b == nb - 1 ? m - b * L : L;
+        }
+        for (int64_t c = 0; c < C; c++) {
+            int64_t k = off[c];
+            off[c] = acc;
+            acc += k;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], o = off[c];
+            for (int64_t i = 0; i < len; i++) {
+                sym[o + i] = (uint16_t)lut[(elem(u, W, a + i) >> T) & hmask];
+                ctx[o + i] = (uint8_t)c;
+            }
+            off[c] += len;
+        }
+    }
+    if (T + S == 0)
+        return 0;
+    for (int64_t tz = 0; tz <= T; tz++)
+        tcount[tz] = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        if (btz[b] > T)
+            return -1;
+        tcount[btz[b]] += b == nb - 1 ? m - b * L : L;
+    }
+    int64_t pos = 0;
+    for (int64_t tz = 0; tz <= T; tz++) {
+        toff[tz] = pos;
+        if (tcount[tz])
+            pos += packed_size(tcount[tz], T - tz + S);
+    }
+    if (pos > tail_cap)
+        return -1;
+    for (int64_t i = 0; i < pos; i++)
+        tail[i] = 0;
+    int64_t done[65];
+    for (int64_t tz = 0; tz <= T; tz++)
+        done[tz] = 0;
+    uint64_t tmask = ((uint64_t)1 << T) - 1; /* T <= 63 */
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t tz = btz[b], a = b * L, len = b == nb - 1 ? m - a : L, n = tcount[tz], t = T - tz;
+        int64_t width = t + S, nbytes = width / 8, r = width % 8, j0 = done[tz];
+        uint8_t *base = tail + toff[tz];
+        for (int64_t i = 0; i < len; i++) {
+            uint64_t v = elem(u, W, a + i), x = (v & tmask) >> tz, j = (uint64_t)(j0 + i);
+            if (S)
+                x |= (v >> (W - 1)) << t;
+            uint8_t *p = base;
+            int64_t shift = 0;
+            for (int64_t k = 0; k < nbytes; k++, shift += 8, p += n)
+                p[j] = (uint8_t)(x >> shift);
+            if (r & 4) {
+                p[j >> 1] |= (uint8_t)(((x >> shift) & 15) << ((j & 1) << 2));
+                shift += 4, p += (n * 4 + 7) / 8;
+            }
+            if (r & 2) {
+                p[j >> 2] |= (uint8_t)(((x >> shift) & 3) << ((j & 3) << 1));
+                shift += 2, p += (n * 2 + 7) / 8;
+            }
+            if (r & 1)
+                p[j >> 3] |= (uint8_t)(((x >> shift) & 1) << (j & 7));
+        }
+        done[tz] += len;
+    }
+    return pos;
+}
+
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native", "ctypes kernels", -1, NULL};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }

@@ -49,6 +49,14 @@ _SIGNATURES = {
     "wp_fields": (_I64, [_arr(np.int32), _I64, _arr(np.uint64), _I64, _arr(np.uint8), _arr(np.uint8), _I64, _I64,
                          _I64, _arr(np.int64), _arr(np.uint8), _I64, _I64, _I64, _I64, _arr(np.uint64),
                          ctypes.c_void_p]),
+    "wp_plan_scan": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _arr(np.int64), _arr(np.int64),
+                             _arr(np.uint64)]),
+    "wp_class_hist": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _arr(np.int32), _I64,
+                             _arr(np.int64)]),
+    "wp_lanes_encode": (_I64, [_arr(np.uint16), _arr(np.uint8), _I64, _I64, _arr(np.uint32), _arr(np.uint32), _I64,
+                               _I64, _arr(np.uint32), _arr(np.uint8), _I64]),
+    "wp_fields_split": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _arr(np.uint8),
+                               _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64]),
     "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
                              _arr(np.uint16), _arr(np.uint32), _I64, _arr(np.int16),
                              _arr(np.int64), _arr(np.int16)]),
@@ -209,3 +217,88 @@ def fields(syms: np.ndarray, alphabet: np.ndarray, bcls: np.ndarray, btz: np.nda
     if bad:
         raise FormatError(f"{where}: entropy-coded data is corrupt")
     return out
+
+
+# -- encoding ------------------------------------------------------------------------------------------
+
+def _uint_view(u: np.ndarray, bits: int) -> np.ndarray:
+    u = np.ascontiguousarray(u)
+    if u.dtype.itemsize * 8 != bits or u.dtype.kind != "u":
+        raise ValueError("elements do not match the layout's width")
+    return u
+
+
+def plan_scan(u: np.ndarray, bits: int, head: int, tail: int, block: int, hist: np.ndarray, bsum: np.ndarray,
+              blow: np.ndarray) -> None:
+    """First planning pass over whole blocks of elements: hist[head value] += 1 (added to), and per block the
+    sum of its head values (bsum) and the OR of its tail bits (blow), written for ceil(len(u) / block)
+    blocks."""
+    u = _uint_view(u, bits)
+    nb = -(-len(u) // block)
+    if len(hist) != 1 << head or len(bsum) < nb or len(blow) < nb or hist.dtype != np.int64 \
+            or _lib.wp_plan_scan(u.ctypes.data, len(u), bits, head, tail, block, hist, bsum, blow):
+        raise ValueError("planning arguments disagree")
+
+
+def class_hist(u: np.ndarray, bits: int, head: int, tail: int, block: int, cls: np.ndarray, lut: np.ndarray,
+               fine: np.ndarray) -> None:
+    """Second planning pass: fine[class of the element's block, symbol of its head] += 1."""
+    u = _uint_view(u, bits)
+    nb = -(-len(u) // block)
+    C, A = fine.shape
+    cls = np.ascontiguousarray(cls, dtype=np.uint8)
+    lut = np.ascontiguousarray(lut, dtype=np.int32)
+    if len(cls) < nb or len(lut) != 1 << head or (nb and int(cls[:nb].max()) >= C) or int(lut.max()) >= A \
+            or fine.dtype != np.int64 or not fine.flags.c_contiguous \
+            or _lib.wp_class_hist(u.ctypes.data, len(u), bits, head, tail, block, cls, lut, A, fine):
+        raise ValueError("planning arguments disagree")
+
+
+def fields_split(u: np.ndarray, bits: int, sign: int, head: int, tail: int, block: int, bcls: np.ndarray,
+                 btz: np.ndarray, C: int, lut: Optional[np.ndarray]):
+    """A fields chunk's head symbols grouped by block class, in coding order (uint16), with each one's class
+    (uint8) -- (None, None) without a lut -- and its tail part (bytes)."""
+    u = _uint_view(u, bits)
+    m = len(u)
+    bcls = np.ascontiguousarray(bcls, dtype=np.uint8)
+    btz = np.ascontiguousarray(btz, dtype=np.uint8)
+    sym = ctx = None
+    if lut is not None:
+        lut = np.ascontiguousarray(lut, dtype=np.int32)
+        if len(lut) != 1 << head:
+            raise ValueError("lut does not match the layout")
+        sym, ctx = np.empty(m, np.uint16), np.empty(m, np.uint8)
+    cap = m * 8 + 64
+    tail_buf = np.empty(cap if tail + sign else 1, np.uint8)
+    n = _lib.wp_fields_split(u.ctypes.data, m, bits, sign, head, tail, block, bcls, btz, len(bcls), C,
+                             lut.ctypes.data if lut is not None else None,
+                             sym.ctypes.data if sym is not None else None,
+                             ctx.ctypes.data if ctx is not None else None, tail_buf.ctypes.data, len(tail_buf))
+    if n < 0:
+        raise ValueError("chunk arguments disagree")
+    return sym, ctx, tail_buf[:n].tobytes()
+
+
+def enc_tables(tables) -> tuple[np.ndarray, np.ndarray]:
+    """Stored 15-bit tables (C rows of one alphabet) as the encoder reads them: frequencies and cumulative
+    frequencies (A + 1 per row)."""
+    f = np.ascontiguousarray(tables, dtype=np.uint32)
+    cdf = np.zeros((f.shape[0], f.shape[1] + 1), np.uint32)
+    np.cumsum(f, axis=1, out=cdf[:, 1:])
+    return f, cdf
+
+
+def lanes_encode(sym: np.ndarray, ctx: np.ndarray, lane: int, enc: tuple[np.ndarray, np.ndarray]) -> bytes:
+    """entropy.lanes_encode of symbols whose runs of contexts are given element by element (ctx)."""
+    freq, cdf = enc
+    n = len(sym)
+    if len(ctx) != n:
+        raise ValueError("symbols and contexts disagree")
+    nl = -(-n // lane)
+    out = np.empty(4 * nl + 4 * (n + 2 * nl) + 8, np.uint8)
+    scratch = np.empty(8 * (lane + 2), np.uint32)
+    size = _lib.wp_lanes_encode(np.ascontiguousarray(sym, np.uint16), np.ascontiguousarray(ctx, np.uint8), n, lane,
+                                freq, cdf, freq.shape[0], freq.shape[1], scratch, out, len(out))
+    if size < 0:
+        raise ValueError("symbols outside their tables")
+    return out[:size].tobytes()

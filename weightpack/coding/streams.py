@@ -151,10 +151,40 @@ def unzstd(data, expected: int, where: str) -> bytes:
     return out
 
 
-def compress_best(data: bytes, level: int) -> tuple[str, bytes]:
-    """('zstd', frame) when zstd makes `data` smaller, else ('raw', data)."""
-    z = _zstd(data, level)
+# A trial compression costs as much as the rest of a chunk's coding, and it rarely wins on a chunk's bytes
+# (byte planes of weights), so that trial is first made on a sample: PROBE_PIECES pieces spread over it.
+PROBE_PIECES, PROBE_PIECE = 8, 4096
+PROBE_MIN = 4 * PROBE_PIECES * PROBE_PIECE
+BYTES_SLACK = 0.02  # ... and its slower level when zstd -3 of the whole comes within this of the fields size
+BYTES_MARGIN = 1.25  # the bytes codec is tried when its sample estimate is within this of the fields size
+FAST_ZSTD = 3
+
+
+def _sample(data, pieces: int = PROBE_PIECES, piece: int = PROBE_PIECE) -> bytes:
+    step = len(data) // pieces
+    return b"".join(bytes(data[k * step:k * step + piece]) for k in range(pieces))
+
+
+def compress_best(data: bytes, level: int, beat: Optional[int] = None) -> tuple[str, bytes]:
+    """('zstd', frame) when zstd makes `data` smaller, else ('raw', data). With `beat`, a level above
+    FAST_ZSTD is tried only where FAST_ZSTD comes within BYTES_SLACK of `beat` bytes."""
+    z = _zstd(data, min(level, FAST_ZSTD) if beat is not None else level)
+    if beat is not None and level > FAST_ZSTD and len(z) < beat * (1 + BYTES_SLACK):
+        slow = _zstd(data, level)
+        z = slow if len(slow) < len(z) else z
     return ("zstd", z) if len(z) < len(data) else ("raw", data)
+
+
+def _bytes_may_win(raw: bytes, planes: int, level: int, fields_size: int) -> bool:
+    """Whether byte planes with zstd may beat a chunk's fields coding (a sample estimate for long chunks)."""
+    if len(raw) < PROBE_MIN:
+        return True
+    piece = PROBE_PIECE - PROBE_PIECE % planes
+    sample = np.frombuffer(_sample(raw, PROBE_PIECES, piece), np.uint8)
+    if planes > 1:
+        sample = np.ascontiguousarray(sample.reshape(-1, planes).T)
+    estimate = len(_zstd(sample.tobytes(), min(level, FAST_ZSTD))) * len(raw) / sample.size
+    return estimate < fields_size * BYTES_MARGIN
 
 
 def unstore(codec: str, data, expected: int, where: str) -> bytes:
@@ -173,11 +203,11 @@ def _planes(nbits: int) -> int:
     return nbits // 8 if nbits >= 8 else 1
 
 
-def bytes_encode(raw: bytes, planes: int, level: int) -> list:
+def bytes_encode(raw: bytes, planes: int, level: int, beat: Optional[int] = None) -> list:
     a = np.frombuffer(raw, dtype=np.uint8)
     if planes > 1:
         a = np.ascontiguousarray(a.reshape(-1, planes).T)
-    codec, data = compress_best(a.tobytes(), level)
+    codec, data = compress_best(a.tobytes(), level, beat)
     return [("data", codec, data)]
 
 
@@ -222,16 +252,27 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
     hist = np.zeros(1 << lay.head, dtype=np.int64)
     bsum = np.zeros(nblocks, dtype=np.float64)
     tz = np.zeros(nblocks, dtype=np.uint8)
+    fast = native.available()
+    if fast:
+        bsum_i = np.zeros(nblocks, dtype=np.int64)
+        blow = np.zeros(nblocks, dtype=np.uint64)
     for a in range(0, n, chunk):
         u = reader(a, min(chunk, n - a))
+        b0 = a // L
+        if fast:
+            native.plan_scan(u, lay.bits, lay.head, lay.tail, L, hist, bsum_i[b0:], blow[b0:])
+            continue
         head, v = split(u, lay)
         hist += np.bincount(head, minlength=1 << lay.head)
         starts = np.arange(0, len(u), L)
-        b0 = a // L
         bsum[b0:b0 + len(starts)] = np.add.reduceat(head.astype(np.float64), starts)
         if lay.tail:
             low = np.bitwise_or.reduceat(v & np.uint64((1 << lay.tail) - 1), starts)
             tz[b0:b0 + len(starts)] = trailing_zeros(low, lay.tail)
+    if fast:
+        bsum = bsum_i.astype(np.float64)  # sums of integers below 2**53: the same values
+        if lay.tail:
+            tz = trailing_zeros(blow, lay.tail).astype(np.uint8)
     floor = layout_for(dt, 0).head
     while lay.bits == 16 and lay.head > floor and np.count_nonzero(hist) > cfg["alphabet16"]:
         hist = hist.reshape(-1, 2).sum(axis=1)  # one mantissa bit less in the head, one more in the tail
@@ -260,6 +301,9 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
     fine = np.zeros(cmax * A, dtype=np.int64)
     for a in range(0, n, chunk):
         u = reader(a, min(chunk, n - a))
+        if fast:
+            native.class_hist(u, lay.bits, lay.head, lay.tail, L, cls[a // L:], lut, fine.reshape(cmax, A))
+            continue
         head, _ = split(u, lay)
         ecls = np.repeat(cls[a // L: a // L + math.ceil(len(u) / L)].astype(np.int64), L)[: len(u)]
         fine += np.bincount(ecls * A + lut[head], minlength=cmax * A)
@@ -419,9 +463,10 @@ def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
         parts = bytes_encode(raw, planes, plan.zstd_level)
     else:
         parts = _fields_encode(plan, i, u)
-        if plan.try_bytes:
-            alt = bytes_encode(raw, planes, plan.zstd_level)
-            if len(alt[0][2]) < sum(len(p[2]) for p in parts):
+        size = sum(len(p[2]) for p in parts)
+        if plan.try_bytes and _bytes_may_win(raw, planes, plan.zstd_level, size):
+            alt = bytes_encode(raw, planes, plan.zstd_level, beat=size)
+            if len(alt[0][2]) < size:
                 rec["codec"], parts = "bytes", alt
     rec["parts"] = [[name, codec, len(data)] for name, codec, data in parts]
     payload = b"".join(data for _, _, data in parts)
@@ -436,10 +481,26 @@ def chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     return plan.cls[b0:b0 + nb], plan.tz[b0:b0 + nb]
 
 
+def _fields_encode_native(plan: Plan, bcls: np.ndarray, btz: np.ndarray, u: np.ndarray) -> list:
+    """_fields_encode of a laned chunk with the compiled kernels (the same bytes)."""
+    lay = plan.layout
+    coded = len(plan.alphabet) > 1
+    sym, ctx, tail = native.fields_split(u, lay.bits, lay.sign, lay.head, lay.tail, plan.block, bcls, btz,
+                                         max(1, plan.tables.shape[0]), plan.lut() if coded else None)
+    parts = [("head", "lanes", native.lanes_encode(sym, ctx, plan.lane, plan.coding_tables().encoder()))
+             if coded else ("head", "const", b"")]
+    if lay.tail + lay.sign:
+        codec, data = compress_best(tail, plan.zstd_level)
+        parts.append(("tail", codec, data))
+    return parts
+
+
 def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
     lay, L = plan.layout, plan.block
     m = len(u)
     bcls, btz = chunk_blocks(plan, i, m)
+    if plan.lane and native.available():
+        return _fields_encode_native(plan, bcls, btz, u)
     head, v = split(u, lay)
     parts = []
     if len(plan.alphabet) > 1:
