@@ -160,7 +160,7 @@ def test_lanes_encoder_writes_constrictions_bytes_and_both_decoders_read_them():
         lane = int(rng.choice([64, 128, 1024, 1 << 14]))
         tabs = entropy.Tables(tables)
         ctx = np.repeat(np.arange(C, dtype=np.uint8), counts)
-        got = native.lanes_encode(syms.astype(np.uint16), ctx, lane, tabs.encoder())
+        got = native.lanes_encode(syms.astype(np.uint16), ctx, lane, tabs.encoder()).tobytes()
         want = entropy.lanes_encode(syms, [(c, m) for c, m in zip(counts, tabs.models())], lane)
         assert got == want, trial
         for flag in (False, True):

@@ -18,6 +18,7 @@
 
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BUCKETS 4096 /* per context: 2**15 slots, 8 a bucket */
 #define LANE_STATES 8
@@ -458,14 +459,23 @@ int64_t wp_class_hist(const void *u, int64_t n, int64_t W, int64_t H, int64_t T,
  * stored 15-bit tables. Symbols are encoded in reverse order; a word is pushed when the state would
  * overflow; at the end the state follows as its low word and, when not zero, its high word (nothing for
  * state 0). */
-static inline void ans_put(uint64_t *state, uint32_t *buf, int64_t *nw, uint32_t f, uint32_t c) {
-    uint64_t x = *state;
-    if (x >= ((uint64_t)f << 49)) {
-        buf[(*nw)++] = (uint32_t)x;
-        x >>= 32;
-    }
-    uint64_t q = (x >> 9) / f;
-    *state = (q << 24) | ((x - q * ((uint64_t)f << 9)) + ((uint64_t)c << 9));
+typedef struct {
+    uint32_t f, c;  /* 15-bit frequency and cumulative frequency */
+    uint64_t magic; /* y / f == mulhi(y << pre, magic) >> post for y < 2**55 (enc_tables in native.py) */
+    uint32_t pre, post;
+} EncSym;
+
+static inline uint64_t ans_put(uint64_t x, uint32_t *buf, int64_t *nw, const EncSym *e) {
+    uint64_t f = e->f;
+    /* branch-free: whether a word is pushed is data-dependent (a branch would mispredict often); buf has
+     * room for the speculative store */
+    int64_t push = x >= (f << 49);
+    buf[*nw] = (uint32_t)x;
+    *nw += push;
+    x >>= 32 * push;
+    uint64_t y = x >> 9; /* < 2**55 */
+    uint64_t q = (uint64_t)(((unsigned __int128)(y << e->pre) * e->magic) >> 64) >> e->post;
+    return (q << 24) | ((((y - q * f) << 9) | (x & 511)) + ((uint64_t)e->c << 9));
 }
 
 static inline void ans_flush(uint64_t state, uint32_t *buf, int64_t *nw) {
@@ -477,66 +487,163 @@ static inline void ans_flush(uint64_t state, uint32_t *buf, int64_t *nw) {
 }
 
 /* The lanes payload of n symbols (coding order; ctx[i] the context of symbol i): nl = ceil(n / lane)
- * lanes, symbol i in lane i % nl; nl word counts, then each lane's words. freq/cdf: C rows of A and A + 1
- * (15-bit). scratch: IL * (lane + 2) words. Returns the payload's length in bytes, or -1 if out would
- * overflow (cap bytes) or a symbol or context is out of range. */
+ * lanes, symbol i in lane i % nl; nl word counts, then each lane's words. tab: C rows of A EncSym.
+ * scratch: 4 * (lane + 2) words. Returns the payload's length in bytes, or -1 if out would overflow
+ * (cap bytes) or a symbol or context is out of range. Four lanes are encoded together, their states in
+ * registers (their dependency chains overlap). */
+#define PUT(k)                                                                                               \
+    x##k = ans_put(x##k, w##k, &n##k, tab + ctx[base + k] * A + sym[base + k])
 int64_t wp_lanes_encode(const uint16_t *restrict sym, const uint8_t *restrict ctx, int64_t n, int64_t lane,
-                        const uint32_t *restrict freq, const uint32_t *restrict cdf, int64_t C, int64_t A,
-                        uint32_t *restrict scratch, uint8_t *restrict out, int64_t cap) {
+                        const EncSym *restrict tab, int64_t C, int64_t A, uint32_t *restrict scratch,
+                        uint8_t *restrict out, int64_t cap) {
     if (lane < 1 || n < 0 || C < 1 || A < 1)
+        return -1;
+    uint16_t smax = 0;
+    uint8_t cmax = 0;
+    for (int64_t i = 0; i < n; i++) { /* (vectorized) */
+        smax = sym[i] > smax ? sym[i] : smax;
+        cmax = ctx[i] > cmax ? ctx[i] : cmax;
+    }
+    if (n && (smax >= A || cmax >= C))
         return -1;
     int64_t nl = (n + lane - 1) / lane, pos = 4 * nl;
     if (pos > cap)
         return -1;
-    for (int64_t j0 = 0; j0 < nl; j0 += IL) {
-        uint64_t st[IL];
-        int64_t nw[IL], t[IL], live = 0;
-        for (int i = 0; i < IL; i++) {
-            int64_t j = j0 + i;
-            st[i] = 0;
-            nw[i] = 0;
-            t[i] = j < nl ? (n - 1 - j) / nl : -1; /* the lane's last step */
-            if (j < nl && t[i] + 1 > live)
-                live = t[i] + 1;
+    uint32_t *w0 = scratch, *w1 = w0 + lane + 2, *w2 = w1 + lane + 2, *w3 = w2 + lane + 2;
+    for (int64_t j0 = 0; j0 < nl; j0 += 4) {
+        uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0;
+        int64_t n0 = 0, n1 = 0, n2 = 0, n3 = 0, cnt[4];
+        for (int i = 0; i < 4; i++)
+            cnt[i] = j0 + i < nl ? (n - 1 - (j0 + i)) / nl + 1 : 0; /* non-increasing in i */
+        /* steps t = cnt - 1 down to 0; lane i takes part in step t when t < cnt[i] */
+        int64_t t = cnt[0] - 1;
+        for (; t >= cnt[3]; t--) { /* the top steps, where not every lane has a symbol */
+            const int64_t base = t * nl + j0;
+            PUT(0);
+            if (t < cnt[1])
+                PUT(1);
+            if (t < cnt[2])
+                PUT(2);
         }
-        for (int64_t k = 0; k < live; k++) {
-            for (int i = 0; i < IL; i++) {
-                if (t[i] < 0)
-                    continue;
-                int64_t p = t[i] * nl + j0 + i;
-                uint32_t s = sym[p], c = ctx[p];
-                if (s >= A || c >= C)
-                    return -1;
-                ans_put(&st[i], scratch + i * (lane + 2), &nw[i], freq[c * A + s], cdf[c * (A + 1) + s]);
-                t[i]--;
-            }
+        for (; t >= 0; t--) {
+            const int64_t base = t * nl + j0;
+            PUT(0);
+            PUT(1);
+            PUT(2);
+            PUT(3);
         }
-        for (int i = 0; i < IL && j0 + i < nl; i++) {
-            uint32_t *w = scratch + i * (lane + 2);
-            ans_flush(st[i], w, &nw[i]);
-            uint32_t count = (uint32_t)nw[i];
-            if (pos + 4 * nw[i] > cap)
+        ans_flush(x0, w0, &n0), ans_flush(x1, w1, &n1), ans_flush(x2, w2, &n2), ans_flush(x3, w3, &n3);
+        const uint32_t *ws[4] = {w0, w1, w2, w3};
+        const int64_t nws[4] = {n0, n1, n2, n3};
+        for (int i = 0; i < 4 && j0 + i < nl; i++) {
+            uint32_t count = (uint32_t)nws[i];
+            if (pos + 4 * nws[i] > cap)
                 return -1;
-            for (int b = 0; b < 4; b++) /* little-endian, as the decoders read it */
-                out[4 * (j0 + i) + b] = (uint8_t)(count >> (8 * b));
-            for (int64_t k = 0; k < nw[i]; k++)
-                for (int b = 0; b < 4; b++)
-                    out[pos + 4 * k + b] = (uint8_t)(w[k] >> (8 * b));
-            pos += 4 * nw[i];
+            memcpy(out + 4 * (j0 + i), &count, 4); /* little-endian, as the decoders read it (x86, arm) */
+            memcpy(out + pos, ws[i], 4 * (size_t)nws[i]);
+            pos += 4 * nws[i];
         }
     }
     return pos;
 }
 
+/* Pack n values of `width` bits (x) as fields.pack_bits does: byte planes, then a 4-, 2- and 1-bit plane,
+ * lowest bits first; out holds packed_size(n, width) bytes. */
+static void pack_planes(const uint64_t *restrict x, int64_t n, int64_t width, uint8_t *restrict out) {
+    int64_t shift = 0;
+    for (int64_t k = 0; k < width / 8; k++, shift += 8, out += n)
+        for (int64_t j = 0; j < n; j++)
+            out[j] = (uint8_t)(x[j] >> shift);
+    int64_t r = width % 8;
+    if (r & 4) {
+        int64_t full = n / 2;
+        for (int64_t g = 0; g < full; g++)
+            out[g] = (uint8_t)(((x[2 * g] >> shift) & 15) | (((x[2 * g + 1] >> shift) & 15) << 4));
+        if (n & 1)
+            out[full] = (uint8_t)((x[n - 1] >> shift) & 15);
+        shift += 4, out += (n * 4 + 7) / 8;
+    }
+    if (r & 2) {
+        int64_t full = n / 4;
+        for (int64_t g = 0; g < full; g++) {
+            const uint64_t *q = x + 4 * g;
+            out[g] = (uint8_t)(((q[0] >> shift) & 3) | (((q[1] >> shift) & 3) << 2) | (((q[2] >> shift) & 3) << 4) |
+                               (((q[3] >> shift) & 3) << 6));
+        }
+        if (n & 3) {
+            uint8_t v = 0;
+            for (int64_t j = 4 * full; j < n; j++)
+                v |= (uint8_t)(((x[j] >> shift) & 3) << ((j & 3) << 1));
+            out[full] = v;
+        }
+        shift += 2, out += (n * 2 + 7) / 8;
+    }
+    if (r & 1) {
+        int64_t full = n / 8;
+        for (int64_t g = 0; g < full; g++) {
+            const uint64_t *q = x + 8 * g;
+            uint8_t v = 0;
+            for (int k = 0; k < 8; k++)
+                v |= (uint8_t)(((q[k] >> shift) & 1) << k);
+            out[g] = v;
+        }
+        if (n & 7) {
+            uint8_t v = 0;
+            for (int64_t j = 8 * full; j < n; j++)
+                v |= (uint8_t)(((x[j] >> shift) & 1) << (j & 7));
+            out[full] = v;
+        }
+    }
+}
+
 /* A fields chunk's heads and tails (m elements of W bits, blocks of L, the last maybe shorter):
- * sym/ctx: the head symbols lut[head] grouped by block class (classes in order, blocks in order within a
- * class) and each one's class; tail: for each trailing-zero count tz in order, the tails (low T bits
- * without their tz zeros, the sign on top when S) of the blocks with btz == tz, packed at width T - tz + S
- * as fields.pack_bits packs them. Returns the tail's length, or -1 on inconsistent arguments. */
+ * sym/ctx (when sym is given): the head symbols lut[head] grouped by block class (classes in order, blocks
+ * in order within a class) and each one's class; tail: for each trailing-zero count tz in order, the tails
+ * (low T bits without their tz zeros, the sign on top when S) of the blocks with btz == tz, packed at
+ * width T - tz + S as fields.pack_bits packs them. scratch: m uint64. Returns the tail's length, or -1 on
+ * inconsistent arguments. */
+#define SPLIT(NAME, U)                                                                                       \
+    static void NAME##_heads(const U *restrict u, int64_t m, int64_t T, uint64_t hmask, int64_t L,            \
+                             const uint8_t *restrict bcls, int64_t nb, const int32_t *restrict lut,           \
+                             int64_t *restrict off, uint16_t *restrict sym, uint8_t *restrict ctx) {          \
+        for (int64_t b = 0; b < nb; b++) {                                                                   \
+            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], o = off[c];                       \
+            const U *ub = u + a;                                                                             \
+            uint16_t *sb = sym + o;                                                                          \
+            for (int64_t i = 0; i < len; i++)                                                                \
+                sb[i] = (uint16_t)lut[(ub[i] >> T) & hmask];                                                 \
+            memset(ctx + o, (int)c, (size_t)len);                                                            \
+            off[c] += len;                                                                                   \
+        }                                                                                                    \
+    }                                                                                                        \
+    static int64_t NAME##_gather(const U *restrict u, int64_t m, int64_t S, int64_t T, int64_t L,            \
+                                 const uint8_t *restrict btz, int64_t nb, int64_t tz, uint64_t *restrict x) { \
+        uint64_t tmask = ((uint64_t)1 << T) - 1; /* T <= 63 */                                               \
+        int64_t t = T - tz, k = 0, top = (int64_t)sizeof(U) * 8 - 1;                                         \
+        for (int64_t b = 0; b < nb; b++) {                                                                   \
+            if (btz[b] != tz)                                                                                \
+                continue;                                                                                    \
+            int64_t a = b * L, len = b == nb - 1 ? m - a : L;                                                \
+            const U *ub = u + a;                                                                             \
+            if (S)                                                                                           \
+                for (int64_t i = 0; i < len; i++)                                                            \
+                    x[k + i] = (((uint64_t)ub[i] & tmask) >> tz) | (((uint64_t)ub[i] >> top) << t);          \
+            else                                                                                             \
+                for (int64_t i = 0; i < len; i++)                                                            \
+                    x[k + i] = ((uint64_t)ub[i] & tmask) >> tz;                                              \
+            k += len;                                                                                        \
+        }                                                                                                    \
+        return k;                                                                                            \
+    }
+SPLIT(split8, uint8_t)
+SPLIT(split16, uint16_t)
+SPLIT(split32, uint32_t)
+SPLIT(split64, uint64_t)
+
 int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t H, int64_t T, int64_t L,
                         const uint8_t *bcls, const uint8_t *btz, int64_t nb, int64_t C, const int32_t *lut,
-                        uint16_t *sym, uint8_t *ctx, uint8_t *tail, int64_t tail_cap) {
-    int64_t off[256], toff[65], tcount[65];
+                        uint16_t *sym, uint8_t *ctx, uint8_t *tail, int64_t tail_cap, uint64_t *scratch) {
+    int64_t off[256], tcount[65];
     if (L < 1 || nb != (m + L - 1) / L || C < 1 || C > 256 || T < 0 || T > 63 || H < 1 || H > 16 ||
         (S != 0 && S != 1) || S + H + T != W)
         return -1;
@@ -555,13 +662,12 @@ int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t 
             off[c] = acc;
             acc += k;
         }
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], o = off[c];
-            for (int64_t i = 0; i < len; i++) {
-                sym[o + i] = (uint16_t)lut[(elem(u, W, a + i) >> T) & hmask];
-                ctx[o + i] = (uint8_t)c;
-            }
-            off[c] += len;
+        switch (W) {
+        case 8: split8_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        case 16: split16_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        case 32: split32_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        case 64: split64_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        default: return -1;
         }
     }
     if (T + S == 0)
@@ -574,43 +680,25 @@ int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t 
         tcount[btz[b]] += b == nb - 1 ? m - b * L : L;
     }
     int64_t pos = 0;
-    for (int64_t tz = 0; tz <= T; tz++) {
-        toff[tz] = pos;
+    for (int64_t tz = 0; tz <= T; tz++)
         if (tcount[tz])
             pos += packed_size(tcount[tz], T - tz + S);
-    }
     if (pos > tail_cap)
         return -1;
-    for (int64_t i = 0; i < pos; i++)
-        tail[i] = 0;
-    int64_t done[65];
-    for (int64_t tz = 0; tz <= T; tz++)
-        done[tz] = 0;
-    uint64_t tmask = ((uint64_t)1 << T) - 1; /* T <= 63 */
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t tz = btz[b], a = b * L, len = b == nb - 1 ? m - a : L, n = tcount[tz], t = T - tz;
-        int64_t width = t + S, nbytes = width / 8, r = width % 8, j0 = done[tz];
-        uint8_t *base = tail + toff[tz];
-        for (int64_t i = 0; i < len; i++) {
-            uint64_t v = elem(u, W, a + i), x = (v & tmask) >> tz, j = (uint64_t)(j0 + i);
-            if (S)
-                x |= (v >> (W - 1)) << t;
-            uint8_t *p = base;
-            int64_t shift = 0;
-            for (int64_t k = 0; k < nbytes; k++, shift += 8, p += n)
-                p[j] = (uint8_t)(x >> shift);
-            if (r & 4) {
-                p[j >> 1] |= (uint8_t)(((x >> shift) & 15) << ((j & 1) << 2));
-                shift += 4, p += (n * 4 + 7) / 8;
-            }
-            if (r & 2) {
-                p[j >> 2] |= (uint8_t)(((x >> shift) & 3) << ((j & 3) << 1));
-                shift += 2, p += (n * 2 + 7) / 8;
-            }
-            if (r & 1)
-                p[j >> 3] |= (uint8_t)(((x >> shift) & 1) << (j & 7));
+    pos = 0;
+    for (int64_t tz = 0; tz <= T; tz++) {
+        if (!tcount[tz])
+            continue;
+        int64_t k;
+        switch (W) {
+        case 8: k = split8_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
+        case 16: k = split16_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
+        case 32: k = split32_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
+        case 64: k = split64_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
+        default: return -1;
         }
-        done[tz] += len;
+        pack_planes(scratch, k, T - tz + S, tail + pos);
+        pos += packed_size(k, T - tz + S);
     }
     return pos;
 }

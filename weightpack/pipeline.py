@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -47,21 +48,36 @@ def unit_bytes(plan: streams.Plan) -> int:
 
 # -- pack ----------------------------------------------------------------------------------------
 
+def _pread(fd: int, offset: int, length: int, what: str) -> np.ndarray:
+    """pread_exact into an uninitialized array: no zero-filling under the GIL (the pack's reads run in
+    threads beside each other)."""
+    buf = np.empty(length, np.uint8)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [memoryview(buf)[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError(f"{what}: ended early (truncated?)")
+        got += n
+    return buf
+
+
 def _reader(path: Path, entry: TensorEntry) -> streams.Reader:
     """Elements first..first+count-1 of a tensor (dtypes with a field layout: 8 to 64 bits)."""
     size = DTYPES[entry.dtype].bits // 8
 
     def read(first: int, count: int) -> np.ndarray:
-        data = read_exact(path, entry.begin + first * size, count * size)
-        return np.frombuffer(data, dtype=UINT[size * 8])
+        with open(path, "rb", buffering=0) as f:
+            data = _pread(f.fileno(), entry.begin + first * size, count * size, str(path))
+        return data.view(UINT[size * 8])
 
     return read
 
 
 def tensor_sha256(path: Path, entry: TensorEntry) -> str:
     h = hashlib.sha256()
-    for a in range(entry.begin, entry.end, HASH_PIECE):
-        h.update(read_exact(path, a, min(HASH_PIECE, entry.end - a)))
+    with open(path, "rb", buffering=0) as f:
+        for a in range(entry.begin, entry.end, HASH_PIECE):
+            h.update(_pread(f.fileno(), a, min(HASH_PIECE, entry.end - a), str(path)))
     return h.hexdigest()
 
 
@@ -72,9 +88,10 @@ def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: in
     with open(path, "rb", buffering=0) as f:
         for i in range(first, last):
             a, b = plan.chunk_range(i)
-            data = pread_exact(f.fileno(), begin + a * unit, (b - a) * unit, CheckpointError, path)
+            data = _pread(f.fileno(), begin + a * unit, (b - a) * unit, path)
             nbytes += len(data)
-            out.append(streams.encode_chunk(plan, i, _elements(plan, data)))
+            rec, payload = streams.encode_chunk(plan, i, _elements(plan, data))
+            out.append((rec, payload, streams.payload_crc(payload)))
     return nbytes, out
 
 
@@ -122,18 +139,51 @@ class _Coded:
     streams: list[tuple[Optional[dict], dict, bytes, list]]  # (part record or None, params, side, chunks)
 
 
-def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
-    for fi, f, e in ckpt.tensors():
-        record = {"name": e.name, "file": fi, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes}
-        stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
-        if stages:
-            yield Task(_lossy_task, (str(f.path), e, record, stages, recipe.level))
+PLAN_AHEAD = 2  # tensors planned and hashed ahead, per worker, while earlier tensors' chunks are coded
+
+
+def _plan_task(path: str, e: TensorEntry, level: int) -> streams.Plan:
+    """Measure a tensor and choose its coding (in a worker: its two passes over the tensor run beside the
+    coding of earlier tensors)."""
+    return streams.make_plan(e.dtype, e.shape, _reader(Path(path), e), level)
+
+
+def _hash_task(path: str, e: TensorEntry) -> str:
+    return tensor_sha256(Path(path), e)
+
+
+def _pack_items(ckpt: Checkpoint, recipe: Recipe, pool: Pool) -> Iterator:
+    """The pack's tasks in container order. Each tensor's plan and hash are computed by workers, submitted
+    PLAN_AHEAD tensors per worker ahead of its chunks, so that no step that grows with the model runs in
+    the main process."""
+    ahead: deque = deque()
+    tensors = iter(ckpt.tensors())
+
+    def submit_next() -> None:
+        for fi, f, e in tensors:
+            record = {"name": e.name, "file": fi, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes}
+            stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
+            if stages:
+                ahead.append((Task(_lossy_task, (str(f.path), e, record, stages, recipe.level)), None))
+            else:
+                ahead.append(((record, str(f.path), e), (pool.submit(_plan_task, str(f.path), e, recipe.level),
+                                                         pool.submit(_hash_task, str(f.path), e))))
+            return
+
+    for _ in range(PLAN_AHEAD * pool.workers):
+        submit_next()
+    while ahead:
+        item, futures = ahead.popleft()
+        submit_next()
+        if futures is None:
+            yield item
             continue
-        plan = streams.make_plan(e.dtype, e.shape, _reader(f.path, e), recipe.level)
-        record.update(sha256=tensor_sha256(f.path, e), stages=[])
+        record, path, e = item
+        plan = futures[0].result()
+        record.update(sha256=futures[1].result(), stages=[])
         yield _TensorStart(record, plan)
         for first, last in _chunk_batches(plan):
-            yield Task(_encode_task, (str(f.path), e.begin, plan.for_chunks(first, last), first, last))
+            yield Task(_encode_task, (path, e.begin, plan.for_chunks(first, last), first, last))
 
 
 def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: int) -> _Coded:
@@ -180,13 +230,15 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
     stream: Optional[dict] = None
 
     def write_chunks(chunks):
-        for rec, payload in chunks:
-            rec.update(writer.write_blob(payload))
+        for rec, payload, *crc in chunks:
+            rec.update(writer.write_blob(payload, *crc))
             stream["chunks"].append(rec)
 
-    with Pool(workers) as pool:
+    # threads where the coding runs in the compiled kernels, zlib, zstd and hashlib (all release the GIL);
+    # processes for lossy stages and for constriction (they hold it)
+    with Pool(workers, threads=native.available() and not recipe.lossy) as pool:
         # a slow tensor (lossy stages on a big matrix) holds back the output: let the other workers run ahead
-        for item in pool.ordered_map(_pack_items(ckpt, recipe), inflight=PACK_INFLIGHT * pool.workers):
+        for item in pool.ordered_map(_pack_items(ckpt, recipe, pool), inflight=PACK_INFLIGHT * pool.workers):
             if isinstance(item, _TensorStart):
                 records.append(item.record)
                 stream = _open_stream(writer, item.record, item.plan.params(), item.plan.side())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -37,6 +38,7 @@ def _arr(dtype):
 
 
 _I64 = ctypes.c_int64
+_ENC_SYM = np.dtype([("f", "<u4"), ("c", "<u4"), ("magic", "<u8"), ("pre", "<u4"), ("post", "<u4")])  # EncSym
 _SIGNATURES = {
     "wp_lanes": (_I64, [_arr(np.uint32), _I64, _arr(np.int64), _I64, _arr(np.int64), _I64, _arr(np.uint16),
                         _arr(np.uint32), _I64, _arr(np.int32)]),
@@ -53,10 +55,11 @@ _SIGNATURES = {
                              _arr(np.uint64)]),
     "wp_class_hist": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _arr(np.int32), _I64,
                              _arr(np.int64)]),
-    "wp_lanes_encode": (_I64, [_arr(np.uint16), _arr(np.uint8), _I64, _I64, _arr(np.uint32), _arr(np.uint32), _I64,
-                               _I64, _arr(np.uint32), _arr(np.uint8), _I64]),
+    "wp_lanes_encode": (_I64, [_arr(np.uint16), _arr(np.uint8), _I64, _I64, _arr(_ENC_SYM), _I64, _I64,
+                               _arr(np.uint32), _arr(np.uint8), _I64]),
     "wp_fields_split": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _arr(np.uint8),
-                               _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64]),
+                               _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64,
+                               _arr(np.uint64)]),
     "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
                              _arr(np.uint16), _arr(np.uint32), _I64, _arr(np.int16),
                              _arr(np.int64), _arr(np.int16)]),
@@ -221,6 +224,19 @@ def fields(syms: np.ndarray, alphabet: np.ndarray, bcls: np.ndarray, btz: np.nda
 
 # -- encoding ------------------------------------------------------------------------------------------
 
+_scratch = threading.local()
+
+
+def scratch(name: str, n: int, dtype) -> np.ndarray:
+    """A work array of at least n elements, kept per thread and reused (fresh large arrays cost page faults,
+    which also serialize threads)."""
+    a = getattr(_scratch, name, None)
+    if a is None or len(a) < n or a.dtype != dtype:
+        a = np.empty(max(n, 1), dtype)
+        setattr(_scratch, name, a)
+    return a
+
+
 def _uint_view(u: np.ndarray, bits: int) -> np.ndarray:
     u = np.ascontiguousarray(u)
     if u.dtype.itemsize * 8 != bits or u.dtype.kind != "u":
@@ -257,7 +273,8 @@ def class_hist(u: np.ndarray, bits: int, head: int, tail: int, block: int, cls: 
 def fields_split(u: np.ndarray, bits: int, sign: int, head: int, tail: int, block: int, bcls: np.ndarray,
                  btz: np.ndarray, C: int, lut: Optional[np.ndarray]):
     """A fields chunk's head symbols grouped by block class, in coding order (uint16), with each one's class
-    (uint8) -- (None, None) without a lut -- and its tail part (bytes)."""
+    (uint8) -- (None, None) without a lut -- and its tail part (a uint8 array). All three are per-thread work
+    arrays, valid until the next call."""
     u = _uint_view(u, bits)
     m = len(u)
     bcls = np.ascontiguousarray(bcls, dtype=np.uint8)
@@ -267,38 +284,62 @@ def fields_split(u: np.ndarray, bits: int, sign: int, head: int, tail: int, bloc
         lut = np.ascontiguousarray(lut, dtype=np.int32)
         if len(lut) != 1 << head:
             raise ValueError("lut does not match the layout")
-        sym, ctx = np.empty(m, np.uint16), np.empty(m, np.uint8)
-    cap = m * 8 + 64
-    tail_buf = np.empty(cap if tail + sign else 1, np.uint8)
+        sym, ctx = scratch("sym", m, np.uint16)[:m], scratch("ctx", m, np.uint8)[:m]
+    cap = m * 8 + 64 if tail + sign else 1
+    tail_buf = scratch("tail", cap, np.uint8)
     n = _lib.wp_fields_split(u.ctypes.data, m, bits, sign, head, tail, block, bcls, btz, len(bcls), C,
                              lut.ctypes.data if lut is not None else None,
                              sym.ctypes.data if sym is not None else None,
-                             ctx.ctypes.data if ctx is not None else None, tail_buf.ctypes.data, len(tail_buf))
+                             ctx.ctypes.data if ctx is not None else None, tail_buf.ctypes.data, len(tail_buf),
+                             scratch("split", m if tail + sign else 1, np.uint64))
     if n < 0:
         raise ValueError("chunk arguments disagree")
-    return sym, ctx, tail_buf[:n].tobytes()
+    return sym, ctx, tail_buf[:n]
 
 
-def enc_tables(tables) -> tuple[np.ndarray, np.ndarray]:
-    """Stored 15-bit tables (C rows of one alphabet) as the encoder reads them: frequencies and cumulative
-    frequencies (A + 1 per row)."""
-    f = np.ascontiguousarray(tables, dtype=np.uint32)
-    cdf = np.zeros((f.shape[0], f.shape[1] + 1), np.uint32)
-    np.cumsum(f, axis=1, out=cdf[:, 1:])
-    return f, cdf
+_magic: Optional[tuple] = None
 
 
-def lanes_encode(sym: np.ndarray, ctx: np.ndarray, lane: int, enc: tuple[np.ndarray, np.ndarray]) -> bytes:
-    """entropy.lanes_encode of symbols whose runs of contexts are given element by element (ctx)."""
-    freq, cdf = enc
+def _division_table() -> tuple:
+    """For every 15-bit frequency f (index f): magic, pre and post of its division (enc_tables)."""
+    global _magic
+    if _magic is None:
+        f = np.arange(1 << SLOT_BITS, dtype=np.int64)
+        f[0] = 1
+        S = [55 + (int(d) - 1).bit_length() for d in f]
+        magic = np.array([-(-(1 << s) // int(d)) for s, d in zip(S, f)], dtype=np.uint64)
+        S = np.array(S, dtype=np.int64)
+        _magic = (magic, np.maximum(0, 64 - S).astype(np.uint32), np.maximum(0, S - 64).astype(np.uint32))
+    return _magic
+
+
+def enc_tables(tables) -> np.ndarray:
+    """Stored 15-bit tables (C rows of one alphabet) as the encoder reads them: per symbol its frequency f,
+    cumulative frequency, and the division by f as a multiply (Granlund & Montgomery): for y < 2**55,
+    y // f == (y * magic) >> S with S = 55 + l, 2**l >= f, magic = ceil(2**S / f) < 2**57, computed as
+    mulhi(y << pre, magic) >> post (pre = 64 - S or 0, post = S - 64 or 0)."""
+    f = np.asarray(tables, dtype=np.int64)
+    if f.size and not (1 <= int(f.min()) and int(f.max()) < 1 << SLOT_BITS):
+        raise ValueError("frequencies out of range")
+    magic, pre, post = _division_table()
+    tab = np.zeros(f.shape, _ENC_SYM)
+    tab["f"] = f
+    tab["c"] = np.cumsum(f, axis=1) - f
+    tab["magic"], tab["pre"], tab["post"] = magic[f], pre[f], post[f]
+    return tab
+
+
+def lanes_encode(sym: np.ndarray, ctx: np.ndarray, lane: int, tab: np.ndarray) -> bytes:
+    """entropy.lanes_encode of symbols whose runs of contexts are given element by element (ctx); tab from
+    enc_tables. The payload is a per-thread work array, valid until the next call."""
     n = len(sym)
     if len(ctx) != n:
         raise ValueError("symbols and contexts disagree")
     nl = -(-n // lane)
-    out = np.empty(4 * nl + 4 * (n + 2 * nl) + 8, np.uint8)
-    scratch = np.empty(8 * (lane + 2), np.uint32)
+    out = scratch("lanes_out", 4 * nl + 4 * (n + 2 * nl) + 8, np.uint8)
     size = _lib.wp_lanes_encode(np.ascontiguousarray(sym, np.uint16), np.ascontiguousarray(ctx, np.uint8), n, lane,
-                                freq, cdf, freq.shape[0], freq.shape[1], scratch, out, len(out))
+                                tab, tab.shape[0], tab.shape[1], scratch("lanes", 4 * (lane + 2), np.uint32), out,
+                                len(out))
     if size < 0:
         raise ValueError("symbols outside their tables")
-    return out[:size].tobytes()
+    return out[:size]

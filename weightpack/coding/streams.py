@@ -18,6 +18,7 @@ zstd-compressed blob. Per chunk, the parts are concatenated and described in the
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -130,8 +131,18 @@ class Plan:
                        _tables=None, _lut=None)
 
 
+_compressors = threading.local()
+
+
 def _zstd(data: bytes, level: int) -> bytes:
-    return zstandard.ZstdCompressor(level=level).compress(data)
+    """zstd at `level`, with a compressor kept per thread and level (making one costs more than a chunk)."""
+    by_level = getattr(_compressors, "by_level", None)
+    if by_level is None:
+        by_level = _compressors.by_level = {}
+    c = by_level.get(level)
+    if c is None:
+        c = by_level[level] = zstandard.ZstdCompressor(level=level)
+    return c.compress(data)
 
 
 def unzstd(data, expected: int, where: str) -> bytes:
@@ -151,18 +162,45 @@ def unzstd(data, expected: int, where: str) -> bytes:
     return out
 
 
-# A trial compression costs as much as the rest of a chunk's coding, and it rarely wins on a chunk's bytes
-# (byte planes of weights), so that trial is first made on a sample: PROBE_PIECES pieces spread over it.
+# A trial compression costs as much as the rest of a chunk's coding and rarely wins on weights (the byte
+# planes of a chunk; its packed tails), so long data is first measured on a sample of PROBE_PIECES pieces
+# spread over it: the order-0 entropy of each byte plane (what zstd's entropy stage can reach, a little
+# optimistic) and zstd -1 of the sample (which sees repeats, where LZ matching wins). The trial is made
+# where either says it can win; a level above FAST_ZSTD only where FAST_ZSTD comes close.
 PROBE_PIECES, PROBE_PIECE = 8, 4096
 PROBE_MIN = 4 * PROBE_PIECES * PROBE_PIECE
-BYTES_SLACK = 0.02  # ... and its slower level when zstd -3 of the whole comes within this of the fields size
-BYTES_MARGIN = 1.25  # the bytes codec is tried when its sample estimate is within this of the fields size
+ENTROPY_SLACK = 1.0  # order-0 estimate against what must be beaten (zstd stays above its order-0 entropy)
+REPEATS = 0.9  # zstd -1 of the sample below this share of its order-0 entropy: repeats, try LZ
+BYTES_SLACK = 0.02  # a slow level is tried when zstd -3 of the whole comes within this of what it must beat
 FAST_ZSTD = 3
 
 
 def _sample(data, pieces: int = PROBE_PIECES, piece: int = PROBE_PIECE) -> bytes:
     step = len(data) // pieces
     return b"".join(bytes(data[k * step:k * step + piece]) for k in range(pieces))
+
+
+def _order0_bytes(planes: np.ndarray) -> float:
+    """Order-0 entropy, in bytes, of each row of a (planes, n) uint8 array, summed."""
+    P, n = planes.shape
+    c = np.bincount((planes + np.arange(0, 256 * P, 256, dtype=np.int64)[:, None]).ravel(), minlength=256 * P)
+    c = c[c > 0].astype(np.float64)
+    return float(-(c * np.log2(c / n)).sum()) / 8
+
+
+def may_win(data, planes: int, beat: float) -> bool:
+    """Whether zstd may code `data` (`planes` interleaved byte planes, grouped into planes before coding when
+    planes > 1) in fewer than `beat` bytes: always for short data, else by a sample's estimates."""
+    if len(data) < PROBE_MIN:
+        return True
+    piece = PROBE_PIECE - PROBE_PIECE % planes
+    sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
+    scale = len(data) / sample.size
+    entropy = _order0_bytes(sample) * scale
+    if entropy < beat * ENTROPY_SLACK:
+        return True
+    lz = len(_zstd(np.ascontiguousarray(sample).tobytes(), 1)) * scale
+    return lz < entropy * REPEATS and lz < beat * ENTROPY_SLACK / REPEATS
 
 
 def compress_best(data: bytes, level: int, beat: Optional[int] = None) -> tuple[str, bytes]:
@@ -175,16 +213,9 @@ def compress_best(data: bytes, level: int, beat: Optional[int] = None) -> tuple[
     return ("zstd", z) if len(z) < len(data) else ("raw", data)
 
 
-def _bytes_may_win(raw: bytes, planes: int, level: int, fields_size: int) -> bool:
-    """Whether byte planes with zstd may beat a chunk's fields coding (a sample estimate for long chunks)."""
-    if len(raw) < PROBE_MIN:
-        return True
-    piece = PROBE_PIECE - PROBE_PIECE % planes
-    sample = np.frombuffer(_sample(raw, PROBE_PIECES, piece), np.uint8)
-    if planes > 1:
-        sample = np.ascontiguousarray(sample.reshape(-1, planes).T)
-    estimate = len(_zstd(sample.tobytes(), min(level, FAST_ZSTD))) * len(raw) / sample.size
-    return estimate < fields_size * BYTES_MARGIN
+def compress_tail(data: bytes, level: int) -> tuple[str, bytes]:
+    """compress_best of a chunk's packed tails, tried where a sample says zstd may make them smaller."""
+    return compress_best(data, level) if may_win(data, 1, len(data)) else ("raw", data)
 
 
 def unstore(codec: str, data, expected: int, where: str) -> bytes:
@@ -456,7 +487,7 @@ def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     """Code chunk `i` (elements as raw uint array, or bytes for the bytes codec); returns record and payload."""
     if plan.codec == "trellis":
         return trellis.encode_chunk(plan, i, u)
-    raw = u.tobytes()
+    raw = u.view(np.uint8)  # the chunk's bytes, not copied
     rec = {"codec": plan.codec, "raw_crc": zlib.crc32(raw)}
     planes = _planes(plan.itemsize_bits)
     if plan.codec == "bytes":
@@ -464,13 +495,18 @@ def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     else:
         parts = _fields_encode(plan, i, u)
         size = sum(len(p[2]) for p in parts)
-        if plan.try_bytes and _bytes_may_win(raw, planes, plan.zstd_level, size):
+        if plan.try_bytes and may_win(raw, planes, size):
             alt = bytes_encode(raw, planes, plan.zstd_level, beat=size)
             if len(alt[0][2]) < size:
                 rec["codec"], parts = "bytes", alt
     rec["parts"] = [[name, codec, len(data)] for name, codec, data in parts]
     payload = b"".join(data for _, _, data in parts)
     return rec, payload
+
+
+def payload_crc(payload) -> int:
+    """The crc32 of a coded chunk as the container records it (computed where the chunk is coded)."""
+    return zlib.crc32(payload)
 
 
 def chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -490,7 +526,7 @@ def _fields_encode_native(plan: Plan, bcls: np.ndarray, btz: np.ndarray, u: np.n
     parts = [("head", "lanes", native.lanes_encode(sym, ctx, plan.lane, plan.coding_tables().encoder()))
              if coded else ("head", "const", b"")]
     if lay.tail + lay.sign:
-        codec, data = compress_best(tail, plan.zstd_level)
+        codec, data = compress_tail(tail, plan.zstd_level)
         parts.append(("tail", codec, data))
     return parts
 
@@ -522,7 +558,7 @@ def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
         for tz in g.keys():
             t, w = tail_values(g.gather(v, tz), lay, tz)
             pieces.append(pack_bits(t, w))
-        codec, data = compress_best(b"".join(pieces), plan.zstd_level)
+        codec, data = compress_tail(b"".join(pieces), plan.zstd_level)
         parts.append(("tail", codec, data))
     return parts
 
