@@ -119,23 +119,23 @@ def test_fields_kernel_refuses_inconsistent_side_information():
     a FormatError, never a read or write outside the arrays."""
     rng = np.random.default_rng(2)
     m, L = 1000, 100
-    syms = rng.integers(0, 4, m).astype(np.int32)
+    syms = rng.integers(0, 4, m).astype(np.uint16)
     alphabet = np.array([1, 5, 9, 12], dtype=np.uint64)
     bcls = (np.arange(10) % 2).astype(np.uint8)
     btz = np.zeros(10, np.uint8)
     good = dict(ccount=np.array([500, 500]), tail=bytes(1000), bits=16, sign=0, tail_bits=8)
-    out = native.fields(syms, alphabet, bcls, btz, L, m, where="t", **good)
+    out = native.fields_join(syms, alphabet, bcls, btz, L, m, where="t", **good)
     assert np.array_equal(out >> 8, alphabet[syms[np.argsort(np.repeat(bcls, L), kind="stable").argsort()]])
     bad_cases = [dict(good, ccount=np.array([400, 500])), dict(good, ccount=np.array([600, 400])),
                  dict(good, tail=bytes(999)), dict(good, tail=bytes(1001))]
     for kw in bad_cases:
         with pytest.raises(FormatError):
-            native.fields(syms, alphabet, bcls, btz, L, m, where="t", **kw)
+            native.fields_join(syms, alphabet, bcls, btz, L, m, where="t", **kw)
     for b, z in ((np.full(10, 2, np.uint8), btz), (bcls, np.full(10, 9, np.uint8))):
         with pytest.raises(FormatError):
-            native.fields(syms, alphabet, b, z, L, m, where="t", **good)
+            native.fields_join(syms, alphabet, b, z, L, m, where="t", **good)
     with pytest.raises(FormatError):
-        native.fields(np.full(m, 4, np.int32), alphabet, bcls, btz, L, m, where="t", **good)
+        native.fields_join(np.full(m, 4, np.uint16), alphabet, bcls, btz, L, m, where="t", **good)
 
 
 # -- the compiled encoders write what constriction and numpy write -------------------------------------

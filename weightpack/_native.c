@@ -9,6 +9,13 @@
  *   wp_split_contexts  the rest contexts of the trellis lanes layout, and their counts.
  *   wp_split_multiples the multiples of the step from parity, rest and quantizer.
  *   wp_step_major      the step-major trellis layout (format 1.1) of one chunk, whole.
+ *   wp_lanes_fast      ANS lanes of a fields chunk's heads, with a direct symbol table (2**15 slots) per
+ *                      context, eight lanes at a time.
+ *   wp_fields_join     a fields chunk from its head symbols and packed tails, in one pass.
+ * and the encoders, which write the bytes constriction and numpy write (tests/test_native.py):
+ *   wp_plan_scan, wp_class_hist   the planning passes of streams.make_plan (histograms, block statistics).
+ *   wp_fields_split    a fields chunk's head symbols grouped by block class, and its packed tails.
+ *   wp_lanes_encode    ANS lanes (constriction's AnsCoder, bit for bit), four lanes at a time.
  *
  * Memory safety on any input is by construction: every read index is bounded by the sizes passed in (the
  * caller checks those against each other), words are read only between a lane's first and last word, and a
@@ -185,7 +192,7 @@ void wp_split_multiples(const uint8_t *p, const int32_t *rs, const uint8_t *q, i
  * class of its previous level when prev, its row's class), the symbols of each context are decoded as one
  * group, contexts in order, lanes in order within a group, all from one ANS stream (tables as for
  * ans_step, cdf rows of A + 1). multiple[s * A + sym]
- * is the multiple a symbol decodes to in state s. scratch: 2 * L * lane + 16 * L + 16 * C bytes (L lanes,
+ * is the multiple a symbol decodes to in state s. scratch: 2 * L * lane + 24 * L + 16 * C bytes (L lanes,
  * C contexts; 8-byte aligned). Writes out[l * lane + j] (out holds L * lane int16). Returns 1 when the
  * stream ends cleanly, else 0. Caller: rcls[r] < R for r < nrows, nrows >= 1, C = 2 * (prev ? 3 : 1) * R
  * <= 256 tables of A <= 4096 symbols. The per-lane state is kept in small types (it is swept at every step)
@@ -196,7 +203,7 @@ int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t 
                       const int16_t *multiple, int64_t *scratch, int16_t *out) {
     int64_t L = (m + lane - 1) / lane, C = 2 * (prev ? 3 : 1) * R, ptr;
     int64_t *counts = scratch, *off = scratch + C;
-    int32_t *rw = (int32_t *)(off + C), *rp = rw + L;
+    int64_t *rw = off + C, *rp = rw + L; /* 64-bit: a crafted stream's rows may not fit 32 bits */
     uint16_t *got = (uint16_t *)(rp + L);
     uint8_t *st = (uint8_t *)(got + L), *pv = st + L, *ctx = pv + L;
     int16_t *byStep = (int16_t *)(((uintptr_t)(ctx + L) + 7) & ~(uintptr_t)7); /* [j * L + l] */
@@ -206,8 +213,8 @@ int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t 
     for (int64_t l = 0; l < L; l++) {
         st[l] = 0;
         pv[l] = 1; /* a lane starts as if after a zero */
-        rw[l] = (int32_t)((a + l * lane) / row); /* the row of the lane's next element, and its place in it */
-        rp[l] = (int32_t)((a + l * lane) % row);
+        rw[l] = (a + l * lane) / row; /* the row of the lane's next element, and its place in it */
+        rp[l] = (a + l * lane) % row;
     }
     int64_t steps = 0;
     for (int64_t j = 0; j < lane; j++) {
@@ -257,13 +264,7 @@ int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t 
     return ptr == 0 && state == 0;
 }
 
-/* A fields chunk rebuilt from its decoded head symbols and its packed tail (coding/streams.py, fields.py):
- * m elements of W bits in nb blocks of L (the last one maybe shorter); element = sign | head | tail with
- * T tail bits and S (0 or 1) sign bits. syms: the head symbols grouped by class (classes in order, blocks
- * in order within a class; ccount[c] elements each), alphabet[s] the head value of symbol s. tail: for each
- * trailing-zero count tz in order (blocks with btz == tz, in order), the tails of width T - tz + S packed as
- * bit planes of 8, 4, 2 and 1 bits, lowest bits first (fields.pack_bits). scratch: m uint64. out: W/8
- * bytes per element. Returns 0, or -1 on any inconsistency (nothing is read or written out of bounds then). */
+/* Bytes of n values of `width` bits packed as fields.pack_bits packs them (byte planes, then 4-, 2-, 1-bit). */
 static int64_t packed_size(int64_t n, int64_t width) {
     int64_t size = n * (width / 8), r = width % 8;
     for (int64_t w = 4; w >= 1; w >>= 1)
@@ -272,97 +273,175 @@ static int64_t packed_size(int64_t n, int64_t width) {
     return size;
 }
 
-/* The tails of one tz group (n values of `width` bits, planes from tail + pos) into v[0..n). */
-static void unpack_planes(const uint8_t *restrict tail, int64_t pos, int64_t n, int64_t width, uint64_t *restrict v) {
-    int64_t shift = 0;
-    for (int64_t j = 0; j < n; j++)
-        v[j] = 0;
-    for (int64_t k = 0; k < width / 8; k++, shift += 8, pos += n) {
-        const uint8_t *p = tail + pos;
-        for (int64_t j = 0; j < n; j++)
-            v[j] |= (uint64_t)p[j] << shift;
-    }
-    int64_t r = width % 8;
-    if (r & 4) {
-        const uint8_t *p = tail + pos;
-        for (int64_t j = 0; j < n; j++)
-            v[j] |= (uint64_t)((p[j >> 1] >> ((j & 1) << 2)) & 15) << shift;
-        shift += 4, pos += (n * 4 + 7) / 8;
-    }
-    if (r & 2) {
-        const uint8_t *p = tail + pos;
-        for (int64_t j = 0; j < n; j++)
-            v[j] |= (uint64_t)((p[j >> 2] >> ((j & 3) << 1)) & 3) << shift;
-        shift += 2, pos += (n * 2 + 7) / 8;
-    }
-    if (r & 1) {
-        const uint8_t *p = tail + pos;
-        for (int64_t j = 0; j < n; j++)
-            v[j] |= (uint64_t)((p[j >> 3] >> (j & 7)) & 1) << shift;
-    }
+
+
+/* -- lanes, fast: direct slot tables ------------------------------------------------------------------
+ *
+ * The same streams as wp_lanes, with the symbol of every one of the 2**15 slots of a context looked up
+ * directly (dslot: C rows of 2**15 uint16) and its frequency and cumulative frequency packed in one word
+ * (fc: C rows of A uint32, f | c << 16). Eight lanes are decoded together, their states in registers, the
+ * refill without a branch: a step's latency (two table lookups and a multiply) is what bounds one lane,
+ * so eight of them overlap. The symbols of the whole sequence run through the contexts in order (ccount
+ * each); within a step where all eight lanes are in one context, the table is fixed. Symbols are written
+ * as uint16. */
+#define DSTEP(k, CTX)                                                                                        \
+    do {                                                                                                     \
+        const int64_t cc = (CTX);                                                                            \
+        uint64_t q = x##k & 0xFFFFFF;                                                                        \
+        uint32_t s = dslot[(cc << 15) + (q >> 9)], e = fc[cc * A + s];                                       \
+        uint64_t w = ws[p##k > lo[k] ? p##k - 1 : 0];                                                        \
+        x##k = (x##k >> 24) * ((uint64_t)(e & 0xFFFF) << 9) + q - ((uint64_t)(e >> 16) << 9);                 \
+        int64_t r = (x##k < ((uint64_t)1 << 32)) & (p##k > lo[k]);                                           \
+        x##k = r ? (x##k << 32) | w : x##k;                                                                  \
+        p##k -= r;                                                                                           \
+        out[base + k] = (uint16_t)s;                                                                         \
+    } while (0)
+
+/* the context of position i of the sequence: bounds[c] <= i < bounds[c + 1] */
+static inline int64_t ctx_of(const int64_t *bounds, int64_t C, int64_t i) {
+    int64_t c = 0;
+    while (c + 1 < C && bounds[c + 1] <= i)
+        c++;
+    return c;
 }
 
-#define FIELDS(NAME, U, W)                                                                                  \
-    static int64_t NAME(const int32_t *restrict syms, int64_t m, const uint64_t *restrict alphabet,        \
+int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
+                      const int64_t *restrict ccount, int64_t C, const uint16_t *restrict dslot,
+                      const uint32_t *restrict fc, int64_t A, int64_t n, uint16_t *restrict out) {
+    static const uint32_t zero = 0;
+    const uint32_t *ws = nwords ? words : &zero; /* the refill reads ws[0] when it does not refill */
+    int64_t bounds[257], acc = 0, wbase = 0;
+    if (C < 1 || C > 256 || nl < 0 || (nl == 0) != (n == 0))
+        return 0;
+    for (int64_t c = 0; c < C; c++) {
+        bounds[c] = acc;
+        acc += ccount[c];
+    }
+    bounds[C] = acc;
+    if (acc != n)
+        return 0;
+    for (int64_t j0 = 0; j0 < nl; j0 += 8) {
+        int64_t lo[8], cnt[8], pp[8];
+        uint64_t xx[8];
+        for (int k = 0; k < 8; k++) {
+            int64_t j = j0 + k;
+            lo[k] = pp[k] = wbase, xx[k] = 0, cnt[k] = 0;
+            if (j < nl) {
+                lo[k] = wbase;
+                wbase += wcount[j];
+                xx[k] = ans_start(ws, lo[k], wbase, &pp[k]);
+                cnt[k] = (n - 1 - j) / nl + 1; /* non-increasing in k, by at most one in all */
+            }
+        }
+        if (j0 + 8 <= nl && cnt[7] == cnt[0]) { /* the common case: eight full lanes, registers */
+            uint64_t x0 = xx[0], x1 = xx[1], x2 = xx[2], x3 = xx[3], x4 = xx[4], x5 = xx[5], x6 = xx[6], x7 = xx[7];
+            int64_t p0 = pp[0], p1 = pp[1], p2 = pp[2], p3 = pp[3], p4 = pp[4], p5 = pp[5], p6 = pp[6], p7 = pp[7];
+            int64_t c = 0;
+            for (int64_t t = 0; t < cnt[0]; t++) {
+                const int64_t base = t * nl + j0;
+                while (bounds[c + 1] <= base)
+                    c++;
+                if (base + 7 < bounds[c + 1]) {
+                    DSTEP(0, c); DSTEP(1, c); DSTEP(2, c); DSTEP(3, c);
+                    DSTEP(4, c); DSTEP(5, c); DSTEP(6, c); DSTEP(7, c);
+                } else { /* a context boundary inside the step */
+                    DSTEP(0, ctx_of(bounds, C, base)); DSTEP(1, ctx_of(bounds, C, base + 1));
+                    DSTEP(2, ctx_of(bounds, C, base + 2)); DSTEP(3, ctx_of(bounds, C, base + 3));
+                    DSTEP(4, ctx_of(bounds, C, base + 4)); DSTEP(5, ctx_of(bounds, C, base + 5));
+                    DSTEP(6, ctx_of(bounds, C, base + 6)); DSTEP(7, ctx_of(bounds, C, base + 7));
+                }
+            }
+            xx[0] = x0, xx[1] = x1, xx[2] = x2, xx[3] = x3, xx[4] = x4, xx[5] = x5, xx[6] = x6, xx[7] = x7;
+            pp[0] = p0, pp[1] = p1, pp[2] = p2, pp[3] = p3, pp[4] = p4, pp[5] = p5, pp[6] = p6, pp[7] = p7;
+        } else { /* the last lanes, or lanes of unequal length: one at a time */
+            for (int k = 0; k < 8 && j0 + k < nl; k++) {
+                uint64_t x0 = xx[k];
+                int64_t p0 = pp[k];
+                const int64_t *lok = lo + k;
+                for (int64_t t = 0; t < cnt[k]; t++) {
+                    const int64_t base = t * nl + j0 + k, *lo = lok; /* DSTEP's lo[0] and out[base + 0] */
+                    DSTEP(0, ctx_of(bounds, C, base));
+                }
+                xx[k] = x0, pp[k] = p0;
+            }
+        }
+        for (int k = 0; k < 8 && j0 + k < nl; k++)
+            if (pp[k] != lo[k] || xx[k] != 0)
+                return j0 + k + 1;
+    }
+    return -1;
+}
+
+/* A fields chunk rebuilt from its decoded head symbols and its packed tail (coding/streams.py, fields.py),
+ * in one pass over its blocks: m elements of W bits in nb blocks of L (the last one maybe shorter);
+ * element = sign | head | tail with T tail bits and S (0 or 1) sign bits. syms: the head symbols grouped
+ * by class (classes in order, blocks in order within a class; ccount[c] elements each), alphabet[s] the
+ * head value of symbol s. tail: for each trailing-zero count tz in order (blocks with btz == tz, in order),
+ * the tails of width T - tz + S packed as bit planes (fields.pack_bits); each element's tail is read
+ * straight from the planes at its place in its group. out: W/8 bytes per element. Returns 0, or -1 on any
+ * inconsistency (nothing is read or written out of bounds then). */
+#define JOIN(NAME, U, W)                                                                                    \
+    static int64_t NAME(const uint16_t *restrict syms, int64_t m, const uint64_t *restrict alphabet,      \
                         int64_t A, const uint8_t *restrict bcls, const uint8_t *restrict btz, int64_t nb,   \
                         int64_t L, int64_t *restrict off, const int64_t *restrict end,                     \
-                        const uint8_t *restrict tail, int64_t tail_len, int64_t S, int64_t T,               \
-                        uint64_t *restrict v, U *restrict out) {                                            \
-        for (int64_t b = 0; b < nb; b++) { /* heads, in place */                                            \
-            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b];                                  \
+                        const uint8_t *restrict tail, const int64_t *restrict tpos,                        \
+                        const int64_t *restrict tcount, int64_t S, int64_t T, U *restrict out) {           \
+        int64_t tdone[65] = {0};                                                                            \
+        for (int64_t b = 0; b < nb; b++) {                                                                  \
+            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], tz = btz[b];                     \
             if (off[c] + len > end[c])                                                                      \
                 return -1;                                                                                  \
-            const int32_t *sc = syms + off[c];                                                              \
+            const uint16_t *sc = syms + off[c];                                                             \
+            U *o = out + a;                                                                                 \
             for (int64_t i = 0; i < len; i++) {                                                             \
-                uint32_t s = (uint32_t)sc[i];                                                               \
-                if (s >= (uint64_t)A)                                                                       \
+                uint32_t sy = sc[i];                                                                        \
+                if (sy >= (uint64_t)A)                                                                      \
                     return -1;                                                                              \
-                out[a + i] = (U)(alphabet[s] << T);                                                         \
+                o[i] = (U)(alphabet[sy] << T);                                                              \
             }                                                                                               \
             off[c] += len;                                                                                  \
-        }                                                                                                   \
-        if (T + S == 0)                                                                                     \
-            return tail_len == 0 ? 0 : -1;                                                                  \
-        int64_t pos = 0;                                                                                    \
-        for (int64_t tz = 0; tz <= T; tz++) {                                                               \
-            int64_t n = 0;                                                                                  \
-            for (int64_t b = 0; b < nb; b++)                                                                \
-                if (btz[b] == tz)                                                                           \
-                    n += b == nb - 1 ? m - b * L : L;                                                       \
-            if (!n)                                                                                         \
+            if (T + S == 0)                                                                                 \
                 continue;                                                                                   \
-            int64_t t = T - tz, size = packed_size(n, t + S);                                               \
-            if (pos + size > tail_len)                                                                      \
-                return -1;                                                                                  \
-            unpack_planes(tail, pos, n, t + S, v);                                                          \
+            int64_t t = T - tz, width = t + S, n = tcount[tz], j0 = tdone[tz], nbytes = width / 8;          \
+            int64_t r = width % 8;                                                                          \
             uint64_t mask = t ? ((((uint64_t)1) << t) - 1) : 0;                                             \
-            const uint64_t *vj = v;                                                                         \
-            for (int64_t b = 0; b < nb; b++) {                                                              \
-                if (btz[b] != tz)                                                                           \
-                    continue;                                                                               \
-                int64_t a = b * L, len = b == nb - 1 ? m - a : L;                                           \
-                for (int64_t i = 0; i < len; i++) {                                                         \
-                    uint64_t x = vj[i];                                                                     \
-                    uint64_t y = (x & mask) << tz;                                                          \
-                    if (S)                                                                                  \
-                        y |= (x >> t) << (W - 1);                                                           \
-                    out[a + i] |= (U)y;                                                                     \
+            const uint8_t *p4 = tail + tpos[tz] + nbytes * n;                                               \
+            const uint8_t *p2 = p4 + ((r & 4) ? (n * 4 + 7) / 8 : 0);                                       \
+            const uint8_t *p1 = p2 + ((r & 2) ? (n * 2 + 7) / 8 : 0);                                       \
+            for (int64_t i = 0; i < len; i++) {                                                             \
+                int64_t j = j0 + i, shift = 0;                                                              \
+                uint64_t x = 0;                                                                             \
+                const uint8_t *pb = tail + tpos[tz] + j;                                                    \
+                for (int64_t k = 0; k < nbytes; k++, shift += 8)                                            \
+                    x |= (uint64_t)pb[k * n] << shift;                                                      \
+                if (r & 4) {                                                                                \
+                    x |= (uint64_t)((p4[j >> 1] >> ((j & 1) << 2)) & 15) << shift;                          \
+                    shift += 4;                                                                             \
                 }                                                                                           \
-                vj += len;                                                                                  \
+                if (r & 2) {                                                                                \
+                    x |= (uint64_t)((p2[j >> 2] >> ((j & 3) << 1)) & 3) << shift;                           \
+                    shift += 2;                                                                             \
+                }                                                                                           \
+                if (r & 1)                                                                                  \
+                    x |= (uint64_t)((p1[j >> 3] >> (j & 7)) & 1) << shift;                                  \
+                uint64_t y = (x & mask) << tz;                                                              \
+                if (S)                                                                                      \
+                    y |= (x >> t) << (W - 1);                                                               \
+                o[i] |= (U)y;                                                                               \
             }                                                                                               \
-            pos += size;                                                                                    \
+            tdone[tz] += len;                                                                               \
         }                                                                                                   \
-        return pos == tail_len ? 0 : -1;                                                                    \
+        return 0;                                                                                           \
     }
-FIELDS(fields8, uint8_t, 8)
-FIELDS(fields16, uint16_t, 16)
-FIELDS(fields32, uint32_t, 32)
-FIELDS(fields64, uint64_t, 64)
+JOIN(join8, uint8_t, 8)
+JOIN(join16, uint16_t, 16)
+JOIN(join32, uint32_t, 32)
+JOIN(join64, uint64_t, 64)
 
-int64_t wp_fields(const int32_t *syms, int64_t m, const uint64_t *alphabet, int64_t A, const uint8_t *bcls,
-                  const uint8_t *btz, int64_t nb, int64_t L, int64_t C, const int64_t *ccount, const uint8_t *tail,
-                  int64_t tail_len, int64_t W, int64_t S, int64_t T, uint64_t *scratch, void *out) {
-    int64_t off[256], end[256], acc = 0;
+int64_t wp_fields_join(const uint16_t *syms, int64_t m, const uint64_t *alphabet, int64_t A, const uint8_t *bcls,
+                       const uint8_t *btz, int64_t nb, int64_t L, int64_t C, const int64_t *ccount,
+                       const uint8_t *tail, int64_t tail_len, int64_t W, int64_t S, int64_t T, void *out) {
+    int64_t off[256], end[256], tpos[65], tcount[65], acc = 0;
     if (C < 1 || C > 256 || L < 1 || nb != (m + L - 1) / L || T < 0 || T > 63 || (S != 0 && S != 1) ||
         T + S >= W)
         return -1;
@@ -373,14 +452,26 @@ int64_t wp_fields(const int32_t *syms, int64_t m, const uint64_t *alphabet, int6
     }
     if (acc != m)
         return -1;
-    for (int64_t b = 0; b < nb; b++)
+    for (int64_t tz = 0; tz <= T; tz++)
+        tcount[tz] = 0;
+    for (int64_t b = 0; b < nb; b++) {
         if (bcls[b] >= C || btz[b] > T)
             return -1;
+        tcount[btz[b]] += b == nb - 1 ? m - b * L : L;
+    }
+    int64_t pos = 0;
+    for (int64_t tz = 0; tz <= T; tz++) {
+        tpos[tz] = pos;
+        if (tcount[tz] && T + S)
+            pos += packed_size(tcount[tz], T - tz + S);
+    }
+    if (pos != tail_len)
+        return -1;
     switch (W) {
-    case 8: return fields8(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
-    case 16: return fields16(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
-    case 32: return fields32(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
-    case 64: return fields64(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
+    case 8: return join8(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
+    case 16: return join16(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
+    case 32: return join32(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
+    case 64: return join64(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
     default: return -1;
     }
 }

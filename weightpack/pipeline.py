@@ -48,15 +48,15 @@ def unit_bytes(plan: streams.Plan) -> int:
 
 # -- pack ----------------------------------------------------------------------------------------
 
-def _pread(fd: int, offset: int, length: int, what: str) -> np.ndarray:
-    """pread_exact into an uninitialized array: no zero-filling under the GIL (the pack's reads run in
-    threads beside each other)."""
+def _pread(fd: int, offset: int, length: int, what: str, error: type = CheckpointError) -> np.ndarray:
+    """pread_exact into an uninitialized array: no zero-filling under the GIL (reads run in threads beside
+    each other)."""
     buf = np.empty(length, np.uint8)
     got = 0
     while got < length:
         n = os.preadv(fd, [memoryview(buf)[got:]], offset + got)
         if n <= 0:
-            raise CheckpointError(f"{what}: ended early (truncated?)")
+            raise error(f"{what}: ended early (truncated?)")
         got += n
     return buf
 
@@ -269,8 +269,9 @@ def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[i
 
 
 def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: str,
-                 out_path: Optional[str], out_offset: int) -> list:
-    """Decode chunks first.. of a stream: write them into `out_path` at their place, or return them."""
+                 out_path: Optional[str], out_offset: int, into: Optional[np.ndarray] = None) -> list:
+    """Decode chunks first.. of a stream: write them into `out_path` at their place, or into the stream's
+    buffer `into` (threads share it), or return them."""
     unit = unit_bytes(plan)
     results = []
     with open(path, "rb", buffering=0) as f:
@@ -279,13 +280,16 @@ def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: st
             for k, rec in enumerate(recs):
                 i = first + k
                 where = f"{what} chunk {i}"
-                payload = pread_exact(f.fileno(), rec["offset"], rec["length"], FormatError, where)
+                payload = _pread(f.fileno(), rec["offset"], rec["length"], where, FormatError)
                 if zlib.crc32(payload) != rec["crc32"]:
                     raise FormatError(f"{where}: checksum mismatch (damaged data)")
-                raw = streams.decode_chunk(plan, i, rec, memoryview(payload), where)
+                a, b = plan.chunk_range(i)
+                dest = into[a * unit:b * unit] if into is not None else None
+                raw = streams.decode_chunk(plan, i, rec, memoryview(payload), where, dest)
                 if out_fd is not None:
-                    a, _ = plan.chunk_range(i)
                     os.pwrite(out_fd, raw, out_offset + a * unit)
+                    results.append(len(raw))
+                elif dest is not None:
                     results.append(len(raw))
                 else:
                     results.append(raw)
@@ -303,6 +307,7 @@ class _Mark:
     part: Optional[str] = None
     in_memory: bool = True
     whole: bool = False  # a lossy tensor decoded and rebuilt by one task: its result is the tensor's bytes
+    buffer: Optional[np.ndarray] = None  # the tensor's bytes, which its tasks (threads) decode into
 
 
 WHOLE_LOSSY_CHUNKS = 2  # a lossy tensor with at most this many chunks (all parts) is rebuilt in a worker
@@ -320,10 +325,10 @@ def _decode_lossy_task(path: str, t: dict, parts: list[tuple[dict, streams.Plan]
 
 
 def _chunk_task_args(reader: ContainerReader, plan: streams.Plan, chunks: list, where: str,
-                     target: Optional[tuple[str, int]]) -> Iterator[tuple]:
+                     target: Optional[tuple[str, int]], into: Optional[np.ndarray] = None) -> Iterator[tuple]:
     for first, last in _chunk_batches(plan):
         yield (str(reader.path), plan.for_chunks(first, last), chunks[first:last], first,
-               where, target[0] if target else None, target[1] if target else 0)
+               where, target[0] if target else None, target[1] if target else 0, into)
 
 
 def _decode_batch(batch: list[tuple]) -> list:
@@ -331,10 +336,12 @@ def _decode_batch(batch: list[tuple]) -> list:
     return [r for args in batch for r in _decode_task(*args)]
 
 
-def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dict] = None) -> Iterator:
+def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dict] = None,
+                 shared: bool = False) -> Iterator:
     """Tasks decoding `tensors`, each preceded by a mark; `out` maps names to (path, offset) for tensors
     whose chunks workers write straight into a file (tensors without stages). Small tensors written
-    straight to files share tasks, so a model of many small tensors costs few round trips."""
+    straight to files share tasks, so a model of many small tensors costs few round trips. With `shared`
+    (worker threads), tensors without stages decoded in memory are decoded straight into their buffer."""
     batch: list[tuple] = []
     batch_bytes = 0
 
@@ -372,7 +379,12 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
             batch_bytes += t["nbytes"]
             continue
         yield from flush()
-        yield _Mark(t, in_memory=target is None)
+        if target is None and shared and t["nbytes"]:
+            buf = np.empty(t["nbytes"], np.uint8)
+            yield _Mark(t, buffer=buf)
+            args = _chunk_task_args(reader, plan, t["stream"]["chunks"], where, None, buf)
+        else:
+            yield _Mark(t, in_memory=target is None)
         yield from (Task(_decode_task, a) for a in args)
     yield from flush()
 
@@ -392,6 +404,10 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
                 _checked(part, [parts[part["name"]]], f"tensor {t['name']!r} part {part['name']!r}")
             progress(t["nbytes"])
             return t, [lossy.decode(t, parts)]
+        if mark.buffer is not None:
+            if sum(pieces) != len(mark.buffer):
+                raise FormatError(f"tensor {t['name']!r}: decoded {sum(pieces)} bytes, expected {len(mark.buffer)}")
+            return t, [mark.buffer]
         return t, _checked(t, pieces, f"tensor {t['name']!r}")
 
     for item in items:
@@ -404,6 +420,9 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
             if mark is not None and mark.in_memory:
                 yield finish()
             mark, parts, pieces = item, {}, []
+        elif mark.buffer is not None:  # lengths of the chunks decoded into it
+            pieces.extend(item)
+            progress(sum(item))
         elif mark.in_memory:
             pieces.extend(item)
             if not mark.record["stages"] and not mark.whole:
@@ -418,8 +437,9 @@ def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Option
                    progress: Progress = _noop) -> Iterator[tuple[dict, list[bytes]]]:
     """Yield (record, decoded bytes in pieces) for each tensor, decoded by worker threads where the compiled
     kernels are built (they release the GIL), else by worker processes."""
-    with Pool(workers, threads=native.available()) as pool:
-        yield from _decoded(pool.ordered_map(decode_items(reader, tensors)), progress)
+    threads = native.available()
+    with Pool(workers, threads=threads) as pool:
+        yield from _decoded(pool.ordered_map(decode_items(reader, tensors, shared=threads)), progress)
 
 
 def _checked(t: dict, pieces: list[bytes], where: str) -> list[bytes]:

@@ -48,9 +48,6 @@ _SIGNATURES = {
     "wp_split_contexts": (None, [_arr(np.uint8), _arr(np.uint8), _arr(np.uint8), _I64, _I64, _arr(np.uint8),
                                  _arr(np.int64)]),
     "wp_split_multiples": (None, [_arr(np.uint8), _arr(np.int32), _arr(np.uint8), _I64, _I64, _arr(np.int16)]),
-    "wp_fields": (_I64, [_arr(np.int32), _I64, _arr(np.uint64), _I64, _arr(np.uint8), _arr(np.uint8), _I64, _I64,
-                         _I64, _arr(np.int64), _arr(np.uint8), _I64, _I64, _I64, _I64, _arr(np.uint64),
-                         ctypes.c_void_p]),
     "wp_plan_scan": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _arr(np.int64), _arr(np.int64),
                              _arr(np.uint64)]),
     "wp_class_hist": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _arr(np.int32), _I64,
@@ -60,6 +57,10 @@ _SIGNATURES = {
     "wp_fields_split": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _arr(np.uint8),
                                _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64,
                                _arr(np.uint64)]),
+    "wp_lanes_fast": (_I64, [ctypes.c_void_p, _I64, _arr(np.int64), _I64, _arr(np.int64), _I64, _arr(np.uint16),
+                             _arr(np.uint32), _I64, _I64, _arr(np.uint16)]),
+    "wp_fields_join": (_I64, [_arr(np.uint16), _I64, _arr(np.uint64), _I64, _arr(np.uint8), _arr(np.uint8), _I64,
+                              _I64, _I64, _arr(np.int64), ctypes.c_void_p, _I64, _I64, _I64, _I64, ctypes.c_void_p]),
     "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
                              _arr(np.uint16), _arr(np.uint32), _I64, _arr(np.int16),
                              _arr(np.int64), _arr(np.int16)]),
@@ -117,6 +118,62 @@ def slot_tables(tables) -> tuple[np.ndarray, np.ndarray]:
         cdf[c, 1:len(f) + 1] = np.cumsum(f)
         bucket[c] = np.repeat(np.arange(len(f), dtype=np.uint16), f)[::(1 << SLOT_BITS) // BUCKETS]
     return bucket, cdf
+
+
+def fast_slots(tables) -> tuple[np.ndarray, np.ndarray]:
+    """For stored 15-bit tables (one per context, all of alphabet A): the symbol of every slot (uint16, 2**15
+    per context) and each symbol's frequency | cumulative frequency << 16 (uint32), as wp_lanes_fast reads
+    them."""
+    f = np.asarray(np.stack(tables), dtype=np.int64)
+    C, A = f.shape
+    dslot = np.empty((C, 1 << SLOT_BITS), np.uint16)
+    for c in range(C):
+        dslot[c] = np.repeat(np.arange(A, dtype=np.uint16), f[c])
+    fc = (f | ((np.cumsum(f, axis=1) - f) << 16)).astype(np.uint32)
+    return dslot, fc
+
+
+def lanes_fast(words: np.ndarray, wcount: np.ndarray, ccount: np.ndarray, lane: int, fast: tuple,
+               where: str) -> np.ndarray:
+    """The symbols (uint16, coding order) of a lanes payload whose sequence runs through the contexts in
+    order, ccount[c] symbols of context c (entropy.lanes_encode's layout), with the direct slot tables of
+    fast_slots."""
+    dslot, fc = fast
+    ccount = np.ascontiguousarray(ccount, dtype=np.int64)
+    n = int(ccount.sum())
+    nl = -(-n // lane)
+    if len(wcount) != nl or int(wcount.sum()) != len(words) or len(ccount) != dslot.shape[0] \
+            or int(ccount.min(initial=0)) < 0:
+        raise FormatError(f"{where}: malformed lanes part")
+    words = np.ascontiguousarray(words, dtype=np.uint32)
+    out = np.empty(n, dtype=np.uint16)
+    bad = _lib.wp_lanes_fast(words.ctypes.data, len(words), np.ascontiguousarray(wcount, dtype=np.int64), nl,
+                             ccount, len(ccount), dslot, fc, fc.shape[1], n, out)
+    if bad >= 0:
+        raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
+    return out
+
+
+def fields_join(syms: np.ndarray, alphabet: np.ndarray, bcls: np.ndarray, btz: np.ndarray, block: int, m: int,
+                ccount: np.ndarray, tail, bits: int, sign: int, tail_bits: int, where: str,
+                out: Optional[np.ndarray] = None) -> np.ndarray:
+    """fields() in one pass, from uint16 symbols, into `out` (m elements of `bits`) when given."""
+    if out is None:
+        out = np.empty(m, dtype=np.dtype(f"<u{bits // 8}"))
+    elif out.dtype.itemsize * 8 != bits or len(out) != m or not out.flags.c_contiguous:
+        raise ValueError("output does not fit the chunk")
+    n_tail = len(tail)
+    buf = np.frombuffer(tail, dtype=np.uint8) if n_tail else np.zeros(1, np.uint8)
+    if len(syms) != m or len(bcls) != len(btz):
+        raise FormatError(f"{where}: malformed chunk")
+    bad = _lib.wp_fields_join(np.ascontiguousarray(syms, dtype=np.uint16), m,
+                              np.ascontiguousarray(alphabet, dtype=np.uint64), len(alphabet),
+                              np.ascontiguousarray(bcls, dtype=np.uint8), np.ascontiguousarray(btz, dtype=np.uint8),
+                              len(bcls), block, len(ccount), np.ascontiguousarray(ccount, dtype=np.int64),
+                              buf.ctypes.data, n_tail, bits, sign, tail_bits, out.ctypes.data)
+    if bad:
+        raise FormatError(f"{where}: entropy-coded data is corrupt")
+    return out
 
 
 def lanes(words: np.ndarray, wcount: np.ndarray, per: np.ndarray, slots: tuple, where: str) -> np.ndarray:
@@ -193,7 +250,7 @@ def step_major(words: np.ndarray, m: int, lane: int, a: int, row: int, rcls: np.
             or int(rcls.max()) >= R or m < 1 or row < 1 or a < 0:
         raise FormatError(f"{where}: malformed level stream")
     L = -(-m // lane)
-    scratch = np.empty(-(-(2 * L * lane + 16 * L + 16 * C + 8) // 8), dtype=np.int64)
+    scratch = np.empty(-(-(2 * L * lane + 24 * L + 16 * C + 8) // 8), dtype=np.int64)
     out = np.zeros(L * lane, dtype="<i2")
     ok = _lib.wp_step_major(np.ascontiguousarray(words, dtype=np.uint32), len(words), m, lane, a, row, rcls,
                             len(rcls), R, prev, lo, bucket, cdf, A,
@@ -202,24 +259,6 @@ def step_major(words: np.ndarray, m: int, lane: int, a: int, row: int, rcls: np.
         raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
     return out[:m]
 
-
-def fields(syms: np.ndarray, alphabet: np.ndarray, bcls: np.ndarray, btz: np.ndarray, block: int, m: int,
-           ccount: np.ndarray, tail, bits: int, sign: int, tail_bits: int, where: str) -> np.ndarray:
-    """A fields chunk's m elements (uint of `bits`) from its head symbols (grouped by block class, counts
-    ccount per class) and its packed tail part (fields.pack_bits per trailing-zero group)."""
-    out = np.empty(m, dtype=np.dtype(f"<u{bits // 8}"))
-    n_tail = len(tail)
-    buf = np.frombuffer(tail, dtype=np.uint8) if n_tail else np.zeros(1, np.uint8)
-    if len(syms) != m or len(bcls) != len(btz):
-        raise FormatError(f"{where}: malformed chunk")
-    bad = _lib.wp_fields(np.ascontiguousarray(syms, dtype=np.int32), m, np.ascontiguousarray(alphabet, dtype=np.uint64),
-                         len(alphabet), np.ascontiguousarray(bcls, dtype=np.uint8),
-                         np.ascontiguousarray(btz, dtype=np.uint8), len(bcls), block, len(ccount),
-                         np.ascontiguousarray(ccount, dtype=np.int64), buf, n_tail, bits, sign, tail_bits,
-                         np.empty(max(m, 1), dtype=np.uint64), out.ctypes.data)
-    if bad:
-        raise FormatError(f"{where}: entropy-coded data is corrupt")
-    return out
 
 
 # -- encoding ------------------------------------------------------------------------------------------

@@ -563,12 +563,26 @@ def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
     return parts
 
 
-def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str) -> bytes:
-    """Decode one chunk's payload back to its raw bytes, checking its checksum."""
+def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray] = None):
+    """Decode one chunk's payload back to its raw bytes (bytes-like), checking its checksum; into `into` (a
+    uint8 array of the chunk's size) when given, which is then returned."""
     if plan.codec == "trellis":
         if rec.get("codec") != "trellis":
             raise FormatError(f"{where}: unknown chunk codec {rec.get('codec')!r}")
-        return trellis.decode_chunk(plan, i, rec, payload, where)
+        raw = trellis.decode_chunk(plan, i, rec, payload, where)
+    else:
+        raw = _decode_chunk(plan, i, rec, payload, where, into)
+        if zlib.crc32(raw) != rec.get("raw_crc"):
+            raise FormatError(f"{where}: decoded data fails its checksum")
+    if into is not None and raw is not into:
+        if len(raw) != len(into):
+            raise FormatError(f"{where}: decoded {len(raw)} bytes, expected {len(into)}")
+        into[:] = np.frombuffer(raw, np.uint8)
+        return into
+    return raw
+
+
+def _decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray]):
     a, b = plan.chunk_range(i)
     m = b - a
     parts = rec.get("parts")
@@ -577,14 +591,13 @@ def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str) -> bytes:
     if codec == "bytes":
         planes = _planes(DTYPES[plan.dtype].bits) if plan.codec == "fields" else _planes(plan.itemsize_bits)
         nbytes = m * (plan.itemsize_bits // 8) if plan.codec == "fields" else m
-        raw = bytes_decode(parts, payload, nbytes, planes, where)
-    elif codec == "fields" and plan.codec == "fields":
-        raw = _fields_decode(plan, i, m, views, where).tobytes()
-    else:
-        raise FormatError(f"{where}: unknown chunk codec {codec!r}")
-    if zlib.crc32(raw) != rec.get("raw_crc"):
-        raise FormatError(f"{where}: decoded data fails its checksum")
-    return raw
+        return bytes_decode(parts, payload, nbytes, planes, where)
+    if codec == "fields" and plan.codec == "fields":
+        out = None
+        if into is not None and len(into) == m * plan.itemsize_bits // 8:
+            out = into.view(UINT[plan.itemsize_bits])
+        return _fields_decode(plan, i, m, views, where, out).view(np.uint8)
+    raise FormatError(f"{where}: unknown chunk codec {codec!r}")
 
 
 def chunk_views(rec: dict, payload, where: str) -> dict:
@@ -617,22 +630,27 @@ def _tail_size(lay: Layout, tz_counts) -> int:
 
 
 def _fields_decode_native(plan: Plan, m: int, bcls: np.ndarray, btz: np.ndarray, hdata, views: dict,
-                          where: str) -> np.ndarray:
-    """_fields_decode of a laned chunk with the compiled kernels: heads decoded, put in place and joined
-    with the unpacked tails in two passes."""
+                          where: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """_fields_decode of a laned chunk with the compiled kernels: heads decoded (direct slot tables), then
+    put in place and joined with their tails in one pass."""
     lay, L = plan.layout, plan.block
     ccount = _block_counts(bcls, plan.tables.shape[0], L, m)
-    syms = entropy.lanes_decode(hdata, ccount.tolist(), plan.coding_tables(), plan.lane, where)
+    words, wc = entropy.lane_words(hdata, m, plan.lane, where)
+    syms = native.lanes_fast(words, wc, ccount, plan.lane, plan.coding_tables().fast(), where)
     tail = b""
     if lay.tail + lay.sign:
         if int(btz.max(initial=0)) > lay.tail:
             raise FormatError(f"{where}: malformed trailing zeros")
         tcodec, tdata = views["tail"]
         tail = unstore(tcodec, tdata, _tail_size(lay, _block_counts(btz, lay.tail + 1, L, m)), where + " tail")
-    return native.fields(syms, plan.alphabet, bcls, btz, L, m, ccount, tail, lay.bits, lay.sign, lay.tail, where)
+    return native.fields_join(syms, plan.alphabet, bcls, btz, L, m, ccount, tail, lay.bits, lay.sign, lay.tail,
+                              where, out)
 
 
-def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.ndarray:
+def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str,
+                   out: Optional[np.ndarray] = None) -> np.ndarray:
+    """A fields chunk's m elements (uint of the dtype's width); written into `out` where the compiled kernels
+    decode it."""
     lay, L = plan.layout, plan.block
     wd = work_dtype(lay)
     bcls, btz = chunk_blocks(plan, i, m)
@@ -651,7 +669,7 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
             raise FormatError(f"{where}: malformed head part")
         C = plan.tables.shape[0]
         if plan.lane and native.available():
-            return _fields_decode_native(plan, m, bcls, btz, hdata, views, where)
+            return _fields_decode_native(plan, m, bcls, btz, hdata, views, where, out)
         g = BlockGroups(bcls, C, L, m)
         if plan.lane:
             syms = entropy.lanes_decode(hdata, g.counts, plan.coding_tables(), plan.lane, where)
