@@ -32,7 +32,7 @@ from . import entropy, native, trellis
 from .fields import (UINT, Layout, join, layout_for, pack_bits, packed_size, split, tail_values, trailing_zeros,
                      unpack_bits, work_dtype)
 
-CHUNK_TARGET = 1 << 18  # elements per chunk (rounded to whole blocks)
+CHUNK_TARGET = 1 << 19  # elements per chunk (rounded to whole blocks)
 BYTES_CHUNK = 1 << 20  # bytes per chunk for the bytes codec
 MAX_BLOCK = 1 << 16
 MAX_CHUNK = 1 << 22  # a reader refuses larger chunks: what one chunk may make it allocate is bounded
@@ -172,7 +172,9 @@ PROBE_MIN = 4 * PROBE_PIECES * PROBE_PIECE
 ENTROPY_SLACK = 1.0  # order-0 estimate against what must be beaten (zstd stays above its order-0 entropy)
 REPEATS = 0.9  # zstd -1 of the sample below this share of its order-0 entropy: repeats, try LZ
 BYTES_SLACK = 0.02  # a slow level is tried when zstd -3 of the whole comes within this of what it must beat
+SKEWED = 0.998  # tails whose order-0 entropy is below this share of their size are compressed at the level's own
 FAST_ZSTD = 3
+BYTES_SLOW_ZSTD = 12  # the slow level of a trial against a known size (zstd -19 costs 5x more for ~0.3%)
 
 
 def _sample(data, pieces: int = PROBE_PIECES, piece: int = PROBE_PIECE) -> bytes:
@@ -188,18 +190,24 @@ def _order0_bytes(planes: np.ndarray) -> float:
     return float(-(c * np.log2(c / n)).sum()) / 8
 
 
+def _estimates(data, planes: int) -> tuple[float, Optional[float]]:
+    """Estimates of zstd's size for long data, from a sample: its order-0 entropy per plane (bytes), and a
+    function giving zstd -1 of the sample, scaled (it sees repeats)."""
+    piece = PROBE_PIECE - PROBE_PIECE % planes
+    sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
+    scale = len(data) / sample.size
+    return _order0_bytes(sample) * scale, lambda: len(_zstd(np.ascontiguousarray(sample).tobytes(), 1)) * scale
+
+
 def may_win(data, planes: int, beat: float) -> bool:
     """Whether zstd may code `data` (`planes` interleaved byte planes, grouped into planes before coding when
     planes > 1) in fewer than `beat` bytes: always for short data, else by a sample's estimates."""
     if len(data) < PROBE_MIN:
         return True
-    piece = PROBE_PIECE - PROBE_PIECE % planes
-    sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
-    scale = len(data) / sample.size
-    entropy = _order0_bytes(sample) * scale
+    entropy, lz = _estimates(data, planes)
     if entropy < beat * ENTROPY_SLACK:
         return True
-    lz = len(_zstd(np.ascontiguousarray(sample).tobytes(), 1)) * scale
+    lz = lz()
     return lz < entropy * REPEATS and lz < beat * ENTROPY_SLACK / REPEATS
 
 
@@ -208,14 +216,23 @@ def compress_best(data: bytes, level: int, beat: Optional[int] = None) -> tuple[
     FAST_ZSTD is tried only where FAST_ZSTD comes within BYTES_SLACK of `beat` bytes."""
     z = _zstd(data, min(level, FAST_ZSTD) if beat is not None else level)
     if beat is not None and level > FAST_ZSTD and len(z) < beat * (1 + BYTES_SLACK):
-        slow = _zstd(data, level)
+        slow = _zstd(data, min(level, BYTES_SLOW_ZSTD))
         z = slow if len(slow) < len(z) else z
     return ("zstd", z) if len(z) < len(data) else ("raw", data)
 
 
 def compress_tail(data: bytes, level: int) -> tuple[str, bytes]:
-    """compress_best of a chunk's packed tails, tried where a sample says zstd may make them smaller."""
-    return compress_best(data, level) if may_win(data, 1, len(data)) else ("raw", data)
+    """compress_best of a chunk's packed tails where a sample says zstd may make them smaller; a level above
+    FAST_ZSTD only where the tails are not near-uniform (their order-0 entropy below SKEWED of their size)
+    or FAST_ZSTD saves anything."""
+    if len(data) < PROBE_MIN:
+        return compress_best(data, level)
+    entropy, lz = _estimates(data, 1)
+    if entropy < len(data) * SKEWED:
+        return compress_best(data, level)
+    if entropy < len(data) or lz() < entropy * REPEATS:
+        return compress_best(data, level, len(data) / (1 + BYTES_SLACK))
+    return "raw", data
 
 
 def unstore(codec: str, data, expected: int, where: str) -> bytes:
