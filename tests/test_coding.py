@@ -194,3 +194,52 @@ def test_16bit_integers_with_few_distinct_values_are_entropy_coded():
     many = rng.integers(0, 65536, size=50000, dtype=np.uint16)
     plan, _ = _round_trip("I16", [50000], many, 2)
     assert plan.codec == "bytes"
+
+
+# -- streams bound to their records (format 1.3) --------------------------------------------------------
+
+def _two_of_a_kind(tmp_path):
+    import torch
+    from craft import save_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    t = {"a.weight": torch.randn(64, 512, generator=g), "b.weight": torch.randn(64, 512, generator=g) * 3,
+         "big.weight": torch.randn(1024, 1024, generator=g)}
+    return save_checkpoint(tmp_path / "two.safetensors", t)
+
+
+@pytest.mark.parametrize("recipe", ["lossless", "int8"])
+def test_a_stream_moved_to_another_record_fails_its_checksum(tmp_path, recipe):
+    """Chunk lists swapped between two records of the same dtype and shape, copied from one to the other, or
+    chunks reordered within a stream (index checksum re-sealed): load refuses, naming the damage."""
+    import weightpack
+    from craft import rewrite_index
+    from weightpack.errors import FormatError
+
+    src = _two_of_a_kind(tmp_path)
+    wpk = tmp_path / "two.wpk"
+    weightpack.pack(src, wpk, recipe=recipe)
+
+    def stream_of(t):
+        return t["parts"][0]["stream"] if t["stages"] else t["stream"]
+
+    def swap(idx):
+        a, b = (next(t for t in idx["tensors"] if t["name"] == n) for n in ("a.weight", "b.weight"))
+        sa, sb = stream_of(a), stream_of(b)
+        sa["chunks"], sb["chunks"] = sb["chunks"], sa["chunks"]
+
+    def copy(idx):
+        a, b = (next(t for t in idx["tensors"] if t["name"] == n) for n in ("a.weight", "b.weight"))
+        stream_of(b)["chunks"] = [dict(c) for c in stream_of(a)["chunks"]]
+
+    def reorder(idx):
+        big = next(t for t in idx["tensors"] if t["name"] == "big.weight")
+        chunks = stream_of(big)["chunks"]
+        assert len(chunks) >= 2
+        chunks[0], chunks[1] = chunks[1], chunks[0]
+
+    for edit in (swap, copy, reorder):
+        bad = rewrite_index(wpk, tmp_path / f"{edit.__name__}.wpk", edit)
+        with pytest.raises(FormatError, match=r"tensor '(a|b|big)\.weight'"):
+            weightpack.load(bad)
+    assert set(weightpack.load(wpk)) == {"a.weight", "b.weight", "big.weight"}

@@ -380,6 +380,7 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
  * the tails of width T - tz + S packed as bit planes (fields.pack_bits); each element's tail is read
  * straight from the planes at its place in its group. out: W/8 bytes per element. Returns 0, or -1 on any
  * inconsistency (nothing is read or written out of bounds then). */
+#define JPIECE 2048 /* elements of a block joined at a time (their tails gathered in a stack buffer) */
 #define JOIN(NAME, U, W)                                                                                    \
     static int64_t NAME(const uint16_t *restrict syms, int64_t m, const uint64_t *restrict alphabet,      \
                         int64_t A, const uint8_t *restrict bcls, const uint8_t *restrict btz, int64_t nb,   \
@@ -387,47 +388,69 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
                         const uint8_t *restrict tail, const int64_t *restrict tpos,                        \
                         const int64_t *restrict tcount, int64_t S, int64_t T, U *restrict out) {           \
         int64_t tdone[65] = {0};                                                                            \
+        U head[4096];                                                                                       \
+        uint64_t xs[JPIECE];                                                                                \
+        if (A > 4096)                                                                                       \
+            return -1;                                                                                      \
+        for (int64_t s = 0; s < A; s++)                                                                     \
+            head[s] = (U)(alphabet[s] << T);                                                                \
         for (int64_t b = 0; b < nb; b++) {                                                                  \
             int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], tz = btz[b];                     \
             if (off[c] + len > end[c])                                                                      \
                 return -1;                                                                                  \
             const uint16_t *sc = syms + off[c];                                                             \
             U *o = out + a;                                                                                 \
-            for (int64_t i = 0; i < len; i++) {                                                             \
-                uint32_t sy = sc[i];                                                                        \
-                if (sy >= (uint64_t)A)                                                                      \
-                    return -1;                                                                              \
-                o[i] = (U)(alphabet[sy] << T);                                                              \
-            }                                                                                               \
+            uint16_t smax = 0;                                                                              \
+            for (int64_t i = 0; i < len; i++) /* (vectorized) */                                            \
+                smax = sc[i] > smax ? sc[i] : smax;                                                         \
+            if (len && smax >= A)                                                                           \
+                return -1;                                                                                  \
+            for (int64_t i = 0; i < len; i++)                                                               \
+                o[i] = head[sc[i]];                                                                         \
             off[c] += len;                                                                                  \
             if (T + S == 0)                                                                                 \
                 continue;                                                                                   \
-            int64_t t = T - tz, width = t + S, n = tcount[tz], j0 = tdone[tz], nbytes = width / 8;          \
-            int64_t r = width % 8;                                                                          \
+            int64_t t = T - tz, width = t + S, n = tcount[tz], nbytes = width / 8, r = width % 8;           \
             uint64_t mask = t ? ((((uint64_t)1) << t) - 1) : 0;                                             \
-            const uint8_t *p4 = tail + tpos[tz] + nbytes * n;                                               \
+            const uint8_t *pb = tail + tpos[tz];                                                            \
+            const uint8_t *p4 = pb + nbytes * n;                                                            \
             const uint8_t *p2 = p4 + ((r & 4) ? (n * 4 + 7) / 8 : 0);                                       \
             const uint8_t *p1 = p2 + ((r & 2) ? (n * 2 + 7) / 8 : 0);                                       \
-            for (int64_t i = 0; i < len; i++) {                                                             \
-                int64_t j = j0 + i, shift = 0;                                                              \
-                uint64_t x = 0;                                                                             \
-                const uint8_t *pb = tail + tpos[tz] + j;                                                    \
-                for (int64_t k = 0; k < nbytes; k++, shift += 8)                                            \
-                    x |= (uint64_t)pb[k * n] << shift;                                                      \
+            for (int64_t i0 = 0; i0 < len; i0 += JPIECE) {                                                  \
+                int64_t k = len - i0 < JPIECE ? len - i0 : JPIECE, j0 = tdone[tz] + i0, shift = 0;          \
+                for (int64_t i = 0; i < k; i++)                                                             \
+                    xs[i] = 0;                                                                              \
+                for (int64_t q = 0; q < nbytes; q++, shift += 8) {                                          \
+                    const uint8_t *p = pb + q * n + j0;                                                     \
+                    for (int64_t i = 0; i < k; i++)                                                         \
+                        xs[i] |= (uint64_t)p[i] << shift;                                                   \
+                }                                                                                           \
                 if (r & 4) {                                                                                \
-                    x |= (uint64_t)((p4[j >> 1] >> ((j & 1) << 2)) & 15) << shift;                          \
+                    for (int64_t i = 0; i < k; i++) {                                                       \
+                        int64_t j = j0 + i;                                                                 \
+                        xs[i] |= (uint64_t)((p4[j >> 1] >> ((j & 1) << 2)) & 15) << shift;                  \
+                    }                                                                                       \
                     shift += 4;                                                                             \
                 }                                                                                           \
                 if (r & 2) {                                                                                \
-                    x |= (uint64_t)((p2[j >> 2] >> ((j & 3) << 1)) & 3) << shift;                           \
+                    for (int64_t i = 0; i < k; i++) {                                                       \
+                        int64_t j = j0 + i;                                                                 \
+                        xs[i] |= (uint64_t)((p2[j >> 2] >> ((j & 3) << 1)) & 3) << shift;                   \
+                    }                                                                                       \
                     shift += 2;                                                                             \
                 }                                                                                           \
                 if (r & 1)                                                                                  \
-                    x |= (uint64_t)((p1[j >> 3] >> (j & 7)) & 1) << shift;                                  \
-                uint64_t y = (x & mask) << tz;                                                              \
+                    for (int64_t i = 0; i < k; i++) {                                                       \
+                        int64_t j = j0 + i;                                                                 \
+                        xs[i] |= (uint64_t)((p1[j >> 3] >> (j & 7)) & 1) << shift;                          \
+                    }                                                                                       \
+                U *oo = o + i0;                                                                             \
                 if (S)                                                                                      \
-                    y |= (x >> t) << (W - 1);                                                               \
-                o[i] |= (U)y;                                                                               \
+                    for (int64_t i = 0; i < k; i++)                                                         \
+                        oo[i] |= (U)(((xs[i] & mask) << tz) | ((xs[i] >> t) << (W - 1)));                   \
+                else                                                                                        \
+                    for (int64_t i = 0; i < k; i++)                                                         \
+                        oo[i] |= (U)((xs[i] & mask) << tz);                                                 \
             }                                                                                               \
             tdone[tz] += len;                                                                               \
         }                                                                                                   \

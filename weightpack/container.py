@@ -32,7 +32,7 @@ from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
 
 MAGIC = b"\x89WPK\r\n\x1a\n"
-VERSION = (1, 2)
+VERSION = (1, 3)  # 1.3: chunks' decoded-data checksums are bound to their stream (streams.binding)
 ALIGN = 64
 INDEX_SLOW_ZSTD = 1 << 18  # index JSON up to this size is compressed at zstd -19, longer at -12
 HEADER = struct.Struct("<8sHHI")
@@ -173,6 +173,7 @@ class ContainerReader:
             raise FormatError(f"{where}: damaged (header and trailer versions differ)")
         if major != VERSION[0]:
             raise FormatError(f"{where}: format version {major}.{minor} is not supported (this reader: {VERSION[0]}.x)")
+        self.version = (major, minor)
         if t_off < HEADER.size or t_len > MAX_INDEX or t_off + t_len != self.size - TRAILER.size:
             raise FormatError(f"{where}: truncated or damaged (index position)")
         raw = self._pread(t_off, t_len)

@@ -22,6 +22,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, TensorEntry, pread_exact, read_exact
 from .coding import native, streams, trellis
+from .coding.binding import binding
 from .coding.fields import UINT
 from .container import ContainerReader, ContainerWriter
 from .dtypes import DTYPES
@@ -145,7 +146,13 @@ PLAN_AHEAD = 2  # tensors planned and hashed ahead, per worker, while earlier te
 def _plan_task(path: str, e: TensorEntry, level: int) -> streams.Plan:
     """Measure a tensor and choose its coding (in a worker: its two passes over the tensor run beside the
     coding of earlier tensors)."""
-    return streams.make_plan(e.dtype, e.shape, _reader(Path(path), e), level)
+    return _bound(streams.make_plan(e.dtype, e.shape, _reader(Path(path), e), level), e.name, None)
+
+
+def _bound(plan, tensor: str, part: Optional[str]):
+    """The plan with its stream bound to the record it is written for (binding.py)."""
+    plan.seed = binding(tensor, part)
+    return plan
 
 
 def _hash_task(path: str, e: TensorEntry) -> str:
@@ -193,7 +200,7 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
     result = lossy.encode(e.dtype, e.shape, raw, stages)
     if result is None:
         u = _elements_of(e.dtype, bytes(raw))
-        plan = streams.make_plan(e.dtype, e.shape, lambda a, c: u[a:a + c], level)
+        plan = _bound(streams.make_plan(e.dtype, e.shape, lambda a, c: u[a:a + c], level), e.name, None)
         record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=[])
         return _Coded(record, [(None, plan.params(), plan.side(), _encode_data_task(plan, 0, bytes(raw))[1])])
     record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=result.stages,
@@ -213,6 +220,7 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
                 pass
         if plan is None:
             plan = streams.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
+        _bound(plan, e.name, name)
         coded.append(({"name": name, "dtype": dtype, "shape": shape}, plan.params(), plan.side(),
                       _encode_data_task(plan, 0, data)[1]))
     return _Coded(record, coded)
@@ -261,11 +269,14 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
 
 # -- decode --------------------------------------------------------------------------------------
 
-def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str) -> streams.Plan:
-    """The plan of a stream record (its side information read and checked; the chunk count was checked with
-    the whole index when the container was opened)."""
+def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str, tensor: str,
+                part: Optional[str] = None) -> streams.Plan:
+    """The plan of the stream of `tensor` (or of its `part`): its side information read and checked (the chunk
+    count was checked with the whole index when the container was opened), bound to its record from format
+    1.3 on."""
     side = reader.read_blob(stream["side"], where + " side information") if stream.get("side") else b""
-    return streams.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
+    plan = streams.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
+    return _bound(plan, tensor, part) if reader.version >= (1, 3) else plan
 
 
 def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: str,
@@ -357,7 +368,8 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
             yield from flush()
             lossy.params_of(t, where)
             plans = [(part, stream_plan(reader, part["stream"], part["dtype"], part["shape"],
-                                        f"{where} part {part['name']!r}")) for part in t["parts"]]
+                                        f"{where} part {part['name']!r}", t["name"], part["name"]))
+                     for part in t["parts"]]
             if sum(plan.nchunks for _, plan in plans) <= WHOLE_LOSSY_CHUNKS:
                 yield _Mark(t, whole=True)
                 yield Task(_decode_lossy_task, (str(reader.path), t, plans, where))
@@ -368,7 +380,7 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
                 yield _Mark(t, part["name"])
                 yield from (Task(_decode_task, a) for a in _chunk_task_args(reader, plan, part["stream"]["chunks"], w, None))
             continue
-        plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where)
+        plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where, t["name"])
         target = out.get(t["name"]) if out else None
         args = list(_chunk_task_args(reader, plan, t["stream"]["chunks"], where, target))
         if target is not None and t["nbytes"] < TASK_BYTES:

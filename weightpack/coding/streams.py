@@ -29,6 +29,7 @@ import zstandard
 from ..dtypes import DTYPES
 from ..errors import FormatError
 from . import entropy, native, trellis
+from .binding import chunk_seed
 from .fields import (UINT, Layout, join, layout_for, pack_bits, packed_size, split, tail_values, trailing_zeros,
                      unpack_bits, work_dtype)
 
@@ -69,6 +70,7 @@ class Plan:
     tz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     block_base: int = 0  # index of the first block that cls and tz hold
     lane: int = 0  # symbols per ANS lane of the heads (format 1.2); 0: one ANS stream per chunk (1.0/1.1)
+    seed: int = 0  # the stream's binding (format 1.3; 0 before): seeds its chunks' decoded-data checksums
     _tables: Optional[entropy.Tables] = None
     _lut: Optional[np.ndarray] = None
 
@@ -505,7 +507,7 @@ def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     if plan.codec == "trellis":
         return trellis.encode_chunk(plan, i, u)
     raw = u.view(np.uint8)  # the chunk's bytes, not copied
-    rec = {"codec": plan.codec, "raw_crc": zlib.crc32(raw)}
+    rec = {"codec": plan.codec, "raw_crc": zlib.crc32(raw, chunk_seed(plan.seed, i))}
     planes = _planes(plan.itemsize_bits)
     if plan.codec == "bytes":
         parts = bytes_encode(raw, planes, plan.zstd_level)
@@ -589,7 +591,7 @@ def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str, into: Optio
         raw = trellis.decode_chunk(plan, i, rec, payload, where)
     else:
         raw = _decode_chunk(plan, i, rec, payload, where, into)
-        if zlib.crc32(raw) != rec.get("raw_crc"):
+        if zlib.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
             raise FormatError(f"{where}: decoded data fails its checksum")
     if into is not None and raw is not into:
         if len(raw) != len(into):
