@@ -243,3 +243,30 @@ def test_a_stream_moved_to_another_record_fails_its_checksum(tmp_path, recipe):
         with pytest.raises(FormatError, match=r"tensor '(a|b|big)\.weight'"):
             weightpack.load(bad)
     assert set(weightpack.load(wpk)) == {"a.weight", "b.weight", "big.weight"}
+
+
+def test_level_3_is_never_larger_than_level_2(tmp_path):
+    """Special values mixed with noise, small tensors where an extra head bit's tables do not pay, fp16 and
+    bf16: the smallest level stays the smallest (level 3 measures level 2's layout too)."""
+    import os
+
+    import torch
+    import weightpack
+    from craft import save_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-45, 65504.0, 1.0, -1.0]
+    t = {}
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for k, shape in enumerate([(64, 100), (7, 33), (1000,), (3, 4, 5), (16, 3, 3, 3)]):
+            x = torch.tensor(rng.choice(specials, size=int(np.prod(shape))), dtype=torch.float64).reshape(shape)
+            noise = torch.randn(shape, generator=g, dtype=torch.float64) * 10 ** float(rng.uniform(-3, 1))
+            t[f"{dt}.{k}"] = torch.where(torch.rand(shape, generator=g) < 0.5, x, noise).to(dt)
+    src = save_checkpoint(tmp_path / "special.safetensors", t)
+    sizes = {}
+    for level in (2, 3):
+        out = tmp_path / f"L{level}.wpk"
+        weightpack.pack(src, out, level=level)
+        sizes[level] = os.path.getsize(out)
+    assert sizes[3] <= sizes[2], sizes

@@ -71,6 +71,7 @@ class Plan:
     block_base: int = 0  # index of the first block that cls and tz hold
     lane: int = 0  # symbols per ANS lane of the heads (format 1.2); 0: one ANS stream per chunk (1.0/1.1)
     seed: int = 0  # the stream's binding (format 1.3; 0 before): seeds its chunks' decoded-data checksums
+    estimate: float = 0.0  # bits the plan expects to code the stream in (heads, tables, classes, raw tails)
     _tables: Optional[entropy.Tables] = None
     _lut: Optional[np.ndarray] = None
 
@@ -289,8 +290,18 @@ def _bytes_plan(dtype: str, n: int, cfg: dict) -> Plan:
 
 
 def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT_LEVEL) -> Plan:
-    """Measure a tensor (two passes through `reader`) and choose its codec, contexts and tables."""
-    cfg = LEVELS[level]
+    """Measure a tensor (two passes through `reader`) and choose its codec, contexts and tables. At level 3
+    the level-2 layout is measured too (with level 3's trials) and the smaller estimate is taken, so that a
+    tensor whose extra head bit or contexts do not pay for their tables is coded as at level 2."""
+    plan = _make_plan(dtype, shape, reader, LEVELS[level])
+    if level == 3 and plan.codec == "fields":
+        alt = _make_plan(dtype, shape, reader, dict(LEVELS[2], zstd=LEVELS[3]["zstd"], try_bytes=LEVELS[3]["try_bytes"]))
+        if alt.estimate < plan.estimate:
+            return alt
+    return plan
+
+
+def _make_plan(dtype: str, shape: list[int], reader: Reader, cfg: dict) -> Plan:
     dt = DTYPES[dtype]
     n = math.prod(shape)
     lay = layout_for(dt, cfg["k"])
@@ -332,10 +343,11 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
         return _bytes_plan(dtype, n, cfg)
     plan = Plan("fields", dtype, n, chunk, cfg["zstd"], cfg["try_bytes"], lay, L, alphabet,
                 np.zeros((0, len(alphabet)), np.uint32), np.zeros(nblocks, np.uint8), tz, lane=entropy.LANE)
-    if len(alphabet) < 2:
-        return plan
     sizes = np.full(nblocks, L, dtype=np.float64)
     sizes[-1] = n - L * (nblocks - 1)
+    plan.estimate = float((sizes * (lay.tail + lay.sign - tz.astype(np.float64))).sum())  # tails, raw
+    if len(alphabet) < 2:
+        return plan
     cmax = 1
     while cmax * 2 <= min(cfg["contexts"], nblocks):
         cmax *= 2
@@ -370,6 +382,7 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
             best = (bits, tables.astype(np.uint32), (cls >> shift).astype(np.uint8))
         c //= 2
     plan.tables, plan.cls = best[1], best[2]
+    plan.estimate += best[0]
     return plan
 
 
