@@ -289,11 +289,13 @@ static int64_t packed_size(int64_t n, int64_t width) {
         const int64_t cc = (CTX);                                                                            \
         uint64_t q = x##k & 0xFFFFFF;                                                                        \
         uint32_t s = dslot[(cc << 15) + (q >> 9)], e = fc[cc * A + s];                                       \
-        uint64_t w = ws[p##k > lo[k] ? p##k - 1 : 0];                                                        \
+        int64_t more = -(int64_t)(p##k > lo[k]); /* all ones while the lane has words left */                \
+        uint64_t w = ws[(p##k - 1) & more];                                                                  \
         x##k = (x##k >> 24) * ((uint64_t)(e & 0xFFFF) << 9) + q - ((uint64_t)(e >> 16) << 9);                 \
-        int64_t r = (x##k < ((uint64_t)1 << 32)) & (p##k > lo[k]);                                           \
-        x##k = r ? (x##k << 32) | w : x##k;                                                                  \
-        p##k -= r;                                                                                           \
+        /* the refill as arithmetic: a branch here mispredicts often and stalls all the lanes */             \
+        uint64_t r = -(uint64_t)(x##k < ((uint64_t)1 << 32)) & (uint64_t)more;                                \
+        x##k = (x##k << (32 & r)) | (w & r);                                                                 \
+        p##k += (int64_t)r; /* r is 0 or all ones (-1) */                                                    \
         out[base + k] = (uint16_t)s;                                                                         \
     } while (0)
 
