@@ -1,6 +1,8 @@
 """weightpack.hf: transformers and sentence-transformers models in and out of containers (offline)."""
 
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing from a hub: every model here is local
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -78,6 +80,10 @@ def test_packed_folder_unpacks_to_the_plain_folder(llama, tmp_path):
     assert _files(out) == _files(d / "plain")  # byte-identical, tokenizer and configs included
     out2 = unpack(d / "lm.wpk", tmp_path / "plain2")
     assert _files(out2) == _files(d / "plain")
+    r = subprocess.run([sys.executable, "-m", "weightpack", "unpack", str(d / "packed"), "-o", str(tmp_path / "cli")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _files(tmp_path / "cli") == _files(d / "plain")
 
 
 def test_save_model_parity_with_safetensors_for_a_tied_lm(llama, tmp_path):

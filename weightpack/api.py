@@ -261,10 +261,17 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
 
     A single-file source restores to `dst` (a file path, or a folder to put the original name in);
     a sharded or folder source restores to the folder `dst` (default: beside the container, without
-    `.wpk`), with its index and carried files. Returns the path written. With `device` (a GPU, or with
+    `.wpk`), with its index and carried files; a packed model folder (weightpack.hf.save_pretrained) restores
+    to a plain model folder. Returns the path written. With `device` (a GPU, or with
     decoder="device" any device), tensors are decoded on that torch device (see `load`) and written from
     there, one at a time; on the CPU they are decoded by workers (threads with the C kernels, else processes).
     """
+    if Path(src).is_dir():  # a packed model folder (weightpack.hf): small files beside model.wpk
+        from .hf import is_packed_folder, unpack as unpack_folder
+
+        if is_packed_folder(src):
+            return unpack_folder(src, dst, force=force, workers=workers, progress=progress, device=device,
+                                 decoder=decoder)
     dev = _device(device) if device is not None else None
     if dev is not None and not _use_device_decoder(dev, decoder):
         dev = None

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("unpack", help="restore safetensors from a .wpk container", epilog=EPILOG,
                         description="Restore the original safetensors file(s), index and carried files.")
-    sp.add_argument("src", help="the .wpk container")
+    sp.add_argument("src", help="the .wpk container, or a packed model folder (weightpack.hf)")
     sp.add_argument("-o", "--output", help="output file or folder (default: beside SRC)")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--device", metavar="DEV",

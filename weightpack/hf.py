@@ -404,12 +404,14 @@ def _sentence_transformer(cls: Any, p: _Packed, device, dtype, strict: bool, kwa
 
 # -- unpack ----------------------------------------------------------------------------------------------
 
-def unpack(packed: PathLike, dst: PathLike, *, force: bool = False, **unpack_kwargs) -> Path:
+def unpack(packed: PathLike, dst: Optional[PathLike] = None, *, force: bool = False, **unpack_kwargs) -> Path:
     """A plain HF folder from a packed folder or a `.wpk` of a folder: the small files as they are and the
-    safetensors files restored (byte-identical to what was packed, for lossless recipes)."""
-    src, target = Path(packed), Path(dst)
+    safetensors files restored (byte-identical to what was packed, for lossless recipes). `dst` defaults
+    to the packed folder's name with `-unpacked` (for a `.wpk`: as `weightpack.unpack`)."""
+    src = Path(packed)
     if not is_packed_folder(src):
-        return api.unpack(src, target, force=force, **unpack_kwargs)
+        return api.unpack(src, dst, force=force, **unpack_kwargs)
+    target = Path(dst) if dst is not None else src.parent / (src.name + "-unpacked")
     parent = target.parent
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not force)):
         raise OutputError(f"{target}: exists and is not an empty folder (use --force to replace it)")
