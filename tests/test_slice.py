@@ -94,14 +94,17 @@ def test_get_slice_errors(every_dtype):
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A 2048 x 512 F32 matrix (several chunks), packed losslessly and with int8."""
+    """A 2048 x 512 F32 matrix (several chunks) packed losslessly, and 2048 x 515 packed lossy."""
     d = tmp_path_factory.mktemp("bigslice")
-    w = torch.randn(2048, 512, generator=torch.Generator().manual_seed(2))
-    src = d / "w.safetensors"
-    save_file({"w": w}, str(src))
-    weightpack.pack(src, d / "w.wpk", workers=1)
-    weightpack.pack(src, d / "w8.wpk", recipe="int8", workers=1)
-    return w, d
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(2048, 512, generator=g)
+    save_file({"w": w}, str(d / "w.safetensors"))
+    weightpack.pack(d / "w.safetensors", d / "w.wpk", workers=1)
+    x = torch.randn(2048, 515, generator=g)  # 515: the last group of each row is short
+    save_file({"w": x}, str(d / "x.safetensors"))
+    for recipe in ("int8", "int4", "ecsq", "q-tcq"):
+        weightpack.pack(d / "x.safetensors", d / f"x-{recipe}.wpk", recipe=recipe, workers=1)
+    return w, x, d
 
 
 def _count_chunks(monkeypatch):
@@ -117,7 +120,7 @@ def _count_chunks(monkeypatch):
 
 
 def test_get_slice_decodes_only_the_chunks_it_needs(big, monkeypatch):
-    w, d = big
+    w, _, d = big
     with weightpack.open(d / "w.wpk") as f:
         chunks = f._by_name["w"]["stream"]["chunks"]
         assert len(chunks) >= 4
@@ -136,15 +139,28 @@ def test_get_slice_decodes_only_the_chunks_it_needs(big, monkeypatch):
         assert calls == list(range(len(chunks)))
 
 
-def test_get_slice_of_a_lossy_tensor(big):
-    w, d = big
-    with weightpack.open(d / "w8.wpk") as f:
+@pytest.mark.parametrize("recipe", ["int8", "int4", "ecsq", "q-tcq"])
+def test_get_slice_of_a_lossy_tensor(big, recipe, monkeypatch):
+    _, x, d = big
+    with weightpack.open(d / f"x-{recipe}.wpk") as f:
+        t = f._by_name["w"]
+        assert t["stages"]
         full = f.get_tensor("w")
         s = f.get_slice("w")
-        assert s.get_shape() == [2048, 512] and s.get_dtype() == "F32"
-        for key in [(slice(5, 70), slice(-9, None)), (-1,), (Ellipsis, 3), (slice(None, None, 5),)]:
-            assert torch.equal(s[key], full[key])
-        assert (full - w).norm() / w.norm() < 0.02  # lossy, but close
+        assert s.get_shape() == [2048, 515] and s.get_dtype() == "F32"
+        for key in [(slice(5, 70), slice(-9, None)), (-1,), (Ellipsis, 3), (slice(None, None, 5),),
+                    (slice(1000, 1100), slice(128, 300))]:
+            assert torch.equal(s[key], full[key])  # bit-identical to the whole decode
+        assert (full - x).norm() / x.norm() < 0.1  # lossy, but close
+        q_chunks = len(t["parts"][0]["stream"]["chunks"])
+        others = sum(len(p["stream"]["chunks"]) for p in t["parts"][1:])
+        calls = _count_chunks(monkeypatch)
+        s[:4]
+        assert calls[0] == 0 and len(calls) == 1 + others  # one chunk of levels, the small parts whole
+        if q_chunks > 1:
+            calls.clear()
+            s[-4:]
+            assert calls[0] == q_chunks - 1 and len(calls) == 1 + others
 
 
 def test_open_a_folder_of_shards(tmp_path):

@@ -3,9 +3,10 @@ one reader over a set of containers (a folder of `.wpk` shards, or a list of the
 
 A slice of a lossless tensor decodes only the chunks that hold its elements: the slice is cut into runs of
 consecutive elements (row-major), each chunk that a run touches is decoded (crc32 checked) and its part of
-the runs copied to the output, so memory is the output plus one chunk. A lossy tensor is decoded whole and
-then sliced (its reconstruction needs its scales and, for low rank, its factors; the SHA-256 of the whole
-reconstruction is checked).
+the runs copied to the output, so memory is the output plus one chunk. A lossy tensor whose reconstruction
+is elementwise (quantize, alone or after prune: rtn, ecsq, tcq) decodes the level chunks the same way and
+its small parts (steps, scales) whole; a low-rank tensor is decoded whole (with its SHA-256 checked) and
+then sliced.
 """
 
 from __future__ import annotations
@@ -119,14 +120,16 @@ class TensorSlice:
         if dt is None:
             raise WeightpackError(f"tensor {t['name']!r}: torch has no dtype for {t['dtype']}")
         bits = DTYPES[t["dtype"]].bits
-        if t["stages"] or bits % 8 or math.prod(final_shape) == 0:
+        if bits % 8 or math.prod(final_shape) == 0 or (t["stages"] and not elementwise(t)):
             return self._whole(dims, dropped)
         try:
             starts, length = runs_of(dims, shape)
         except MemoryError:
             return self._whole(dims, dropped)
-        out = decode_runs(self._f._r, t, starts, length)
-        x = _torch_view(out, dt, final_shape)
+        if t["stages"]:
+            x = decode_lossy_runs(self._f._r, t, starts, length).reshape(final_shape)
+        else:
+            x = _torch_view(decode_runs(self._f._r, t, starts, length), dt, final_shape)
         return x.to(self._f.device) if self._f.device.type != "cpu" else x
 
     def _whole(self, dims, dropped) -> "torch.Tensor":
@@ -212,6 +215,72 @@ def decode_runs(reader, t: dict, starts: np.ndarray, length: int) -> np.ndarray:
             within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
             out[dst0[rep] + within] = src[s[rep] - a + within]
     return out
+
+
+# -- lossy tensors -------------------------------------------------------------------------------------
+
+def elementwise(t: dict) -> bool:
+    """A chain whose reconstruction is element by element from the levels (quantize alone, or after prune):
+    its slices decode only the level chunks they touch. Low rank needs its factors' product: decoded whole."""
+    from .stages.params import LowRankParams, params_of
+
+    return not any(isinstance(c, LowRankParams) for c in params_of(t, f"tensor {t['name']!r}"))
+
+
+def _part(t: dict, name: str) -> dict:
+    for x in t["parts"]:
+        if x["name"] == name:
+            return {**x, "name": f"{t['name']} part {name}", "stages": []}
+    raise FormatError(f"tensor {t['name']!r}: no part {name!r}")
+
+
+def _whole_part(reader, t: dict, name: str) -> "torch.Tensor":
+    """A small part (a step, scales, zero points) decoded whole."""
+    import torch
+
+    part = _part(t, name)
+    chunks = list(range(len(part["stream"]["chunks"])))
+    raw = b"".join(r for _, _, _, r in chunks_of_stream(reader, part, chunks))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(torch_dtype(part["dtype"])) if raw else \
+        torch.zeros(0, dtype=torch_dtype(part["dtype"]))
+
+
+def decode_lossy_runs(reader, t: dict, starts: np.ndarray, length: int) -> "torch.Tensor":
+    """The runs of a lossy tensor whose chain is elementwise: the level part decoded only where the runs
+    lie, the small parts whole, and the same float32 arithmetic as stages/quantize.py's decode, element by
+    element (so the values are bit-identical to a whole decode; the reconstruction's SHA-256, which covers
+    the whole tensor, is not checked here: each chunk's crc32 is)."""
+    import torch
+
+    from .stages.params import params_of
+
+    p = params_of(t, f"tensor {t['name']!r}")[-1]
+    qp = _part(t, "q")
+    q = torch.from_numpy(decode_runs(reader, qp, starts, length)).view(torch_dtype(qp["dtype"]))
+    if p.mode == "tcq":
+        x = q.to(torch.float32) * _whole_part(reader, t, "step").to(torch.float32)[0]
+    elif p.mode == "ecsq":
+        off = _whole_part(reader, t, "offset").to(torch.int64)[0]
+        x = (q.to(torch.int64) + off).to(torch.float32) * _whole_part(reader, t, "step").to(torch.float32)[0]
+    else:
+        shape = t["shape"]
+        rows = shape[0] if len(shape) >= 2 else 1
+        cols = math.prod(shape) // rows if rows else 0
+        idx = (torch.from_numpy(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1)
+        if p.granularity == "tensor":
+            gid = torch.zeros_like(idx)
+        elif p.granularity == "channel":
+            gid = idx // cols
+        else:
+            g = min(p.group, cols)
+            gid = (idx // cols) * (-(-cols // g)) + (idx % cols) // g
+        scale = _whole_part(reader, t, "scale").to(torch.float32)
+        zero = (_whole_part(reader, t, "zero").to(torch.float32) if any(x["name"] == "zero" for x in t["parts"])
+                else torch.zeros(len(scale)))
+        if len(zero) != len(scale) or (len(gid) and int(gid.max()) >= len(scale)):
+            raise FormatError(f"tensor {t['name']!r}: scale or zero point count does not match the groups")
+        x = (q.to(torch.float32) - zero[gid]) * scale[gid]
+    return x.to(torch_dtype(t["dtype"]))
 
 
 # -- a set of containers -------------------------------------------------------------------------
