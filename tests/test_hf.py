@@ -69,6 +69,11 @@ def test_causal_lm_round_trip_keeps_logits_and_ties(llama):
         assert m.generation_config.to_dict() == model.generation_config.to_dict()
     half = from_pretrained(AutoModelForCausalLM, d / "packed", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    # the GPU path: the device decoder (here run on the CPU) fills the same parameters
+    m = from_pretrained(AutoModelForCausalLM, d / "lm.wpk", decoder="device")
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, ref)
 
 
 def test_packed_folder_unpacks_to_the_plain_folder(llama, tmp_path):

@@ -192,7 +192,7 @@ def _write_source_file(r: ContainerReader, fi: int, path: Path) -> None:
                 fh.write(p)
 
 
-def _decoded(paths: list[Path], device, root_only: bool) -> Iterator[tuple[str, "Any"]]:
+def _decoded(paths: list[Path], device, root_only: bool, decoder: str = "auto") -> Iterator[tuple[str, "Any"]]:
     """(name, tensor on device), one at a time, for the tensors of the containers (of files at the root of
     the model folder only, with root_only: a sentence-transformers transformer's own weights)."""
     from .pipeline import decode_tensors
@@ -202,7 +202,7 @@ def _decoded(paths: list[Path], device, root_only: bool) -> Iterator[tuple[str, 
         with ContainerReader(path) as r:
             recs = [t for t in r.index["tensors"]
                     if not root_only or "/" not in r.index["files"][t["file"]]["name"]]
-            if api._use_device_decoder(dev, "auto"):
+            if api._use_device_decoder(dev, decoder):
                 from . import device as on_device
 
                 yield from on_device.load(r, dev, names=[t["name"] for t in recs])
@@ -321,25 +321,26 @@ def _is_sentence_transformer(cls: Any) -> bool:
 
 
 def from_pretrained(cls: Any, packed: PathLike, *, device: Any = "cpu", dtype: Any = None, strict: bool = True,
-                    **kwargs) -> Any:
+                    decoder: str = "auto", **kwargs) -> Any:
     """Build a model from a packed folder or a `.wpk` file and fill it from the container, on `device`.
 
     `cls`: an AutoModel* class, a concrete transformers model class, or SentenceTransformer (or another
     sentence-transformers model class: the folder's modules.json says what it holds). `dtype`: cast
-    floating-point weights (default: as stored). Other keywords go to the SentenceTransformer constructor.
+    floating-point weights (default: as stored). `decoder`: as for `weightpack.load` ("auto": on the
+    device itself for a GPU, host workers for the CPU). Other keywords go to the SentenceTransformer constructor.
     A container without config.json is an error that says what it carries; under `strict` so is a model
     parameter the container lacks (with strict=False it is zeros). Returns the model in eval mode."""
     p = _Packed(packed)
     try:
         if _is_sentence_transformer(cls):
-            return _sentence_transformer(cls, p, device, dtype, strict, kwargs)
+            return _sentence_transformer(cls, p, device, dtype, strict, decoder, kwargs)
         p.require("config.json")
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(p.folder), local_files_only=True)
         model = _build(cls, config)
         ties = _ties(p.containers)
-        report = _fill(model, _decoded(p.containers, device, root_only=True), device, dtype, ties, strict)
+        report = _fill(model, _decoded(p.containers, device, True, decoder), device, dtype, ties, strict)
         if hasattr(model, "generation_config") and (p.folder / "generation_config.json").is_file():
             from transformers import GenerationConfig
 
@@ -370,7 +371,7 @@ def _transformer_module_class():
     return Transformer, TRANSFORMER_TASK_TO_AUTO_MODEL
 
 
-def _sentence_transformer(cls: Any, p: _Packed, device, dtype, strict: bool, kwargs: dict) -> Any:
+def _sentence_transformer(cls: Any, p: _Packed, device, dtype, strict: bool, decoder: str, kwargs: dict) -> Any:
     """sentence-transformers builds its modules from the folder's small files; its transformer module's
     `_load_model` (which would read the weights from disk) is replaced, for this call, by a build on the
     meta device filled from the container."""
@@ -387,7 +388,7 @@ def _sentence_transformer(cls: Any, p: _Packed, device, dtype, strict: bool, kwa
         from transformers import AutoModel
 
         model = _build(tasks.get(transformer_task) or AutoModel, config)
-        reports.append(_fill(model, _decoded(p.containers, device, root_only=True), device, dtype,
+        reports.append(_fill(model, _decoded(p.containers, device, True, decoder), device, dtype,
                              _ties(p.containers), strict))
         return model
 

@@ -6,7 +6,7 @@ consecutive elements (row-major), each chunk that a run touches is decoded (crc3
 the runs copied to the output, so memory is the output plus one chunk. A lossy tensor whose reconstruction
 is elementwise (quantize, alone or after prune: rtn, ecsq, tcq) decodes the level chunks the same way and
 its small parts (steps, scales) whole; a low-rank tensor is decoded whole (with its SHA-256 checked) and
-then sliced.
+then sliced. Slices are decoded on the host (one chunk at a time) and then copied to the file's device.
 """
 
 from __future__ import annotations
