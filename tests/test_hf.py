@@ -44,10 +44,12 @@ def llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
     model = tiny_llama()
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))  # any tokenizer: its files are carried
-    save_pretrained(model, d / "packed", tokenizer=tok, workers=1)
-    save_pretrained(model, d / "lm.wpk", tokenizer=tok, workers=1)
+    (d / "LICENSE").write_text("a license travels with the weights\n")
+    save_pretrained(model, d / "packed", tokenizer=tok, files=[d / "LICENSE"], workers=1)
+    save_pretrained(model, d / "lm.wpk", tokenizer=tok, files=[d / "LICENSE"], workers=1)
     model.save_pretrained(str(d / "plain"))
     tok.save_pretrained(str(d / "plain"))
+    (d / "plain" / "LICENSE").write_text("a license travels with the weights\n")
     return model, d
 
 

@@ -25,14 +25,13 @@ transformers is imported here only: `import weightpack` never imports it.
 from __future__ import annotations
 
 import builtins
-import json
 import os
 import shutil
 import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 from . import api
 from .checkpoint import validate_header
@@ -51,12 +50,14 @@ def _is_weights_file(name: str) -> bool:
 
 # -- save --------------------------------------------------------------------------------------------
 
-def save_pretrained(model: Any, dst: PathLike, *, tokenizer: Any = None, recipe: Any = "lossless",
-                    level: Optional[int] = None, force: bool = False, **pack_kwargs) -> dict:
+def save_pretrained(model: Any, dst: PathLike, *, tokenizer: Any = None, files: "Iterable[PathLike]" = (),
+                    recipe: Any = "lossless", level: Optional[int] = None, force: bool = False,
+                    **pack_kwargs) -> dict:
     """Save a transformers model (or a SentenceTransformer) as a packed folder or one `.wpk` file.
 
     The model's own `save_pretrained` writes config, generation config and weights (safetensors), and
-    `tokenizer` (anything with `save_pretrained`: a tokenizer, a processor) adds its files; all of it goes
+    `tokenizer` (anything with `save_pretrained`: a tokenizer, a processor) adds its files, and `files`
+    (paths: a README, a license, a chat template) are copied in by their names; all of it goes
     into `dst`: a path ending in `.wpk` is one container with everything carried, any other path a folder
     with the small files as they are and `model.wpk`. `recipe`, `level` and the other keywords are
     `weightpack.pack`'s. Returns pack's summary, with "path" the container written."""
@@ -76,6 +77,11 @@ def save_pretrained(model: Any, dst: PathLike, *, tokenizer: Any = None, recipe:
         save(str(src))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(src))
+        for f in files:
+            f = Path(f)
+            if not f.is_file():
+                raise CheckpointError(f"{f}: no such file")
+            shutil.copyfile(f, src / f.name)
         if not any(p.name.endswith(".safetensors") for p in src.rglob("*")):
             raise WeightpackError(f"{type(model).__name__}.save_pretrained wrote no safetensors file")
         if single:
