@@ -71,6 +71,13 @@ def test_causal_lm_round_trip_keeps_logits_and_ties(llama):
         assert m.generation_config.to_dict() == model.generation_config.to_dict()
     half = from_pretrained(AutoModelForCausalLM, d / "packed", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    # the base model alone (AutoModel): the checkpoint's "model." prefix is taken off
+    from transformers import AutoModel
+
+    base = from_pretrained(AutoModel, d / "packed")
+    assert type(base).__name__ == "LlamaModel" and base.weightpack_load_report["missing"] == []
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, model.model(ids).last_hidden_state)
     # the GPU path: the device decoder (here run on the CPU) fills the same parameters
     m = from_pretrained(AutoModelForCausalLM, d / "lm.wpk", decoder="device")
     assert m.lm_head.weight is m.model.embed_tokens.weight
