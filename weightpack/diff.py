@@ -1,7 +1,7 @@
 """What changed between two checkpoints: `weightpack diff A B` and `weightpack.diff(a, b)`.
 
-Each side is a safetensors file, a sharded index, a folder (of safetensors files, a packed folder, or
-`.wpk` shards) or a container. Tensors are matched by name. For each pair: identical (by SHA-256: a
+Each side is a safetensors file, a sharded index, a folder or a container; a folder that holds `.wpk`
+files (a packed model folder, a set of shards) is read as those containers, any other as a model folder. Tensors are matched by name. For each pair: identical (by SHA-256: a
 container's index holds the hash of every tensor as it decodes, so identical packed tensors are not
 decoded), or the error of B against A (max abs error, relative error ||b - a|| / ||a||, SQNR in dB),
 computed in float64 in slices, one tensor of each side in memory at a time. Names only in B are added,
