@@ -434,7 +434,9 @@ def unpack(packed: PathLike, dst: Optional[PathLike] = None, *, force: bool = Fa
                 os.replace(single, out / r.index["files"][0]["name"])
         for p in sorted(src.rglob("*")):
             rel = p.relative_to(src)
-            if p.is_file() and rel.as_posix() != WEIGHTS:
+            if p.is_dir():  # empty module folders too (sentence-transformers' 2_Normalize)
+                (out / rel).mkdir(parents=True, exist_ok=True)
+            elif p.is_file() and rel.as_posix() != WEIGHTS:
                 if (out / rel).exists():
                     raise FormatError(f"{src}: {rel} is both a plain file and in {WEIGHTS}")
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
