@@ -132,6 +132,14 @@ def test_minilm_lossless_embeddings_are_identical(minilm_st, tmp_path):
     save_pretrained(model, tmp_path / "minilm.wpk", workers=1)
     m = from_pretrained(SentenceTransformer, tmp_path / "minilm.wpk")
     assert torch.equal(m.encode(SENTENCES, convert_to_tensor=True), ref)
+    save_pretrained(model, tmp_path / "packed", workers=1)
+    assert torch.equal(from_pretrained(SentenceTransformer, tmp_path / "packed").encode(SENTENCES, convert_to_tensor=True), ref)
+    # the packed folder unpacks to what sentence-transformers writes, folders and files alike
+    model.save_pretrained(str(tmp_path / "plain"))
+    unpack(tmp_path / "packed", tmp_path / "unpacked")
+    tree = lambda f: sorted(p.relative_to(f).as_posix() for p in f.rglob("*"))  # noqa: E731
+    assert tree(tmp_path / "unpacked") == tree(tmp_path / "plain")
+    assert _files(tmp_path / "unpacked") == _files(tmp_path / "plain")
     # the real folder packed as it is (config, tokenizer, modules carried) loads the same way
     weightpack.pack(minilm_dir(), tmp_path / "folder.wpk", workers=1)
     m = from_pretrained(SentenceTransformer, tmp_path / "folder.wpk")
