@@ -85,6 +85,24 @@ def test_causal_lm_round_trip_keeps_logits_and_ties(llama):
         assert torch.equal(m(ids).logits, ref)
 
 
+def test_from_pretrained_writes_no_weights_to_disk(llama, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import weightpack.hf as hf
+
+    _, d = llama
+    seen = []
+    close = hf._Packed.close
+
+    def recording(self):
+        seen.append(self.names())
+        close(self)
+
+    monkeypatch.setattr(hf._Packed, "close", recording)
+    from_pretrained(AutoModelForCausalLM, d / "lm.wpk")
+    assert "config.json" in seen[0] and not any(n.endswith(".safetensors") for n in seen[0])
+
+
 def test_packed_folder_unpacks_to_the_plain_folder(llama, tmp_path):
     _, d = llama
     assert (d / "packed" / "model.wpk").is_file() and (d / "packed" / "config.json").is_file()

@@ -13,7 +13,7 @@ from .errors import WeightpackError
 from .pipeline import progress_enabled
 from .recipe import load_recipe, presets
 
-EPILOG = "Exit codes: 0 ok, 1 verification failed, 2 bad usage or bad input."
+EPILOG = "Exit codes: 0 ok, 1 verification failed (diff: the inputs differ), 2 bad usage or bad input."
 
 
 class _Parser(argparse.ArgumentParser):
