@@ -118,3 +118,15 @@ def test_safe_open_framework_and_missing_file(tmp_path):
         safe_open(tmp_path / "x.wpk", framework="np")
     with pytest.raises(weightpack.FormatError, match="no such file"):
         safe_open(tmp_path / "x.wpk")
+
+
+@pytest.mark.parametrize("tied", [{"x": "nope"}, {"emb.weight": "lin.weight"}, {"a": 3}, ["x"]])
+def test_malformed_ties_are_refused(tmp_path, tied):
+    from craft import rewrite_index
+
+    save_model(Tied(), tmp_path / "m.wpk", workers=1)
+    bad = rewrite_index(tmp_path / "m.wpk", tmp_path / "bad.wpk", lambda idx: idx.update(tied=tied))
+    with pytest.raises(weightpack.FormatError, match="tie"):
+        load_file(bad)
+    with pytest.raises(weightpack.FormatError, match="tie"):
+        load_model(Tied(), bad)
