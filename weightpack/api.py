@@ -67,7 +67,7 @@ def _output_path(dst: PathLike, name: str) -> Path:
 def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe | dict | None" = "lossless",
          level: Optional[int] = None, min_sqnr: Optional[float] = None, bits: Optional[float] = None,
          size: "int | str | None" = None, allocate: str = "absolute", workers: Optional[int] = None,
-         force: bool = False, progress: bool = False) -> dict:
+         force: bool = False, progress: bool = False, _index_extra: Optional[dict] = None) -> dict:
     """Pack a safetensors file, a sharded index (`*.safetensors.index.json`) or a model folder.
 
     `recipe` is a preset name, a TOML file, a dict or a Recipe; `level` (1-3) trades decode speed for
@@ -95,11 +95,11 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     ckpt = open_checkpoint(src)
     target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
     if bits is None and size is None:
-        tensors, out_size = _pack_once(ckpt, target, rec, workers, force, progress)
+        tensors, out_size = _pack_once(ckpt, target, rec, workers, force, progress, _index_extra)
         extra = {}
     else:
         tensors, out_size, extra = _pack_to_budget(ckpt, target, rec, bits, size, allocate, workers, force,
-                                                   progress)
+                                                   progress, _index_extra)
     decided = [t for t in tensors if "lowrank" in t]
     if decided:  # what a low-rank stage chose, tensor by tensor (rank 0: quantized directly)
         extra["lowrank"] = [{"name": t["name"], "rank": t["lowrank"]["rank"]} for t in decided]
@@ -109,7 +109,8 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
             "tensors": len(tensors), **extra}
 
 
-def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: bool) -> tuple[list, int]:
+def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: bool,
+               index_extra: Optional[dict] = None) -> tuple[list, int]:
     with ContainerWriter(target, force) as w, _bar(ckpt.total_bytes, "pack", progress) as bar:
         tensors = pack_checkpoint(ckpt, w, rec, workers, bar.update)
         carried = [_carry(w, name, path) for name, path in ckpt.carried]
@@ -119,6 +120,7 @@ def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: 
             "files": [{"name": f.rel, "header": f.header_text} for f in ckpt.files],
             "carried": carried, "tensors": tensors,
         }
+        index.update(index_extra or {})  # optional keys (weightpack.torch: "tied")
         return tensors, w.commit(index)
 
 
@@ -127,7 +129,7 @@ BUDGET_MARGIN = 0.004  # the estimate is within ~0.5% at high rates: aim a littl
 
 
 def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, workers, force: bool,
-                    progress: bool):
+                    progress: bool, index_extra: Optional[dict] = None):
     """Rate control (ratecontrol.py): estimate the step, pack, measure; when the result is over the budget,
     scale the budget by what the estimate missed and pack again. A result that never fits is removed."""
     from . import ratecontrol
@@ -149,7 +151,7 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
     for attempt in range(BUDGET_TRIES):
         step = ratecontrol.find_step(samples, fixed, budget, allocate)
         tensors, out_size = _pack_once(ckpt, target, ratecontrol.with_step(rec, step, allocate, samples), workers,
-                                       force or attempt > 0, progress)
+                                       force or attempt > 0, progress, index_extra)
         lossy_rows = [t for t in tensors if t["stages"]]
         lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)
         reached = lossy_bits if bits is not None else 8.0 * out_size
@@ -259,10 +261,17 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
 
     A single-file source restores to `dst` (a file path, or a folder to put the original name in);
     a sharded or folder source restores to the folder `dst` (default: beside the container, without
-    `.wpk`), with its index and carried files. Returns the path written. With `device` (a GPU, or with
+    `.wpk`), with its index and carried files; a packed model folder (weightpack.hf.save_pretrained) restores
+    to a plain model folder. Returns the path written. With `device` (a GPU, or with
     decoder="device" any device), tensors are decoded on that torch device (see `load`) and written from
     there, one at a time; on the CPU they are decoded by workers (threads with the C kernels, else processes).
     """
+    if Path(src).is_dir():  # a packed model folder (weightpack.hf): small files beside model.wpk
+        from .hf import is_packed_folder, unpack as unpack_folder
+
+        if is_packed_folder(src):
+            return unpack_folder(src, dst, force=force, workers=workers, progress=progress, device=device,
+                                 decoder=decoder)
     dev = _device(device) if device is not None else None
     if dev is not None and not _use_device_decoder(dev, decoder):
         dev = None
@@ -414,6 +423,13 @@ class WpkFile:
             return _to_tensor(rec, pieces, self.device)
         raise FormatError(f"tensor {name!r}: nothing decoded")
 
+    def get_slice(self, name: str):
+        """A lazy view of one tensor, like safe_open's get_slice: get_shape(), get_dtype(), and `[...]`
+        (integers, slices, `...`), which decodes only the chunks the slice needs (lazy.py)."""
+        from .lazy import TensorSlice
+
+        return TensorSlice(self, name)
+
     def close(self) -> None:
         self._r.close()
 
@@ -424,8 +440,14 @@ class WpkFile:
         self.close()
 
 
-def open(path: PathLike, device: "str | torch.device" = "cpu", decoder: str = "auto") -> WpkFile:  # noqa: A001
-    """Open a container for lazy, per-tensor access (like safetensors' safe_open; see `load` for `decoder`)."""
+def open(path: "PathLike | list[PathLike]", device: "str | torch.device" = "cpu", decoder: str = "auto"):  # noqa: A001
+    """Open a container for lazy, per-tensor access (like safetensors' safe_open; see `load` for `decoder`).
+    A folder of `.wpk` files or a list of them opens as one set of shards (lazy.WpkSet)."""
+    from .lazy import WpkSet, container_paths
+
+    paths = container_paths(path)
+    if paths is not None:
+        return WpkSet(paths, device, decoder)
     return WpkFile(path, device, decoder)
 
 
