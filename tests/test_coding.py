@@ -194,3 +194,79 @@ def test_16bit_integers_with_few_distinct_values_are_entropy_coded():
     many = rng.integers(0, 65536, size=50000, dtype=np.uint16)
     plan, _ = _round_trip("I16", [50000], many, 2)
     assert plan.codec == "bytes"
+
+
+# -- streams bound to their records (format 1.3) --------------------------------------------------------
+
+def _two_of_a_kind(tmp_path):
+    import torch
+    from craft import save_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    t = {"a.weight": torch.randn(64, 512, generator=g), "b.weight": torch.randn(64, 512, generator=g) * 3,
+         "big.weight": torch.randn(1024, 1024, generator=g)}
+    return save_checkpoint(tmp_path / "two.safetensors", t)
+
+
+@pytest.mark.parametrize("recipe", ["lossless", "int8"])
+def test_a_stream_moved_to_another_record_fails_its_checksum(tmp_path, recipe):
+    """Chunk lists swapped between two records of the same dtype and shape, copied from one to the other, or
+    chunks reordered within a stream (index checksum re-sealed): load refuses, naming the damage."""
+    import weightpack
+    from craft import rewrite_index
+    from weightpack.errors import FormatError
+
+    src = _two_of_a_kind(tmp_path)
+    wpk = tmp_path / "two.wpk"
+    weightpack.pack(src, wpk, recipe=recipe)
+
+    def stream_of(t):
+        return t["parts"][0]["stream"] if t["stages"] else t["stream"]
+
+    def swap(idx):
+        a, b = (next(t for t in idx["tensors"] if t["name"] == n) for n in ("a.weight", "b.weight"))
+        sa, sb = stream_of(a), stream_of(b)
+        sa["chunks"], sb["chunks"] = sb["chunks"], sa["chunks"]
+
+    def copy(idx):
+        a, b = (next(t for t in idx["tensors"] if t["name"] == n) for n in ("a.weight", "b.weight"))
+        stream_of(b)["chunks"] = [dict(c) for c in stream_of(a)["chunks"]]
+
+    def reorder(idx):
+        big = next(t for t in idx["tensors"] if t["name"] == "big.weight")
+        chunks = stream_of(big)["chunks"]
+        assert len(chunks) >= 2
+        chunks[0], chunks[1] = chunks[1], chunks[0]
+
+    for edit in (swap, copy, reorder):
+        bad = rewrite_index(wpk, tmp_path / f"{edit.__name__}.wpk", edit)
+        with pytest.raises(FormatError, match=r"tensor '(a|b|big)\.weight'"):
+            weightpack.load(bad)
+    assert set(weightpack.load(wpk)) == {"a.weight", "b.weight", "big.weight"}
+
+
+def test_level_3_is_never_larger_than_level_2(tmp_path):
+    """Special values mixed with noise, small tensors where an extra head bit's tables do not pay, fp16 and
+    bf16: the smallest level stays the smallest (level 3 measures level 2's layout too)."""
+    import os
+
+    import torch
+    import weightpack
+    from craft import save_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-45, 65504.0, 1.0, -1.0]
+    t = {}
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for k, shape in enumerate([(64, 100), (7, 33), (1000,), (3, 4, 5), (16, 3, 3, 3)]):
+            x = torch.tensor(rng.choice(specials, size=int(np.prod(shape))), dtype=torch.float64).reshape(shape)
+            noise = torch.randn(shape, generator=g, dtype=torch.float64) * 10 ** float(rng.uniform(-3, 1))
+            t[f"{dt}.{k}"] = torch.where(torch.rand(shape, generator=g) < 0.5, x, noise).to(dt)
+    src = save_checkpoint(tmp_path / "special.safetensors", t)
+    sizes = {}
+    for level in (2, 3):
+        out = tmp_path / f"L{level}.wpk"
+        weightpack.pack(src, out, level=level)
+        sizes[level] = os.path.getsize(out)
+    assert sizes[3] <= sizes[2], sizes

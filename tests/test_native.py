@@ -119,20 +119,102 @@ def test_fields_kernel_refuses_inconsistent_side_information():
     a FormatError, never a read or write outside the arrays."""
     rng = np.random.default_rng(2)
     m, L = 1000, 100
-    syms = rng.integers(0, 4, m).astype(np.int32)
+    syms = rng.integers(0, 4, m).astype(np.uint16)
     alphabet = np.array([1, 5, 9, 12], dtype=np.uint64)
     bcls = (np.arange(10) % 2).astype(np.uint8)
     btz = np.zeros(10, np.uint8)
     good = dict(ccount=np.array([500, 500]), tail=bytes(1000), bits=16, sign=0, tail_bits=8)
-    out = native.fields(syms, alphabet, bcls, btz, L, m, where="t", **good)
+    out = native.fields_join(syms, alphabet, bcls, btz, L, m, where="t", **good)
     assert np.array_equal(out >> 8, alphabet[syms[np.argsort(np.repeat(bcls, L), kind="stable").argsort()]])
     bad_cases = [dict(good, ccount=np.array([400, 500])), dict(good, ccount=np.array([600, 400])),
                  dict(good, tail=bytes(999)), dict(good, tail=bytes(1001))]
     for kw in bad_cases:
         with pytest.raises(FormatError):
-            native.fields(syms, alphabet, bcls, btz, L, m, where="t", **kw)
+            native.fields_join(syms, alphabet, bcls, btz, L, m, where="t", **kw)
     for b, z in ((np.full(10, 2, np.uint8), btz), (bcls, np.full(10, 9, np.uint8))):
         with pytest.raises(FormatError):
-            native.fields(syms, alphabet, b, z, L, m, where="t", **good)
+            native.fields_join(syms, alphabet, b, z, L, m, where="t", **good)
     with pytest.raises(FormatError):
-        native.fields(np.full(m, 4, np.int32), alphabet, bcls, btz, L, m, where="t", **good)
+        native.fields_join(np.full(m, 4, np.uint16), alphabet, bcls, btz, L, m, where="t", **good)
+
+
+# -- the compiled encoders write what constriction and numpy write -------------------------------------
+
+@needs_native
+def test_lanes_encoder_writes_constrictions_bytes_and_both_decoders_read_them():
+    """Random symbols, contexts, tables and lane sizes: the compiled lanes encoder's payload is byte-identical
+    to the constriction encoder's, and both decoders (constriction, compiled) give the symbols back."""
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        A = int(rng.integers(2, 600 if trial % 4 else 4096))
+        C = int(rng.integers(1, 9))
+        skew = rng.random() * 3
+        tables = [entropy.quantize_counts((rng.random(A) ** (1 + 4 * skew) * 1000).astype(np.int64) + (k % 2))
+                  for k in range(C)]
+        counts = [int(c) for c in rng.integers(0, 3000, C)]
+        if trial % 10 == 0:
+            counts[0] = 0
+        syms = np.concatenate([rng.choice(A, size=c, p=t / t.sum()) for c, t in zip(counts, tables)]).astype(np.int32)
+        if trial % 7 == 0:
+            syms[:] = 0  # a lane of symbol 0 only may stay at state 0 (no words)
+        lane = int(rng.choice([64, 128, 1024, 1 << 14]))
+        tabs = entropy.Tables(tables)
+        ctx = np.repeat(np.arange(C, dtype=np.uint8), counts)
+        got = native.lanes_encode(syms.astype(np.uint16), ctx, lane, tabs.encoder()).tobytes()
+        want = entropy.lanes_encode(syms, [(c, m) for c, m in zip(counts, tabs.models())], lane)
+        assert got == want, trial
+        for flag in (False, True):
+            with native.enabled(flag):
+                assert np.array_equal(entropy.lanes_decode(got, counts, tabs, lane, "t"), syms)
+
+
+@needs_native
+def test_lanes_encoder_refuses_symbols_outside_their_tables():
+    tabs = entropy.Tables([entropy.quantize_counts(np.array([3, 1, 1]))])
+    with pytest.raises(ValueError):
+        native.lanes_encode(np.array([0, 3], np.uint16), np.zeros(2, np.uint8), 64, tabs.encoder())
+    with pytest.raises(ValueError):
+        native.lanes_encode(np.array([0, 1], np.uint16), np.array([0, 1], np.uint8), 64, tabs.encoder())
+
+
+def _random_tensor(rng, dtype: str, n: int) -> np.ndarray:
+    """Raw elements with the structure that matters to planning: scaled rows, rows with trailing zeros."""
+    import weightpack.dtypes as D
+    bits = D.DTYPES[dtype].bits
+    u = rng.integers(0, 1 << bits, n, dtype=np.uint64)
+    if dtype in ("F32", "F16", "BF16", "F64"):
+        t = torch.from_numpy(rng.standard_normal(n) * np.exp(rng.standard_normal() * 3))
+        t = t.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[dtype])
+        u = t.view({16: torch.int16, 32: torch.int32, 64: torch.int64}[bits]).numpy().view(f"u{bits // 8}")
+        u = u.copy()
+        if n >= 512:
+            u[:256] &= np.array((1 << bits) - (1 << min(bits // 2, 7)), dtype=np.uint64).astype(u.dtype)  # low bits zero in a few rows
+    return u.astype(f"u{bits // 8}") if bits >= 8 else u
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64", "U8", "I16", "F8_E4M3"])
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_compiled_planning_and_chunk_coding_write_the_same_bytes(dtype, level):
+    """make_plan and encode_chunk with the compiled kernels and with numpy + constriction: the same plan and
+    byte-identical chunks, on shapes whose blocks and chunks do not divide evenly."""
+    from weightpack.coding import streams
+
+    rng = np.random.default_rng(hash((dtype, level)) % 2**32)
+    for shape in ([1000, 300], [3, 77777], [5000], [1], [2, 1 << 17]):
+        n = int(np.prod(shape))
+        u = _random_tensor(rng, dtype, n)
+        if dtype == "I16":
+            u = (rng.integers(-40, 40, n).astype(np.int16)).view(np.uint16)
+
+        def run():
+            plan = streams.make_plan(dtype, shape, lambda a, c: u[a:a + c], level)
+            chunks = [streams.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
+            return plan.params(), plan.side(), chunks
+
+        with native.enabled(False):
+            want = run()
+        with native.enabled(True):
+            got = run()
+        assert got[0] == want[0] and got[1] == want[1]
+        assert got[2] == want[2]

@@ -9,6 +9,13 @@
  *   wp_split_contexts  the rest contexts of the trellis lanes layout, and their counts.
  *   wp_split_multiples the multiples of the step from parity, rest and quantizer.
  *   wp_step_major      the step-major trellis layout (format 1.1) of one chunk, whole.
+ *   wp_lanes_fast      ANS lanes of a fields chunk's heads, with a direct symbol table (2**15 slots) per
+ *                      context, eight lanes at a time.
+ *   wp_fields_join     a fields chunk from its head symbols and packed tails, in one pass.
+ * and the encoders, which write the bytes constriction and numpy write (tests/test_native.py):
+ *   wp_plan_scan, wp_class_hist   the planning passes of streams.make_plan (histograms, block statistics).
+ *   wp_fields_split    a fields chunk's head symbols grouped by block class, and its packed tails.
+ *   wp_lanes_encode    ANS lanes (constriction's AnsCoder, bit for bit), four lanes at a time.
  *
  * Memory safety on any input is by construction: every read index is bounded by the sizes passed in (the
  * caller checks those against each other), words are read only between a lane's first and last word, and a
@@ -18,6 +25,7 @@
 
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BUCKETS 4096 /* per context: 2**15 slots, 8 a bucket */
 #define LANE_STATES 8
@@ -184,7 +192,7 @@ void wp_split_multiples(const uint8_t *p, const int32_t *rs, const uint8_t *q, i
  * class of its previous level when prev, its row's class), the symbols of each context are decoded as one
  * group, contexts in order, lanes in order within a group, all from one ANS stream (tables as for
  * ans_step, cdf rows of A + 1). multiple[s * A + sym]
- * is the multiple a symbol decodes to in state s. scratch: 2 * L * lane + 16 * L + 16 * C bytes (L lanes,
+ * is the multiple a symbol decodes to in state s. scratch: 2 * L * lane + 24 * L + 16 * C bytes (L lanes,
  * C contexts; 8-byte aligned). Writes out[l * lane + j] (out holds L * lane int16). Returns 1 when the
  * stream ends cleanly, else 0. Caller: rcls[r] < R for r < nrows, nrows >= 1, C = 2 * (prev ? 3 : 1) * R
  * <= 256 tables of A <= 4096 symbols. The per-lane state is kept in small types (it is swept at every step)
@@ -195,7 +203,7 @@ int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t 
                       const int16_t *multiple, int64_t *scratch, int16_t *out) {
     int64_t L = (m + lane - 1) / lane, C = 2 * (prev ? 3 : 1) * R, ptr;
     int64_t *counts = scratch, *off = scratch + C;
-    int32_t *rw = (int32_t *)(off + C), *rp = rw + L;
+    int64_t *rw = off + C, *rp = rw + L; /* 64-bit: a crafted stream's rows may not fit 32 bits */
     uint16_t *got = (uint16_t *)(rp + L);
     uint8_t *st = (uint8_t *)(got + L), *pv = st + L, *ctx = pv + L;
     int16_t *byStep = (int16_t *)(((uintptr_t)(ctx + L) + 7) & ~(uintptr_t)7); /* [j * L + l] */
@@ -205,8 +213,8 @@ int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t 
     for (int64_t l = 0; l < L; l++) {
         st[l] = 0;
         pv[l] = 1; /* a lane starts as if after a zero */
-        rw[l] = (int32_t)((a + l * lane) / row); /* the row of the lane's next element, and its place in it */
-        rp[l] = (int32_t)((a + l * lane) % row);
+        rw[l] = (a + l * lane) / row; /* the row of the lane's next element, and its place in it */
+        rp[l] = (a + l * lane) % row;
     }
     int64_t steps = 0;
     for (int64_t j = 0; j < lane; j++) {
@@ -256,13 +264,7 @@ int64_t wp_step_major(const uint32_t *words, int64_t nwords, int64_t m, int64_t 
     return ptr == 0 && state == 0;
 }
 
-/* A fields chunk rebuilt from its decoded head symbols and its packed tail (coding/streams.py, fields.py):
- * m elements of W bits in nb blocks of L (the last one maybe shorter); element = sign | head | tail with
- * T tail bits and S (0 or 1) sign bits. syms: the head symbols grouped by class (classes in order, blocks
- * in order within a class; ccount[c] elements each), alphabet[s] the head value of symbol s. tail: for each
- * trailing-zero count tz in order (blocks with btz == tz, in order), the tails of width T - tz + S packed as
- * bit planes of 8, 4, 2 and 1 bits, lowest bits first (fields.pack_bits). scratch: m uint64. out: W/8
- * bytes per element. Returns 0, or -1 on any inconsistency (nothing is read or written out of bounds then). */
+/* Bytes of n values of `width` bits packed as fields.pack_bits packs them (byte planes, then 4-, 2-, 1-bit). */
 static int64_t packed_size(int64_t n, int64_t width) {
     int64_t size = n * (width / 8), r = width % 8;
     for (int64_t w = 4; w >= 1; w >>= 1)
@@ -271,97 +273,286 @@ static int64_t packed_size(int64_t n, int64_t width) {
     return size;
 }
 
-/* The tails of one tz group (n values of `width` bits, planes from tail + pos) into v[0..n). */
-static void unpack_planes(const uint8_t *restrict tail, int64_t pos, int64_t n, int64_t width, uint64_t *restrict v) {
-    int64_t shift = 0;
-    for (int64_t j = 0; j < n; j++)
-        v[j] = 0;
-    for (int64_t k = 0; k < width / 8; k++, shift += 8, pos += n) {
-        const uint8_t *p = tail + pos;
-        for (int64_t j = 0; j < n; j++)
-            v[j] |= (uint64_t)p[j] << shift;
-    }
-    int64_t r = width % 8;
-    if (r & 4) {
-        const uint8_t *p = tail + pos;
-        for (int64_t j = 0; j < n; j++)
-            v[j] |= (uint64_t)((p[j >> 1] >> ((j & 1) << 2)) & 15) << shift;
-        shift += 4, pos += (n * 4 + 7) / 8;
-    }
-    if (r & 2) {
-        const uint8_t *p = tail + pos;
-        for (int64_t j = 0; j < n; j++)
-            v[j] |= (uint64_t)((p[j >> 2] >> ((j & 3) << 1)) & 3) << shift;
-        shift += 2, pos += (n * 2 + 7) / 8;
-    }
-    if (r & 1) {
-        const uint8_t *p = tail + pos;
-        for (int64_t j = 0; j < n; j++)
-            v[j] |= (uint64_t)((p[j >> 3] >> (j & 7)) & 1) << shift;
-    }
+
+
+/* -- lanes, fast: direct slot tables ------------------------------------------------------------------
+ *
+ * The same streams as wp_lanes, with the symbol of every one of the 2**15 slots of a context looked up
+ * directly (dslot: C rows of 2**15 uint8, or uint16 for alphabets over 256) and its frequency and cumulative frequency packed in one word
+ * (fc: C rows of A uint32, f | c << 16). Eight lanes are decoded together, their states in registers, the
+ * refill without a branch: a step's latency (two table lookups and a multiply) is what bounds one lane,
+ * so eight of them overlap. The symbols of the whole sequence run through the contexts in order (ccount
+ * each); within a step where all eight lanes are in one context, the table is fixed. Symbols are written
+ * as uint16. */
+#define DSTEP(k, CTX)                                                                                        \
+    do {                                                                                                     \
+        const int64_t cc = (CTX);                                                                            \
+        uint64_t q = x##k & 0xFFFFFF;                                                                        \
+        uint32_t s = dslot[(cc << 15) + (q >> 9)], e = fc[cc * A + s];                                       \
+        int64_t more = -(int64_t)(p##k > lo[k]); /* all ones while the lane has words left */                \
+        uint64_t w = ws[(p##k - 1) & more];                                                                  \
+        x##k = (x##k >> 24) * ((uint64_t)(e & 0xFFFF) << 9) + q - ((uint64_t)(e >> 16) << 9);                 \
+        /* the refill as arithmetic: a branch here mispredicts often and stalls all the lanes */             \
+        uint64_t r = -(uint64_t)(x##k < ((uint64_t)1 << 32)) & (uint64_t)more;                                \
+        x##k = (x##k << (32 & r)) | (w & r);                                                                 \
+        p##k += (int64_t)r; /* r is 0 or all ones (-1) */                                                    \
+        out[base + k] = (uint16_t)s;                                                                         \
+    } while (0)
+
+/* the context of position i of the sequence: bounds[c] <= i < bounds[c + 1] */
+static inline int64_t ctx_of(const int64_t *bounds, int64_t C, int64_t i) {
+    int64_t c = 0;
+    while (c + 1 < C && bounds[c + 1] <= i)
+        c++;
+    return c;
 }
 
-#define FIELDS(NAME, U, W)                                                                                  \
-    static int64_t NAME(const int32_t *restrict syms, int64_t m, const uint64_t *restrict alphabet,        \
+#define LANES_FAST_NAME lanes_fast16
+#define DSLOT_T uint16_t
+static inline int64_t LANES_FAST_NAME(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
+                      const int64_t *restrict ccount, int64_t C, const DSLOT_T *restrict dslot,
+                      const uint32_t *restrict fc, int64_t A, int64_t n, uint16_t *restrict out) {
+    static const uint32_t zero = 0;
+    const uint32_t *ws = nwords ? words : &zero; /* the refill reads ws[0] when it does not refill */
+    int64_t bounds[257], acc = 0, wbase = 0;
+    if (C < 1 || C > 256 || nl < 0 || (nl == 0) != (n == 0))
+        return 0;
+    for (int64_t c = 0; c < C; c++) {
+        bounds[c] = acc;
+        acc += ccount[c];
+    }
+    bounds[C] = acc;
+    if (acc != n)
+        return 0;
+    for (int64_t j0 = 0; j0 < nl; j0 += 8) {
+        int64_t lo[8], cnt[8], pp[8];
+        uint64_t xx[8];
+        for (int k = 0; k < 8; k++) {
+            int64_t j = j0 + k;
+            lo[k] = pp[k] = wbase, xx[k] = 0, cnt[k] = 0;
+            if (j < nl) {
+                lo[k] = wbase;
+                wbase += wcount[j];
+                xx[k] = ans_start(ws, lo[k], wbase, &pp[k]);
+                cnt[k] = (n - 1 - j) / nl + 1; /* non-increasing in k, by at most one in all */
+            }
+        }
+        if (j0 + 8 <= nl && cnt[7] == cnt[0]) { /* the common case: eight full lanes, registers */
+            uint64_t x0 = xx[0], x1 = xx[1], x2 = xx[2], x3 = xx[3], x4 = xx[4], x5 = xx[5], x6 = xx[6], x7 = xx[7];
+            int64_t p0 = pp[0], p1 = pp[1], p2 = pp[2], p3 = pp[3], p4 = pp[4], p5 = pp[5], p6 = pp[6], p7 = pp[7];
+            int64_t c = 0;
+            for (int64_t t = 0; t < cnt[0]; t++) {
+                const int64_t base = t * nl + j0;
+                while (bounds[c + 1] <= base)
+                    c++;
+                if (base + 7 < bounds[c + 1]) {
+                    DSTEP(0, c); DSTEP(1, c); DSTEP(2, c); DSTEP(3, c);
+                    DSTEP(4, c); DSTEP(5, c); DSTEP(6, c); DSTEP(7, c);
+                } else { /* a context boundary inside the step */
+                    DSTEP(0, ctx_of(bounds, C, base)); DSTEP(1, ctx_of(bounds, C, base + 1));
+                    DSTEP(2, ctx_of(bounds, C, base + 2)); DSTEP(3, ctx_of(bounds, C, base + 3));
+                    DSTEP(4, ctx_of(bounds, C, base + 4)); DSTEP(5, ctx_of(bounds, C, base + 5));
+                    DSTEP(6, ctx_of(bounds, C, base + 6)); DSTEP(7, ctx_of(bounds, C, base + 7));
+                }
+            }
+            xx[0] = x0, xx[1] = x1, xx[2] = x2, xx[3] = x3, xx[4] = x4, xx[5] = x5, xx[6] = x6, xx[7] = x7;
+            pp[0] = p0, pp[1] = p1, pp[2] = p2, pp[3] = p3, pp[4] = p4, pp[5] = p5, pp[6] = p6, pp[7] = p7;
+        } else { /* the last lanes, or lanes of unequal length: one at a time */
+            for (int k = 0; k < 8 && j0 + k < nl; k++) {
+                uint64_t x0 = xx[k];
+                int64_t p0 = pp[k];
+                const int64_t *lok = lo + k;
+                for (int64_t t = 0; t < cnt[k]; t++) {
+                    const int64_t base = t * nl + j0 + k, *lo = lok; /* DSTEP's lo[0] and out[base + 0] */
+                    DSTEP(0, ctx_of(bounds, C, base));
+                }
+                xx[k] = x0, pp[k] = p0;
+            }
+        }
+        for (int k = 0; k < 8 && j0 + k < nl; k++)
+            if (pp[k] != lo[k] || xx[k] != 0)
+                return j0 + k + 1;
+    }
+    return -1;
+}
+
+#undef LANES_FAST_NAME
+#undef DSLOT_T
+#define LANES_FAST_NAME lanes_fast8
+#define DSLOT_T uint8_t
+static inline int64_t LANES_FAST_NAME(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
+                      const int64_t *restrict ccount, int64_t C, const DSLOT_T *restrict dslot,
+                      const uint32_t *restrict fc, int64_t A, int64_t n, uint16_t *restrict out) {
+    static const uint32_t zero = 0;
+    const uint32_t *ws = nwords ? words : &zero; /* the refill reads ws[0] when it does not refill */
+    int64_t bounds[257], acc = 0, wbase = 0;
+    if (C < 1 || C > 256 || nl < 0 || (nl == 0) != (n == 0))
+        return 0;
+    for (int64_t c = 0; c < C; c++) {
+        bounds[c] = acc;
+        acc += ccount[c];
+    }
+    bounds[C] = acc;
+    if (acc != n)
+        return 0;
+    for (int64_t j0 = 0; j0 < nl; j0 += 8) {
+        int64_t lo[8], cnt[8], pp[8];
+        uint64_t xx[8];
+        for (int k = 0; k < 8; k++) {
+            int64_t j = j0 + k;
+            lo[k] = pp[k] = wbase, xx[k] = 0, cnt[k] = 0;
+            if (j < nl) {
+                lo[k] = wbase;
+                wbase += wcount[j];
+                xx[k] = ans_start(ws, lo[k], wbase, &pp[k]);
+                cnt[k] = (n - 1 - j) / nl + 1; /* non-increasing in k, by at most one in all */
+            }
+        }
+        if (j0 + 8 <= nl && cnt[7] == cnt[0]) { /* the common case: eight full lanes, registers */
+            uint64_t x0 = xx[0], x1 = xx[1], x2 = xx[2], x3 = xx[3], x4 = xx[4], x5 = xx[5], x6 = xx[6], x7 = xx[7];
+            int64_t p0 = pp[0], p1 = pp[1], p2 = pp[2], p3 = pp[3], p4 = pp[4], p5 = pp[5], p6 = pp[6], p7 = pp[7];
+            int64_t c = 0;
+            for (int64_t t = 0; t < cnt[0]; t++) {
+                const int64_t base = t * nl + j0;
+                while (bounds[c + 1] <= base)
+                    c++;
+                if (base + 7 < bounds[c + 1]) {
+                    DSTEP(0, c); DSTEP(1, c); DSTEP(2, c); DSTEP(3, c);
+                    DSTEP(4, c); DSTEP(5, c); DSTEP(6, c); DSTEP(7, c);
+                } else { /* a context boundary inside the step */
+                    DSTEP(0, ctx_of(bounds, C, base)); DSTEP(1, ctx_of(bounds, C, base + 1));
+                    DSTEP(2, ctx_of(bounds, C, base + 2)); DSTEP(3, ctx_of(bounds, C, base + 3));
+                    DSTEP(4, ctx_of(bounds, C, base + 4)); DSTEP(5, ctx_of(bounds, C, base + 5));
+                    DSTEP(6, ctx_of(bounds, C, base + 6)); DSTEP(7, ctx_of(bounds, C, base + 7));
+                }
+            }
+            xx[0] = x0, xx[1] = x1, xx[2] = x2, xx[3] = x3, xx[4] = x4, xx[5] = x5, xx[6] = x6, xx[7] = x7;
+            pp[0] = p0, pp[1] = p1, pp[2] = p2, pp[3] = p3, pp[4] = p4, pp[5] = p5, pp[6] = p6, pp[7] = p7;
+        } else { /* the last lanes, or lanes of unequal length: one at a time */
+            for (int k = 0; k < 8 && j0 + k < nl; k++) {
+                uint64_t x0 = xx[k];
+                int64_t p0 = pp[k];
+                const int64_t *lok = lo + k;
+                for (int64_t t = 0; t < cnt[k]; t++) {
+                    const int64_t base = t * nl + j0 + k, *lo = lok; /* DSTEP's lo[0] and out[base + 0] */
+                    DSTEP(0, ctx_of(bounds, C, base));
+                }
+                xx[k] = x0, pp[k] = p0;
+            }
+        }
+        for (int k = 0; k < 8 && j0 + k < nl; k++)
+            if (pp[k] != lo[k] || xx[k] != 0)
+                return j0 + k + 1;
+    }
+    return -1;
+}
+
+#undef LANES_FAST_NAME
+#undef DSLOT_T
+
+/* dslot of uint8 (alphabets up to 256: half the cache footprint) when narrow, else of uint16 */
+int64_t wp_lanes_fast(const uint32_t *words, int64_t nwords, const int64_t *wcount, int64_t nl, const int64_t *ccount,
+                      int64_t C, const void *dslot, int64_t narrow, const uint32_t *fc, int64_t A, int64_t n,
+                      uint16_t *out) {
+    if (narrow && A > 256)
+        return 0;
+    return narrow ? lanes_fast8(words, nwords, wcount, nl, ccount, C, dslot, fc, A, n, out)
+                  : lanes_fast16(words, nwords, wcount, nl, ccount, C, dslot, fc, A, n, out);
+}
+
+/* A fields chunk rebuilt from its decoded head symbols and its packed tail (coding/streams.py, fields.py),
+ * in one pass over its blocks: m elements of W bits in nb blocks of L (the last one maybe shorter);
+ * element = sign | head | tail with T tail bits and S (0 or 1) sign bits. syms: the head symbols grouped
+ * by class (classes in order, blocks in order within a class; ccount[c] elements each), alphabet[s] the
+ * head value of symbol s. tail: for each trailing-zero count tz in order (blocks with btz == tz, in order),
+ * the tails of width T - tz + S packed as bit planes (fields.pack_bits); each element's tail is read
+ * straight from the planes at its place in its group. out: W/8 bytes per element. Returns 0, or -1 on any
+ * inconsistency (nothing is read or written out of bounds then). */
+#define JPIECE 2048 /* elements of a block joined at a time (their tails gathered in a stack buffer) */
+#define JOIN(NAME, U, W)                                                                                    \
+    static int64_t NAME(const uint16_t *restrict syms, int64_t m, const uint64_t *restrict alphabet,      \
                         int64_t A, const uint8_t *restrict bcls, const uint8_t *restrict btz, int64_t nb,   \
                         int64_t L, int64_t *restrict off, const int64_t *restrict end,                     \
-                        const uint8_t *restrict tail, int64_t tail_len, int64_t S, int64_t T,               \
-                        uint64_t *restrict v, U *restrict out) {                                            \
-        for (int64_t b = 0; b < nb; b++) { /* heads, in place */                                            \
-            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b];                                  \
+                        const uint8_t *restrict tail, const int64_t *restrict tpos,                        \
+                        const int64_t *restrict tcount, int64_t S, int64_t T, U *restrict out) {           \
+        int64_t tdone[65] = {0};                                                                            \
+        U head[4096];                                                                                       \
+        uint64_t xs[JPIECE];                                                                                \
+        if (A > 4096)                                                                                       \
+            return -1;                                                                                      \
+        for (int64_t s = 0; s < A; s++)                                                                     \
+            head[s] = (U)(alphabet[s] << T);                                                                \
+        for (int64_t b = 0; b < nb; b++) {                                                                  \
+            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], tz = btz[b];                     \
             if (off[c] + len > end[c])                                                                      \
                 return -1;                                                                                  \
-            const int32_t *sc = syms + off[c];                                                              \
-            for (int64_t i = 0; i < len; i++) {                                                             \
-                uint32_t s = (uint32_t)sc[i];                                                               \
-                if (s >= (uint64_t)A)                                                                       \
-                    return -1;                                                                              \
-                out[a + i] = (U)(alphabet[s] << T);                                                         \
-            }                                                                                               \
-            off[c] += len;                                                                                  \
-        }                                                                                                   \
-        if (T + S == 0)                                                                                     \
-            return tail_len == 0 ? 0 : -1;                                                                  \
-        int64_t pos = 0;                                                                                    \
-        for (int64_t tz = 0; tz <= T; tz++) {                                                               \
-            int64_t n = 0;                                                                                  \
-            for (int64_t b = 0; b < nb; b++)                                                                \
-                if (btz[b] == tz)                                                                           \
-                    n += b == nb - 1 ? m - b * L : L;                                                       \
-            if (!n)                                                                                         \
-                continue;                                                                                   \
-            int64_t t = T - tz, size = packed_size(n, t + S);                                               \
-            if (pos + size > tail_len)                                                                      \
+            const uint16_t *sc = syms + off[c];                                                             \
+            U *o = out + a;                                                                                 \
+            uint16_t smax = 0;                                                                              \
+            for (int64_t i = 0; i < len; i++) /* (vectorized) */                                            \
+                smax = sc[i] > smax ? sc[i] : smax;                                                         \
+            if (len && smax >= A)                                                                           \
                 return -1;                                                                                  \
-            unpack_planes(tail, pos, n, t + S, v);                                                          \
+            for (int64_t i = 0; i < len; i++)                                                               \
+                o[i] = head[sc[i]];                                                                         \
+            off[c] += len;                                                                                  \
+            if (T + S == 0)                                                                                 \
+                continue;                                                                                   \
+            int64_t t = T - tz, width = t + S, n = tcount[tz], nbytes = width / 8, r = width % 8;           \
             uint64_t mask = t ? ((((uint64_t)1) << t) - 1) : 0;                                             \
-            const uint64_t *vj = v;                                                                         \
-            for (int64_t b = 0; b < nb; b++) {                                                              \
-                if (btz[b] != tz)                                                                           \
-                    continue;                                                                               \
-                int64_t a = b * L, len = b == nb - 1 ? m - a : L;                                           \
-                for (int64_t i = 0; i < len; i++) {                                                         \
-                    uint64_t x = vj[i];                                                                     \
-                    uint64_t y = (x & mask) << tz;                                                          \
-                    if (S)                                                                                  \
-                        y |= (x >> t) << (W - 1);                                                           \
-                    out[a + i] |= (U)y;                                                                     \
+            const uint8_t *pb = tail + tpos[tz];                                                            \
+            const uint8_t *p4 = pb + nbytes * n;                                                            \
+            const uint8_t *p2 = p4 + ((r & 4) ? (n * 4 + 7) / 8 : 0);                                       \
+            const uint8_t *p1 = p2 + ((r & 2) ? (n * 2 + 7) / 8 : 0);                                       \
+            for (int64_t i0 = 0; i0 < len; i0 += JPIECE) {                                                  \
+                int64_t k = len - i0 < JPIECE ? len - i0 : JPIECE, j0 = tdone[tz] + i0, shift = 0;          \
+                for (int64_t i = 0; i < k; i++)                                                             \
+                    xs[i] = 0;                                                                              \
+                for (int64_t q = 0; q < nbytes; q++, shift += 8) {                                          \
+                    const uint8_t *p = pb + q * n + j0;                                                     \
+                    for (int64_t i = 0; i < k; i++)                                                         \
+                        xs[i] |= (uint64_t)p[i] << shift;                                                   \
                 }                                                                                           \
-                vj += len;                                                                                  \
+                if (r & 4) {                                                                                \
+                    for (int64_t i = 0; i < k; i++) {                                                       \
+                        int64_t j = j0 + i;                                                                 \
+                        xs[i] |= (uint64_t)((p4[j >> 1] >> ((j & 1) << 2)) & 15) << shift;                  \
+                    }                                                                                       \
+                    shift += 4;                                                                             \
+                }                                                                                           \
+                if (r & 2) {                                                                                \
+                    for (int64_t i = 0; i < k; i++) {                                                       \
+                        int64_t j = j0 + i;                                                                 \
+                        xs[i] |= (uint64_t)((p2[j >> 2] >> ((j & 3) << 1)) & 3) << shift;                   \
+                    }                                                                                       \
+                    shift += 2;                                                                             \
+                }                                                                                           \
+                if (r & 1)                                                                                  \
+                    for (int64_t i = 0; i < k; i++) {                                                       \
+                        int64_t j = j0 + i;                                                                 \
+                        xs[i] |= (uint64_t)((p1[j >> 3] >> (j & 7)) & 1) << shift;                          \
+                    }                                                                                       \
+                U *oo = o + i0;                                                                             \
+                if (S)                                                                                      \
+                    for (int64_t i = 0; i < k; i++)                                                         \
+                        oo[i] |= (U)(((xs[i] & mask) << tz) | ((xs[i] >> t) << (W - 1)));                   \
+                else                                                                                        \
+                    for (int64_t i = 0; i < k; i++)                                                         \
+                        oo[i] |= (U)((xs[i] & mask) << tz);                                                 \
             }                                                                                               \
-            pos += size;                                                                                    \
+            tdone[tz] += len;                                                                               \
         }                                                                                                   \
-        return pos == tail_len ? 0 : -1;                                                                    \
+        return 0;                                                                                           \
     }
-FIELDS(fields8, uint8_t, 8)
-FIELDS(fields16, uint16_t, 16)
-FIELDS(fields32, uint32_t, 32)
-FIELDS(fields64, uint64_t, 64)
+JOIN(join8, uint8_t, 8)
+JOIN(join16, uint16_t, 16)
+JOIN(join32, uint32_t, 32)
+JOIN(join64, uint64_t, 64)
 
-int64_t wp_fields(const int32_t *syms, int64_t m, const uint64_t *alphabet, int64_t A, const uint8_t *bcls,
-                  const uint8_t *btz, int64_t nb, int64_t L, int64_t C, const int64_t *ccount, const uint8_t *tail,
-                  int64_t tail_len, int64_t W, int64_t S, int64_t T, uint64_t *scratch, void *out) {
-    int64_t off[256], end[256], acc = 0;
+int64_t wp_fields_join(const uint16_t *syms, int64_t m, const uint64_t *alphabet, int64_t A, const uint8_t *bcls,
+                       const uint8_t *btz, int64_t nb, int64_t L, int64_t C, const int64_t *ccount,
+                       const uint8_t *tail, int64_t tail_len, int64_t W, int64_t S, int64_t T, void *out) {
+    int64_t off[256], end[256], tpos[65], tcount[65], acc = 0;
     if (C < 1 || C > 256 || L < 1 || nb != (m + L - 1) / L || T < 0 || T > 63 || (S != 0 && S != 1) ||
         T + S >= W)
         return -1;
@@ -372,16 +563,346 @@ int64_t wp_fields(const int32_t *syms, int64_t m, const uint64_t *alphabet, int6
     }
     if (acc != m)
         return -1;
-    for (int64_t b = 0; b < nb; b++)
+    for (int64_t tz = 0; tz <= T; tz++)
+        tcount[tz] = 0;
+    for (int64_t b = 0; b < nb; b++) {
         if (bcls[b] >= C || btz[b] > T)
             return -1;
+        tcount[btz[b]] += b == nb - 1 ? m - b * L : L;
+    }
+    int64_t pos = 0;
+    for (int64_t tz = 0; tz <= T; tz++) {
+        tpos[tz] = pos;
+        if (tcount[tz] && T + S)
+            pos += packed_size(tcount[tz], T - tz + S);
+    }
+    if (pos != tail_len)
+        return -1;
     switch (W) {
-    case 8: return fields8(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
-    case 16: return fields16(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
-    case 32: return fields32(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
-    case 64: return fields64(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tail_len, S, T, scratch, out);
+    case 8: return join8(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
+    case 16: return join16(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
+    case 32: return join32(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
+    case 64: return join64(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
     default: return -1;
     }
+}
+
+/* -- encoding ----------------------------------------------------------------------------------------
+ *
+ * The encoders write exactly the bytes the Python/constriction encoders write (tests/test_native.py checks
+ * both ways): the planning histograms of coding/streams.make_plan, and fields chunks with their heads as
+ * ANS lanes (entropy.lanes_encode) and their tails packed by trailing-zero group (fields.pack_bits). */
+
+/* Element i of an array of W-bit unsigned values, widened. */
+static inline uint64_t elem(const void *u, int64_t W, int64_t i) {
+    switch (W) {
+    case 8: return ((const uint8_t *)u)[i];
+    case 16: return ((const uint16_t *)u)[i];
+    case 32: return ((const uint32_t *)u)[i];
+    default: return ((const uint64_t *)u)[i];
+    }
+}
+
+/* Planning, first pass over n elements (blocks of L from block b0 on; n a multiple of L but for the last
+ * piece): hist[head]++, bsum[b] += head, blow[b] |= tail bits, where head = (v >> T) & (2**H - 1).
+ * Caller: hist has 2**H entries, bsum and blow ceil(n / L) from b0. */
+#define SCAN(NAME, U)                                                                                       \
+    static void NAME(const U *restrict u, int64_t n, int64_t T, uint64_t hmask, uint64_t tmask, int64_t L,  \
+                     int64_t *restrict hist, int64_t *restrict bsum, uint64_t *restrict blow) {             \
+        for (int64_t a = 0, b = 0; a < n; a += L, b++) {                                                    \
+            int64_t e = a + L < n ? a + L : n, s = 0;                                                       \
+            uint64_t low = 0;                                                                               \
+            for (int64_t i = a; i < e; i++) {                                                               \
+                uint64_t v = u[i], h = (v >> T) & hmask;                                                    \
+                hist[h]++;                                                                                  \
+                s += (int64_t)h;                                                                            \
+                low |= v & tmask;                                                                           \
+            }                                                                                               \
+            bsum[b] = s;                                                                                    \
+            blow[b] = low;                                                                                  \
+        }                                                                                                   \
+    }
+SCAN(scan8, uint8_t)
+SCAN(scan16, uint16_t)
+SCAN(scan32, uint32_t)
+SCAN(scan64, uint64_t)
+
+int64_t wp_plan_scan(const void *u, int64_t n, int64_t W, int64_t H, int64_t T, int64_t L, int64_t *hist,
+                     int64_t *bsum, uint64_t *blow) {
+    if (L < 1 || H < 1 || H > 16 || T < 0 || T > 63 || n < 0)
+        return -1;
+    uint64_t hmask = ((uint64_t)1 << H) - 1, tmask = T ? (((uint64_t)1 << T) - 1) : 0;
+    switch (W) {
+    case 8: scan8(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
+    case 16: scan16(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
+    case 32: scan32(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
+    case 64: scan64(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
+    default: return -1;
+    }
+}
+
+/* Planning, second pass: fine[cls[b] * A + lut[head]]++ over n elements in blocks of L (cls from the
+ * first of these blocks). Caller: lut has 2**H entries below A, cls entries below the classes of fine. */
+int64_t wp_class_hist(const void *u, int64_t n, int64_t W, int64_t H, int64_t T, int64_t L, const uint8_t *cls,
+                      const int32_t *lut, int64_t A, int64_t *fine) {
+    if (L < 1 || H < 1 || H > 16 || T < 0 || T > 63 || n < 0)
+        return -1;
+    uint64_t hmask = ((uint64_t)1 << H) - 1;
+    for (int64_t a = 0, b = 0; a < n; a += L, b++) {
+        int64_t e = a + L < n ? a + L : n;
+        int64_t *row = fine + (int64_t)cls[b] * A;
+        for (int64_t i = a; i < e; i++)
+            row[lut[(elem(u, W, i) >> T) & hmask]]++;
+    }
+    return 0;
+}
+
+/* constriction's AnsCoder, encoding: 64-bit state, 32-bit words, 24-bit precision, tables f << 9 of the
+ * stored 15-bit tables. Symbols are encoded in reverse order; a word is pushed when the state would
+ * overflow; at the end the state follows as its low word and, when not zero, its high word (nothing for
+ * state 0). */
+typedef struct {
+    uint32_t f, c;  /* 15-bit frequency and cumulative frequency */
+    uint64_t magic; /* y / f == mulhi(y << pre, magic) >> post for y < 2**55 (enc_tables in native.py) */
+    uint32_t pre, post;
+} EncSym;
+
+static inline uint64_t ans_put(uint64_t x, uint32_t *buf, int64_t *nw, const EncSym *e) {
+    uint64_t f = e->f;
+    /* branch-free: whether a word is pushed is data-dependent (a branch would mispredict often); buf has
+     * room for the speculative store */
+    int64_t push = x >= (f << 49);
+    buf[*nw] = (uint32_t)x;
+    *nw += push;
+    x >>= 32 * push;
+    uint64_t y = x >> 9; /* < 2**55 */
+    uint64_t q = (uint64_t)(((unsigned __int128)(y << e->pre) * e->magic) >> 64) >> e->post;
+    return (q << 24) | ((((y - q * f) << 9) | (x & 511)) + ((uint64_t)e->c << 9));
+}
+
+static inline void ans_flush(uint64_t state, uint32_t *buf, int64_t *nw) {
+    if (state) {
+        buf[(*nw)++] = (uint32_t)state;
+        if (state >> 32)
+            buf[(*nw)++] = (uint32_t)(state >> 32);
+    }
+}
+
+/* The lanes payload of n symbols (coding order; ctx[i] the context of symbol i): nl = ceil(n / lane)
+ * lanes, symbol i in lane i % nl; nl word counts, then each lane's words. tab: C rows of A EncSym.
+ * scratch: 4 * (lane + 2) words. Returns the payload's length in bytes, or -1 if out would overflow
+ * (cap bytes) or a symbol or context is out of range. Four lanes are encoded together, their states in
+ * registers (their dependency chains overlap). */
+#define PUT(k)                                                                                               \
+    x##k = ans_put(x##k, w##k, &n##k, tab + ctx[base + k] * A + sym[base + k])
+int64_t wp_lanes_encode(const uint16_t *restrict sym, const uint8_t *restrict ctx, int64_t n, int64_t lane,
+                        const EncSym *restrict tab, int64_t C, int64_t A, uint32_t *restrict scratch,
+                        uint8_t *restrict out, int64_t cap) {
+    if (lane < 1 || n < 0 || C < 1 || A < 1)
+        return -1;
+    uint16_t smax = 0;
+    uint8_t cmax = 0;
+    for (int64_t i = 0; i < n; i++) { /* (vectorized) */
+        smax = sym[i] > smax ? sym[i] : smax;
+        cmax = ctx[i] > cmax ? ctx[i] : cmax;
+    }
+    if (n && (smax >= A || cmax >= C))
+        return -1;
+    int64_t nl = (n + lane - 1) / lane, pos = 4 * nl;
+    if (pos > cap)
+        return -1;
+    uint32_t *w0 = scratch, *w1 = w0 + lane + 2, *w2 = w1 + lane + 2, *w3 = w2 + lane + 2;
+    for (int64_t j0 = 0; j0 < nl; j0 += 4) {
+        uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0;
+        int64_t n0 = 0, n1 = 0, n2 = 0, n3 = 0, cnt[4];
+        for (int i = 0; i < 4; i++)
+            cnt[i] = j0 + i < nl ? (n - 1 - (j0 + i)) / nl + 1 : 0; /* non-increasing in i */
+        /* steps t = cnt - 1 down to 0; lane i takes part in step t when t < cnt[i] */
+        int64_t t = cnt[0] - 1;
+        for (; t >= cnt[3]; t--) { /* the top steps, where not every lane has a symbol */
+            const int64_t base = t * nl + j0;
+            PUT(0);
+            if (t < cnt[1])
+                PUT(1);
+            if (t < cnt[2])
+                PUT(2);
+        }
+        for (; t >= 0; t--) {
+            const int64_t base = t * nl + j0;
+            PUT(0);
+            PUT(1);
+            PUT(2);
+            PUT(3);
+        }
+        ans_flush(x0, w0, &n0), ans_flush(x1, w1, &n1), ans_flush(x2, w2, &n2), ans_flush(x3, w3, &n3);
+        const uint32_t *ws[4] = {w0, w1, w2, w3};
+        const int64_t nws[4] = {n0, n1, n2, n3};
+        for (int i = 0; i < 4 && j0 + i < nl; i++) {
+            uint32_t count = (uint32_t)nws[i];
+            if (pos + 4 * nws[i] > cap)
+                return -1;
+            memcpy(out + 4 * (j0 + i), &count, 4); /* little-endian, as the decoders read it (x86, arm) */
+            memcpy(out + pos, ws[i], 4 * (size_t)nws[i]);
+            pos += 4 * nws[i];
+        }
+    }
+    return pos;
+}
+
+/* Pack n values of `width` bits (x) as fields.pack_bits does: byte planes, then a 4-, 2- and 1-bit plane,
+ * lowest bits first; out holds packed_size(n, width) bytes. */
+static void pack_planes(const uint64_t *restrict x, int64_t n, int64_t width, uint8_t *restrict out) {
+    int64_t shift = 0;
+    for (int64_t k = 0; k < width / 8; k++, shift += 8, out += n)
+        for (int64_t j = 0; j < n; j++)
+            out[j] = (uint8_t)(x[j] >> shift);
+    int64_t r = width % 8;
+    if (r & 4) {
+        int64_t full = n / 2;
+        for (int64_t g = 0; g < full; g++)
+            out[g] = (uint8_t)(((x[2 * g] >> shift) & 15) | (((x[2 * g + 1] >> shift) & 15) << 4));
+        if (n & 1)
+            out[full] = (uint8_t)((x[n - 1] >> shift) & 15);
+        shift += 4, out += (n * 4 + 7) / 8;
+    }
+    if (r & 2) {
+        int64_t full = n / 4;
+        for (int64_t g = 0; g < full; g++) {
+            const uint64_t *q = x + 4 * g;
+            out[g] = (uint8_t)(((q[0] >> shift) & 3) | (((q[1] >> shift) & 3) << 2) | (((q[2] >> shift) & 3) << 4) |
+                               (((q[3] >> shift) & 3) << 6));
+        }
+        if (n & 3) {
+            uint8_t v = 0;
+            for (int64_t j = 4 * full; j < n; j++)
+                v |= (uint8_t)(((x[j] >> shift) & 3) << ((j & 3) << 1));
+            out[full] = v;
+        }
+        shift += 2, out += (n * 2 + 7) / 8;
+    }
+    if (r & 1) {
+        int64_t full = n / 8;
+        for (int64_t g = 0; g < full; g++) {
+            const uint64_t *q = x + 8 * g;
+            uint8_t v = 0;
+            for (int k = 0; k < 8; k++)
+                v |= (uint8_t)(((q[k] >> shift) & 1) << k);
+            out[g] = v;
+        }
+        if (n & 7) {
+            uint8_t v = 0;
+            for (int64_t j = 8 * full; j < n; j++)
+                v |= (uint8_t)(((x[j] >> shift) & 1) << (j & 7));
+            out[full] = v;
+        }
+    }
+}
+
+/* A fields chunk's heads and tails (m elements of W bits, blocks of L, the last maybe shorter):
+ * sym/ctx (when sym is given): the head symbols lut[head] grouped by block class (classes in order, blocks
+ * in order within a class) and each one's class; tail: for each trailing-zero count tz in order, the tails
+ * (low T bits without their tz zeros, the sign on top when S) of the blocks with btz == tz, packed at
+ * width T - tz + S as fields.pack_bits packs them. scratch: m uint64. Returns the tail's length, or -1 on
+ * inconsistent arguments. */
+#define SPLIT(NAME, U)                                                                                       \
+    static void NAME##_heads(const U *restrict u, int64_t m, int64_t T, uint64_t hmask, int64_t L,            \
+                             const uint8_t *restrict bcls, int64_t nb, const int32_t *restrict lut,           \
+                             int64_t *restrict off, uint16_t *restrict sym, uint8_t *restrict ctx) {          \
+        for (int64_t b = 0; b < nb; b++) {                                                                   \
+            int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], o = off[c];                       \
+            const U *ub = u + a;                                                                             \
+            uint16_t *sb = sym + o;                                                                          \
+            for (int64_t i = 0; i < len; i++)                                                                \
+                sb[i] = (uint16_t)lut[(ub[i] >> T) & hmask];                                                 \
+            memset(ctx + o, (int)c, (size_t)len);                                                            \
+            off[c] += len;                                                                                   \
+        }                                                                                                    \
+    }                                                                                                        \
+    static int64_t NAME##_gather(const U *restrict u, int64_t m, int64_t S, int64_t T, int64_t L,            \
+                                 const uint8_t *restrict btz, int64_t nb, int64_t tz, uint64_t *restrict x) { \
+        uint64_t tmask = ((uint64_t)1 << T) - 1; /* T <= 63 */                                               \
+        int64_t t = T - tz, k = 0, top = (int64_t)sizeof(U) * 8 - 1;                                         \
+        for (int64_t b = 0; b < nb; b++) {                                                                   \
+            if (btz[b] != tz)                                                                                \
+                continue;                                                                                    \
+            int64_t a = b * L, len = b == nb - 1 ? m - a : L;                                                \
+            const U *ub = u + a;                                                                             \
+            if (S)                                                                                           \
+                for (int64_t i = 0; i < len; i++)                                                            \
+                    x[k + i] = (((uint64_t)ub[i] & tmask) >> tz) | (((uint64_t)ub[i] >> top) << t);          \
+            else                                                                                             \
+                for (int64_t i = 0; i < len; i++)                                                            \
+                    x[k + i] = ((uint64_t)ub[i] & tmask) >> tz;                                              \
+            k += len;                                                                                        \
+        }                                                                                                    \
+        return k;                                                                                            \
+    }
+SPLIT(split8, uint8_t)
+SPLIT(split16, uint16_t)
+SPLIT(split32, uint32_t)
+SPLIT(split64, uint64_t)
+
+int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t H, int64_t T, int64_t L,
+                        const uint8_t *bcls, const uint8_t *btz, int64_t nb, int64_t C, const int32_t *lut,
+                        uint16_t *sym, uint8_t *ctx, uint8_t *tail, int64_t tail_cap, uint64_t *scratch) {
+    int64_t off[256], tcount[65];
+    if (L < 1 || nb != (m + L - 1) / L || C < 1 || C > 256 || T < 0 || T > 63 || H < 1 || H > 16 ||
+        (S != 0 && S != 1) || S + H + T != W)
+        return -1;
+    uint64_t hmask = ((uint64_t)1 << H) - 1;
+    if (sym) { /* heads, grouped by class */
+        int64_t acc = 0;
+        for (int64_t c = 0; c < C; c++)
+            off[c] = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            if (bcls[b] >= C)
+                return -1;
+            off[bcls[b]] += b == nb - 1 ? m - b * L : L;
+        }
+        for (int64_t c = 0; c < C; c++) {
+            int64_t k = off[c];
+            off[c] = acc;
+            acc += k;
+        }
+        switch (W) {
+        case 8: split8_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        case 16: split16_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        case 32: split32_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        case 64: split64_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        default: return -1;
+        }
+    }
+    if (T + S == 0)
+        return 0;
+    for (int64_t tz = 0; tz <= T; tz++)
+        tcount[tz] = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        if (btz[b] > T)
+            return -1;
+        tcount[btz[b]] += b == nb - 1 ? m - b * L : L;
+    }
+    int64_t pos = 0;
+    for (int64_t tz = 0; tz <= T; tz++)
+        if (tcount[tz])
+            pos += packed_size(tcount[tz], T - tz + S);
+    if (pos > tail_cap)
+        return -1;
+    pos = 0;
+    for (int64_t tz = 0; tz <= T; tz++) {
+        if (!tcount[tz])
+            continue;
+        int64_t k;
+        switch (W) {
+        case 8: k = split8_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
+        case 16: k = split16_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
+        case 32: k = split32_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
+        case 64: k = split64_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
+        default: return -1;
+        }
+        pack_planes(scratch, k, T - tz + S, tail + pos);
+        pos += packed_size(k, T - tz + S);
+    }
+    return pos;
 }
 
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native", "ctypes kernels", -1, NULL};

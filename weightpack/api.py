@@ -68,7 +68,7 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
          level: Optional[int] = None, min_sqnr: Optional[float] = None, bits: Optional[float] = None,
          size: "int | str | None" = None, allocate: str = "absolute", workers: Optional[int] = None,
          force: bool = False, progress: bool = False, shard_size: "int | str | None" = None,
-         executor: str = "local", ray_address: Optional[str] = None) -> dict:
+         executor: str = "local", ray_address: Optional[str] = None, _index_extra: Optional[dict] = None) -> dict:
     """Pack a safetensors file, a sharded index (`*.safetensors.index.json`) or a model folder.
 
     `recipe` is a preset name, a TOML file, a dict or a Recipe; `level` (1-3) trades decode speed for
@@ -110,11 +110,11 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
         ckpt = open_checkpoint(src)
         target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
         if bits is None and size is None:
-            tensors, out_size = pack_once(ckpt, target, rec, workers, force, progress, pool=ex.pool)
+            tensors, out_size = pack_once(ckpt, target, rec, workers, force, progress, _index_extra, pool=ex.pool)
             extra = {}
         else:
             tensors, out_size, extra = _pack_to_budget(ckpt, target, rec, bits, size, allocate, workers, force,
-                                                       progress, pool=ex.pool, pack_once=pack_once)
+                                                       progress, _index_extra, pool=ex.pool, pack_once=pack_once)
     if shard_size is not None:
         target, extra["shards"] = pack_once.summary(target)
     decided = [t for t in tensors if "lowrank" in t]
@@ -132,7 +132,8 @@ def _executor(kind: Optional[str], address: Optional[str]):
     return executor(kind, address)
 
 
-def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: bool, pool=None) -> tuple[list, int]:
+def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: bool,
+               index_extra: Optional[dict] = None, pool=None) -> tuple[list, int]:
     with ContainerWriter(target, force) as w, _bar(ckpt.total_bytes, "pack", progress) as bar:
         tensors = pack_checkpoint(ckpt, w, rec, workers, bar.update, pool=pool)
         carried = [_carry(w, name, path) for name, path in ckpt.carried]
@@ -142,6 +143,7 @@ def _pack_once(ckpt, target: Path, rec: Recipe, workers, force: bool, progress: 
             "files": [{"name": f.rel, "header": f.header_text} for f in ckpt.files],
             "carried": carried, "tensors": tensors,
         }
+        index.update(index_extra or {})  # optional keys (weightpack.torch: "tied")
         return tensors, w.commit(index)
 
 
@@ -150,7 +152,7 @@ BUDGET_MARGIN = 0.004  # the estimate is within ~0.5% at high rates: aim a littl
 
 
 def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, workers, force: bool,
-                    progress: bool, pool=None, pack_once=None):
+                    progress: bool, index_extra: Optional[dict] = None, pool=None, pack_once=None):
     """Rate control (ratecontrol.py): estimate the step, pack, measure; when the result is over the budget,
     scale the budget by what the estimate missed and pack again. A result that never fits is removed."""
     from . import ratecontrol
@@ -172,7 +174,7 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
     for attempt in range(BUDGET_TRIES):
         step = ratecontrol.find_step(samples, fixed, budget, allocate)
         tensors, out_size = (pack_once or _pack_once)(ckpt, target, ratecontrol.with_step(rec, step, allocate, samples),
-                                                      workers, force or attempt > 0, progress, pool=pool)
+                                                      workers, force or attempt > 0, progress, index_extra, pool=pool)
         lossy_rows = [t for t in tensors if t["stages"]]
         lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)
         reached = lossy_bits if bits is not None else 8.0 * out_size
@@ -286,13 +288,20 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
 
     A single-file source restores to `dst` (a file path, or a folder to put the original name in);
     a sharded or folder source restores to the folder `dst` (default: beside the container, without
-    `.wpk`), with its index and carried files. Returns the path written. With `device` (a GPU, or with
+    `.wpk`), with its index and carried files; a packed model folder (weightpack.hf.save_pretrained) restores
+    to a plain model folder. Returns the path written. With `device` (a GPU, or with
     decoder="device" any device), tensors are decoded on that torch device (see `load`) and written from
     there, one at a time; on the CPU they are decoded by workers (threads with the C kernels, else processes).
     `src` may be a sharded set (its `*.wpk.index.json`, or its folder): the set restores as one model.
     `executor="ray"` decodes on the Ray cluster at `ray_address` (workers write into the output files, so
     they must see the same storage).
     """
+    if Path(src).is_dir():  # a packed model folder (weightpack.hf): small files beside model.wpk
+        from .hf import is_packed_folder, unpack as unpack_folder
+
+        if is_packed_folder(src):
+            return unpack_folder(src, dst, force=force, workers=workers, progress=progress, device=device,
+                                 decoder=decoder)
     dev = _device(device) if device is not None else None
     if dev is not None and not _use_device_decoder(dev, decoder):
         dev = None
@@ -460,6 +469,13 @@ class WpkFile:
             return _to_tensor(rec, pieces, self.device)
         raise FormatError(f"tensor {name!r}: nothing decoded")
 
+    def get_slice(self, name: str):
+        """A lazy view of one tensor, like safe_open's get_slice: get_shape(), get_dtype(), and `[...]`
+        (integers, slices, `...`), which decodes only the chunks the slice needs (lazy.py)."""
+        from .lazy import TensorSlice
+
+        return TensorSlice(self, name)
+
     def close(self) -> None:
         self._r.close()
 
@@ -470,13 +486,18 @@ class WpkFile:
         self.close()
 
 
-def open(path: PathLike, device: "str | torch.device" = "cpu", decoder: str = "auto") -> WpkFile:  # noqa: A001
-    """Open a container (or a sharded set: its index or folder) for lazy, per-tensor access (like safetensors'
-    safe_open; see `load` for `decoder`)."""
+def open(path: "PathLike | list[PathLike]", device: "str | torch.device" = "cpu", decoder: str = "auto"):  # noqa: A001
+    """Open a container for lazy, per-tensor access (like safetensors' safe_open; see `load` for `decoder`).
+    A sharded set (its `*.wpk.index.json`, or its folder) opens as one model, checked against its index
+    (shards.py); a folder of `.wpk` files or a list of them opens as one set of shards (lazy.WpkSet)."""
     from . import shards
+    from .lazy import WpkSet, container_paths
 
-    if shards.is_set(path):
+    if not isinstance(path, (list, tuple)) and shards.is_set(path):
         return shards.ShardedWpkFile(path, device, decoder)
+    paths = container_paths(path)
+    if paths is not None:
+        return WpkSet(paths, device, decoder)
     return WpkFile(path, device, decoder)
 
 

@@ -13,7 +13,7 @@ from .errors import WeightpackError
 from .pipeline import progress_enabled
 from .recipe import load_recipe, presets
 
-EPILOG = "Exit codes: 0 ok, 1 verification failed, 2 bad usage or bad input."
+EPILOG = "Exit codes: 0 ok, 1 verification failed (diff: the inputs differ), 2 bad usage or bad input."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("unpack", help="restore safetensors from a .wpk container", epilog=EPILOG,
                         description="Restore the original safetensors file(s), index and carried files.")
-    sp.add_argument("src", help="the .wpk container, or a sharded set's *.wpk.index.json or folder")
+    sp.add_argument("src", help="the .wpk container, a sharded set's *.wpk.index.json or folder, or a packed "
+                                "model folder (weightpack.hf)")
     sp.add_argument("-o", "--output", help="output file or folder (default: beside SRC)")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     sp.add_argument("--device", metavar="DEV",
@@ -107,8 +108,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     common(sp)
 
+    sp = sub.add_parser("diff", help="what changed between two checkpoints or containers, per tensor",
+                        epilog="Exit codes (as cmp): 0 identical, 1 differs, 2 bad input.",
+                        description="Compare A and B (each a safetensors file, a sharded index, a folder or a "
+                                    ".wpk container) tensor by tensor: max abs error, relative error, SQNR, bits "
+                                    "per weight where packed; added, removed, renamed, reshaped and retyped tensors.")
+    sp.add_argument("a", help="the reference")
+    sp.add_argument("b", help="what is compared with it")
+    sp.add_argument("--all", action="store_true", help="list identical tensors too")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code tells")
+
     sub.add_parser("recipes", help="list the recipe presets", epilog=EPILOG)
     return p
+
+
+def _print_diff(rep, show_all: bool) -> None:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    rows = [t for t in rep.tensors if show_all or t["status"] != "identical"]
+    if rows:
+        w = max([len(r["name"]) for r in rows] + [6])
+        print(f"{'tensor':<{w}}  {'status':<9} {'max abs err':>11} {'rel err':>9} {'SQNR':>9} {'bpw A':>6} {'bpw B':>6}")
+        for r in rows:
+            status = r["status"]
+            if status == "dtype":
+                status = f"{r['dtype_a']}->{r['dtype_b']}"
+            elif status == "shape":
+                status = "x".join(map(str, r["shape_a"])) + "->" + "x".join(map(str, r["shape_b"]))
+            sq = "exact" if r["status"] == "identical" else num(r["sqnr_db"], ".2f")
+            print(f"{r['name']:<{w}}  {status:<9} {num(r['max_abs_error'], '.4g'):>11} {num(r['rel_error'], '.3g'):>9} "
+                  f"{sq:>9} {num(r['bits_per_weight_a'], '.2f'):>6} {num(r['bits_per_weight_b'], '.2f'):>6}")
+    for n in rep.removed:
+        print(f"removed: {n}")
+    for n in rep.added:
+        print(f"added: {n}")
+    for r in rep.renamed:
+        print(f"renamed: {r['from']} -> {r['to']}")
+    print(rep.summary())
 
 
 def _print_inspect(rep: dict) -> None:
@@ -145,7 +183,8 @@ def _print_allocation(a: dict) -> None:
 def run(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
-        print("weightpack: error: a command is required: pack, unpack, inspect, verify or recipes (see --help)",
+        print("weightpack: error: a command is required: pack, unpack, inspect, verify, diff or recipes "
+              "(see --help)",
               file=sys.stderr)
         return 2
     show = progress_enabled(getattr(args, "quiet", False))
@@ -197,6 +236,15 @@ def run(argv: Optional[list[str]] = None) -> int:
                              + (f", worst SQNR {worst:.2f} dB" if worst is not None else ""))
                 print(f"ok: {rep.checked} tensors, all checksums valid{what}")
         return 0 if rep.ok else 1
+    elif args.command == "diff":
+        from .diff import diff
+
+        rep = diff(args.a, args.b)
+        if args.json:
+            print(json.dumps(rep.to_json(), indent=2))
+        elif not args.quiet:
+            _print_diff(rep, args.all)
+        return 0 if rep.identical else 1
     elif args.command == "recipes":
         for name, path in sorted(presets().items()):
             print(f"{name:<16} {load_recipe(str(path)).description}")

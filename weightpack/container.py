@@ -21,7 +21,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import zstandard
 
@@ -32,8 +32,9 @@ from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
 
 MAGIC = b"\x89WPK\r\n\x1a\n"
-VERSION = (1, 2)
+VERSION = (1, 3)  # 1.3: chunks' decoded-data checksums are bound to their stream (streams.binding)
 ALIGN = 64
+INDEX_SLOW_ZSTD = 1 << 18  # index JSON up to this size is compressed at zstd -19, longer at -12
 HEADER = struct.Struct("<8sHHI")
 TRAILER = struct.Struct("<QQIHH8s")
 MAX_INDEX = 1 << 30
@@ -56,16 +57,25 @@ class ContainerWriter:
         self.f.write(HEADER.pack(MAGIC, *VERSION, 0))
         self.pos = HEADER.size
 
-    def write_blob(self, data: bytes) -> dict:
-        return self.write_blob_pieces([data])
+    def write_blob(self, data: bytes, crc: Optional[int] = None) -> dict:
+        """Write one blob; `crc` is its crc32 where the caller has it (computed by a worker)."""
+        if crc is None:
+            return self.write_blob_pieces([data])
+        offset = self._align()
+        self.f.write(data)
+        self.pos += len(data)
+        return _ref(offset, len(data), crc)
 
-    def write_blob_pieces(self, pieces: Iterable[bytes]) -> dict:
-        """Write a blob given in pieces (memory: one piece)."""
+    def _align(self) -> int:
         pad = (-self.pos) % ALIGN
         if pad:
             self.f.write(b"\0" * pad)
             self.pos += pad
-        offset, crc = self.pos, 0
+        return self.pos
+
+    def write_blob_pieces(self, pieces: Iterable[bytes]) -> dict:
+        """Write a blob given in pieces (memory: one piece)."""
+        offset, crc = self._align(), 0
         for piece in pieces:
             self.f.write(piece)
             self.pos += len(piece)
@@ -73,8 +83,10 @@ class ContainerWriter:
         return _ref(offset, self.pos - offset, crc)
 
     def commit(self, index: dict) -> int:
-        raw = zstandard.ZstdCompressor(level=19).compress(
-            json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        text = json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        # zstd -19 costs ~0.5 s per MB of index: a big model's index (a few MB) is compressed at a level
+        # whose time stays small beside the pack's
+        raw = zstandard.ZstdCompressor(level=19 if len(text) <= INDEX_SLOW_ZSTD else 12).compress(text)
         offset = self.pos
         self.f.write(raw)
         self.f.write(TRAILER.pack(offset, len(raw), zlib.crc32(raw), *VERSION, MAGIC))
@@ -161,6 +173,7 @@ class ContainerReader:
             raise FormatError(f"{where}: damaged (header and trailer versions differ)")
         if major != VERSION[0]:
             raise FormatError(f"{where}: format version {major}.{minor} is not supported (this reader: {VERSION[0]}.x)")
+        self.version = (major, minor)
         if t_off < HEADER.size or t_len > MAX_INDEX or t_off + t_len != self.size - TRAILER.size:
             raise FormatError(f"{where}: truncated or damaged (index position)")
         raw = self._pread(t_off, t_len)

@@ -100,9 +100,10 @@ class DeviceDecoder:
             if t["stages"]:
                 lossy.params_of(t, where)
                 streams_of = {part["name"]: self._prepare(batch, part["stream"], part["dtype"], part["shape"],
-                                                          f"{where} part {part['name']!r}") for part in t["parts"]}
+                                                          f"{where} part {part['name']!r}", t["name"], part["name"])
+                              for part in t["parts"]}
             else:
-                streams_of = {None: self._prepare(batch, t["stream"], t["dtype"], t["shape"], where)}
+                streams_of = {None: self._prepare(batch, t["stream"], t["dtype"], t["shape"], where, t["name"])}
             batch.items.append((t, streams_of))
             if batch.lanes.nsymbols >= BATCH_SYMBOLS:
                 yield from self._finish(batch)
@@ -120,8 +121,9 @@ class DeviceDecoder:
                 raise FormatError(f"{where} chunk {i}: checksum mismatch (damaged data)")
         return views
 
-    def _prepare(self, batch: _Batch, stream: dict, dtype: str, shape: list, where: str) -> _Stream:
-        plan = stream_plan(self.reader, stream, dtype, shape, where)
+    def _prepare(self, batch: _Batch, stream: dict, dtype: str, shape: list, where: str, tensor: str,
+                 part: Optional[str] = None) -> _Stream:
+        plan = stream_plan(self.reader, stream, dtype, shape, where, tensor, part)
         s = _Stream(plan, dtype, shape, where)
         laned = plan.codec == "fields" and plan.lane
         split = plan.codec == "trellis" and plan.ans_lane and plan.alphabet > 1

@@ -98,7 +98,7 @@ class RayPool:
     def __init__(self, session: Session, workers: Optional[int] = None):
         self.session = session
         self.workers = session.cpus() if workers is None else max(1, int(workers))
-        self.refs: deque = deque()
+        self.pending: set = set()  # refs submitted and not yet taken (cancelled should the pool fail)
 
     def __enter__(self) -> "RayPool":
         return self
@@ -106,19 +106,29 @@ class RayPool:
     def __exit__(self, exc_type, *rest) -> None:
         if exc_type is not None:  # failed or interrupted: stop what is still queued or running
             ray = import_ray()
-            for ref, is_task in self.refs:
-                if is_task:
-                    try:
-                        ray.cancel(ref, force=True)
-                    except Exception:
-                        pass
-        self.refs.clear()
+            for ref in self.pending:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:
+                    pass
+        self.pending.clear()
+
+    def submit(self, fn, *args: Any) -> "_RayFuture":
+        """Run one task on the cluster; its result is the returned future's `result()` (as parallel.Pool's)."""
+        ref = self.session.remote.remote(fn, args)
+        self.pending.add(ref)
+        return _RayFuture(self, ref)
+
+    def take(self, ref) -> Any:
+        try:
+            return _get(import_ray(), ref)
+        finally:
+            self.pending.discard(ref)
 
     def ordered_map(self, items: Iterable[Any], inflight: Optional[int] = None) -> Iterator[Any]:
-        ray = import_ray()
         it = iter(items)
         limit = min(inflight or 3 * self.workers, INFLIGHT_PER_CPU * self.workers)
-        queue = self.refs
+        queue: deque = deque()
         running, exhausted = 0, False
         while True:
             while not exhausted and running < limit:
@@ -128,7 +138,9 @@ class RayPool:
                     exhausted = True
                     break
                 if isinstance(item, Task):
-                    queue.append((self.session.remote.remote(item.fn, item.args), True))
+                    ref = self.session.remote.remote(item.fn, item.args)
+                    queue.append((ref, True))
+                    self.pending.add(ref)
                     running += 1
                 else:
                     queue.append((item, False))
@@ -139,7 +151,19 @@ class RayPool:
                 yield ref
                 continue
             running -= 1
-            yield _get(ray, ref)
+            result = self.take(ref)
+            del ref  # the object store frees a result once no reference to it is left
+            yield result
+
+
+class _RayFuture:
+    def __init__(self, pool: RayPool, ref):
+        self.pool, self.ref = pool, ref
+
+    def result(self) -> Any:
+        if self.ref is not None:
+            self.value, self.ref = self.pool.take(self.ref), None
+        return self.value
 
 
 def _get(ray, ref) -> Any:

@@ -72,6 +72,14 @@ class Pool:
                 p.terminate()
         self.ex.shutdown(wait=exc_type is None, cancel_futures=True)
 
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        """Run one task on the pool (at once, here, for one worker); its result is the future's."""
+        if self.ex is None:
+            f: Future = Future()
+            f.set_result(fn(*args))
+            return f
+        return self.ex.submit(fn, *args)
+
     def ordered_map(self, items: Iterable[Any], inflight: int | None = None) -> Iterator[Any]:
         it = iter(items)
         if self.ex is None:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -21,6 +22,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, TensorEntry, pread_exact, read_exact
 from .coding import native, streams, trellis
+from .coding.binding import binding
 from .coding.fields import UINT
 from .container import ContainerReader, ContainerWriter
 from .dtypes import DTYPES
@@ -47,21 +49,36 @@ def unit_bytes(plan: streams.Plan) -> int:
 
 # -- pack ----------------------------------------------------------------------------------------
 
+def _pread(fd: int, offset: int, length: int, what: str, error: type = CheckpointError) -> np.ndarray:
+    """pread_exact into an uninitialized array: no zero-filling under the GIL (reads run in threads beside
+    each other)."""
+    buf = np.empty(length, np.uint8)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [memoryview(buf)[got:]], offset + got)
+        if n <= 0:
+            raise error(f"{what}: ended early (truncated?)")
+        got += n
+    return buf
+
+
 def _reader(path: Path, entry: TensorEntry) -> streams.Reader:
     """Elements first..first+count-1 of a tensor (dtypes with a field layout: 8 to 64 bits)."""
     size = DTYPES[entry.dtype].bits // 8
 
     def read(first: int, count: int) -> np.ndarray:
-        data = read_exact(path, entry.begin + first * size, count * size)
-        return np.frombuffer(data, dtype=UINT[size * 8])
+        with open(path, "rb", buffering=0) as f:
+            data = _pread(f.fileno(), entry.begin + first * size, count * size, str(path))
+        return data.view(UINT[size * 8])
 
     return read
 
 
 def tensor_sha256(path: Path, entry: TensorEntry) -> str:
     h = hashlib.sha256()
-    for a in range(entry.begin, entry.end, HASH_PIECE):
-        h.update(read_exact(path, a, min(HASH_PIECE, entry.end - a)))
+    with open(path, "rb", buffering=0) as f:
+        for a in range(entry.begin, entry.end, HASH_PIECE):
+            h.update(_pread(f.fileno(), a, min(HASH_PIECE, entry.end - a), str(path)))
     return h.hexdigest()
 
 
@@ -72,9 +89,10 @@ def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: in
     with open(path, "rb", buffering=0) as f:
         for i in range(first, last):
             a, b = plan.chunk_range(i)
-            data = pread_exact(f.fileno(), begin + a * unit, (b - a) * unit, CheckpointError, path)
+            data = _pread(f.fileno(), begin + a * unit, (b - a) * unit, path)
             nbytes += len(data)
-            out.append(streams.encode_chunk(plan, i, _elements(plan, data)))
+            rec, payload = streams.encode_chunk(plan, i, _elements(plan, data))
+            out.append((rec, payload, streams.payload_crc(payload)))
     return nbytes, out
 
 
@@ -122,18 +140,57 @@ class _Coded:
     streams: list[tuple[Optional[dict], dict, bytes, list]]  # (part record or None, params, side, chunks)
 
 
-def _pack_items(ckpt: Checkpoint, recipe: Recipe) -> Iterator:
-    for fi, f, e in ckpt.tensors():
-        record = {"name": e.name, "file": fi, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes}
-        stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
-        if stages:
-            yield Task(_lossy_task, (str(f.path), e, record, stages, recipe.level))
+PLAN_AHEAD = 2  # tensors planned and hashed ahead, per worker, while earlier tensors' chunks are coded
+
+
+def _plan_task(path: str, e: TensorEntry, level: int) -> streams.Plan:
+    """Measure a tensor and choose its coding (in a worker: its two passes over the tensor run beside the
+    coding of earlier tensors)."""
+    return _bound(streams.make_plan(e.dtype, e.shape, _reader(Path(path), e), level), e.name, None)
+
+
+def _bound(plan, tensor: str, part: Optional[str]):
+    """The plan with its stream bound to the record it is written for (binding.py)."""
+    plan.seed = binding(tensor, part)
+    return plan
+
+
+def _hash_task(path: str, e: TensorEntry) -> str:
+    return tensor_sha256(Path(path), e)
+
+
+def _pack_items(ckpt: Checkpoint, recipe: Recipe, pool: Pool) -> Iterator:
+    """The pack's tasks in container order. Each tensor's plan and hash are computed by workers, submitted
+    PLAN_AHEAD tensors per worker ahead of its chunks, so that no step that grows with the model runs in
+    the main process."""
+    ahead: deque = deque()
+    tensors = iter(ckpt.tensors())
+
+    def submit_next() -> None:
+        for fi, f, e in tensors:
+            record = {"name": e.name, "file": fi, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes}
+            stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
+            if stages:
+                ahead.append((Task(_lossy_task, (str(f.path), e, record, stages, recipe.level)), None))
+            else:
+                ahead.append(((record, str(f.path), e), (pool.submit(_plan_task, str(f.path), e, recipe.level),
+                                                         pool.submit(_hash_task, str(f.path), e))))
+            return
+
+    for _ in range(PLAN_AHEAD * pool.workers):
+        submit_next()
+    while ahead:
+        item, futures = ahead.popleft()
+        submit_next()
+        if futures is None:
+            yield item
             continue
-        plan = streams.make_plan(e.dtype, e.shape, _reader(f.path, e), recipe.level)
-        record.update(sha256=tensor_sha256(f.path, e), stages=[])
+        record, path, e = item
+        plan = futures[0].result()
+        record.update(sha256=futures[1].result(), stages=[])
         yield _TensorStart(record, plan)
         for first, last in _chunk_batches(plan):
-            yield Task(_encode_task, (str(f.path), e.begin, plan.for_chunks(first, last), first, last))
+            yield Task(_encode_task, (path, e.begin, plan.for_chunks(first, last), first, last))
 
 
 def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: int) -> _Coded:
@@ -143,7 +200,7 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
     result = lossy.encode(e.dtype, e.shape, raw, stages)
     if result is None:
         u = _elements_of(e.dtype, bytes(raw))
-        plan = streams.make_plan(e.dtype, e.shape, lambda a, c: u[a:a + c], level)
+        plan = _bound(streams.make_plan(e.dtype, e.shape, lambda a, c: u[a:a + c], level), e.name, None)
         record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=[])
         return _Coded(record, [(None, plan.params(), plan.side(), _encode_data_task(plan, 0, bytes(raw))[1])])
     record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=result.stages,
@@ -163,6 +220,7 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
                 pass
         if plan is None:
             plan = streams.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
+        _bound(plan, e.name, name)
         coded.append(({"name": name, "dtype": dtype, "shape": shape}, plan.params(), plan.side(),
                       _encode_data_task(plan, 0, data)[1]))
     return _Coded(record, coded)
@@ -181,13 +239,15 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
     stream: Optional[dict] = None
 
     def write_chunks(chunks):
-        for rec, payload in chunks:
-            rec.update(writer.write_blob(payload))
+        for rec, payload, *crc in chunks:
+            rec.update(writer.write_blob(payload, *crc))
             stream["chunks"].append(rec)
 
-    with (pool or Pool)(workers) as pool:
+    # threads where the coding runs in the compiled kernels, zlib, zstd and hashlib (all release the GIL);
+    # processes for lossy stages and for constriction (they hold it)
+    with (pool or Pool)(workers, threads=native.available() and not recipe.lossy) as pool:
         # a slow tensor (lossy stages on a big matrix) holds back the output: let the other workers run ahead
-        for item in pool.ordered_map(_pack_items(ckpt, recipe), inflight=PACK_INFLIGHT * pool.workers):
+        for item in pool.ordered_map(_pack_items(ckpt, recipe, pool), inflight=PACK_INFLIGHT * pool.workers):
             if isinstance(item, _TensorStart):
                 records.append(item.record)
                 stream = _open_stream(writer, item.record, item.plan.params(), item.plan.side())
@@ -210,16 +270,20 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
 
 # -- decode --------------------------------------------------------------------------------------
 
-def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str) -> streams.Plan:
-    """The plan of a stream record (its side information read and checked; the chunk count was checked with
-    the whole index when the container was opened)."""
+def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str, tensor: str,
+                part: Optional[str] = None) -> streams.Plan:
+    """The plan of the stream of `tensor` (or of its `part`): its side information read and checked (the chunk
+    count was checked with the whole index when the container was opened), bound to its record from format
+    1.3 on."""
     side = reader.read_blob(stream["side"], where + " side information") if stream.get("side") else b""
-    return streams.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
+    plan = streams.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
+    return _bound(plan, tensor, part) if reader.version >= (1, 3) else plan
 
 
 def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: str,
-                 out_path: Optional[str], out_offset: int) -> list:
-    """Decode chunks first.. of a stream: write them into `out_path` at their place, or return them."""
+                 out_path: Optional[str], out_offset: int, into: Optional[np.ndarray] = None) -> list:
+    """Decode chunks first.. of a stream: write them into `out_path` at their place, or into the stream's
+    buffer `into` (threads share it), or return them."""
     unit = unit_bytes(plan)
     results = []
     with open(path, "rb", buffering=0) as f:
@@ -228,13 +292,16 @@ def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: st
             for k, rec in enumerate(recs):
                 i = first + k
                 where = f"{what} chunk {i}"
-                payload = pread_exact(f.fileno(), rec["offset"], rec["length"], FormatError, where)
+                payload = _pread(f.fileno(), rec["offset"], rec["length"], where, FormatError)
                 if zlib.crc32(payload) != rec["crc32"]:
                     raise FormatError(f"{where}: checksum mismatch (damaged data)")
-                raw = streams.decode_chunk(plan, i, rec, memoryview(payload), where)
+                a, b = plan.chunk_range(i)
+                dest = into[a * unit:b * unit] if into is not None else None
+                raw = streams.decode_chunk(plan, i, rec, memoryview(payload), where, dest)
                 if out_fd is not None:
-                    a, _ = plan.chunk_range(i)
                     os.pwrite(out_fd, raw, out_offset + a * unit)
+                    results.append(len(raw))
+                elif dest is not None:
                     results.append(len(raw))
                 else:
                     results.append(raw)
@@ -252,6 +319,7 @@ class _Mark:
     part: Optional[str] = None
     in_memory: bool = True
     whole: bool = False  # a lossy tensor decoded and rebuilt by one task: its result is the tensor's bytes
+    buffer: Optional[np.ndarray] = None  # the tensor's bytes, which its tasks (threads) decode into
 
 
 WHOLE_LOSSY_CHUNKS = 2  # a lossy tensor with at most this many chunks (all parts) is rebuilt in a worker
@@ -269,10 +337,10 @@ def _decode_lossy_task(path: str, t: dict, parts: list[tuple[dict, streams.Plan]
 
 
 def _chunk_task_args(reader: ContainerReader, plan: streams.Plan, chunks: list, where: str,
-                     target: Optional[tuple[str, int]]) -> Iterator[tuple]:
+                     target: Optional[tuple[str, int]], into: Optional[np.ndarray] = None) -> Iterator[tuple]:
     for first, last in _chunk_batches(plan):
         yield (str(reader.path), plan.for_chunks(first, last), chunks[first:last], first,
-               where, target[0] if target else None, target[1] if target else 0)
+               where, target[0] if target else None, target[1] if target else 0, into)
 
 
 def _decode_batch(batch: list[tuple]) -> list:
@@ -280,10 +348,12 @@ def _decode_batch(batch: list[tuple]) -> list:
     return [r for args in batch for r in _decode_task(*args)]
 
 
-def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dict] = None) -> Iterator:
+def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dict] = None,
+                 shared: bool = False) -> Iterator:
     """Tasks decoding `tensors`, each preceded by a mark; `out` maps names to (path, offset) for tensors
     whose chunks workers write straight into a file (tensors without stages). Small tensors written
-    straight to files share tasks, so a model of many small tensors costs few round trips."""
+    straight to files share tasks, so a model of many small tensors costs few round trips. With `shared`
+    (worker threads), tensors without stages decoded in memory are decoded straight into their buffer."""
     batch: list[tuple] = []
     batch_bytes = 0
 
@@ -299,7 +369,8 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
             yield from flush()
             lossy.params_of(t, where)
             plans = [(part, stream_plan(reader, part["stream"], part["dtype"], part["shape"],
-                                        f"{where} part {part['name']!r}")) for part in t["parts"]]
+                                        f"{where} part {part['name']!r}", t["name"], part["name"]))
+                     for part in t["parts"]]
             if sum(plan.nchunks for _, plan in plans) <= WHOLE_LOSSY_CHUNKS:
                 yield _Mark(t, whole=True)
                 yield Task(_decode_lossy_task, (str(reader.path), t, plans, where))
@@ -310,7 +381,7 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
                 yield _Mark(t, part["name"])
                 yield from (Task(_decode_task, a) for a in _chunk_task_args(reader, plan, part["stream"]["chunks"], w, None))
             continue
-        plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where)
+        plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where, t["name"])
         target = out.get(t["name"]) if out else None
         args = list(_chunk_task_args(reader, plan, t["stream"]["chunks"], where, target))
         if target is not None and t["nbytes"] < TASK_BYTES:
@@ -321,7 +392,12 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
             batch_bytes += t["nbytes"]
             continue
         yield from flush()
-        yield _Mark(t, in_memory=target is None)
+        if target is None and shared and t["nbytes"]:
+            buf = np.empty(t["nbytes"], np.uint8)
+            yield _Mark(t, buffer=buf)
+            args = _chunk_task_args(reader, plan, t["stream"]["chunks"], where, None, buf)
+        else:
+            yield _Mark(t, in_memory=target is None)
         yield from (Task(_decode_task, a) for a in args)
     yield from flush()
 
@@ -341,6 +417,10 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
                 _checked(part, [parts[part["name"]]], f"tensor {t['name']!r} part {part['name']!r}")
             progress(t["nbytes"])
             return t, [lossy.decode(t, parts)]
+        if mark.buffer is not None:
+            if sum(pieces) != len(mark.buffer):
+                raise FormatError(f"tensor {t['name']!r}: decoded {sum(pieces)} bytes, expected {len(mark.buffer)}")
+            return t, [mark.buffer]
         return t, _checked(t, pieces, f"tensor {t['name']!r}")
 
     for item in items:
@@ -353,6 +433,9 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
             if mark is not None and mark.in_memory:
                 yield finish()
             mark, parts, pieces = item, {}, []
+        elif mark.buffer is not None:  # lengths of the chunks decoded into it
+            pieces.extend(item)
+            progress(sum(item))
         elif mark.in_memory:
             pieces.extend(item)
             if not mark.record["stages"] and not mark.whole:
@@ -367,8 +450,9 @@ def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Option
                    progress: Progress = _noop, pool: Optional[Callable] = None) -> Iterator[tuple[dict, list[bytes]]]:
     """Yield (record, decoded bytes in pieces) for each tensor, decoded by worker threads where the compiled
     kernels are built (they release the GIL), else by worker processes."""
-    with (pool or Pool)(workers, threads=native.available()) as pool:
-        yield from _decoded(pool.ordered_map(decode_items(reader, tensors)), progress)
+    threads = native.available()
+    with (pool or Pool)(workers, threads=threads) as p:  # a pool from elsewhere (Ray) shares no memory
+        yield from _decoded(p.ordered_map(decode_items(reader, tensors, shared=threads and pool is None)), progress)
 
 
 def _checked(t: dict, pieces: list[bytes], where: str) -> list[bytes]:

@@ -41,6 +41,11 @@ class Recipe:
     level: int = DEFAULT_LEVEL
     rules: list[Rule] = field(default_factory=list)
 
+    @property
+    def lossy(self) -> bool:
+        """Whether any rule applies lossy stages."""
+        return any(r.stages for r in self.rules)
+
     def stages_for(self, tensor: str, ndim: int) -> list:
         for r in self.rules:
             if fnmatch.fnmatchcase(tensor, r.match) and ndim >= r.min_dims:

@@ -127,7 +127,7 @@ class ShardedPacker:
         self.names: list[str] = []
 
     def __call__(self, ckpt: Checkpoint, target: Path, rec, workers, force: bool, progress: bool,
-                 pool: Optional[Callable] = None) -> tuple[list, int]:
+                 index_extra: Optional[dict] = None, pool: Optional[Callable] = None) -> tuple[list, int]:
         from .api import _pack_once
 
         folder, stem = target.parent, stem_of(target)
@@ -144,7 +144,7 @@ class ShardedPacker:
                 sub = _sub_checkpoint(ckpt, group, ckpt.carried if k == 0 else [])
                 path = folder / f".{names[k]}.{token}.partial"
                 staged.append(path)
-                tensors, size = _pack_once(sub, path, rec, workers, True, progress, pool=pool)
+                tensors, size = _pack_once(sub, path, rec, workers, True, progress, index_extra, pool=pool)
                 records += tensors
                 for t in tensors:
                     weight_map[t["name"]] = names[k]

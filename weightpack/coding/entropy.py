@@ -65,11 +65,23 @@ class Tables:
         self.tables = [np.asarray(t) for t in tables]
         self._models: Optional[list] = None
         self._slots: Optional[tuple] = None
+        self._enc: Optional[tuple] = None
+        self._fast: Optional[tuple] = None
 
     def models(self) -> list:
         if self._models is None:
             self._models = [make_model(t) for t in self.tables]
         return self._models
+
+    def encoder(self) -> tuple:
+        if self._enc is None:
+            self._enc = native.enc_tables(np.stack(self.tables))
+        return self._enc
+
+    def fast(self) -> tuple:
+        if self._fast is None:
+            self._fast = native.fast_slots(self.tables)
+        return self._fast
 
     def slots(self) -> tuple:
         if self._slots is None:

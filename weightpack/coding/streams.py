@@ -18,6 +18,7 @@ zstd-compressed blob. Per chunk, the parts are concatenated and described in the
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -28,10 +29,11 @@ import zstandard
 from ..dtypes import DTYPES
 from ..errors import FormatError
 from . import entropy, native, trellis
+from .binding import chunk_seed
 from .fields import (UINT, Layout, join, layout_for, pack_bits, packed_size, split, tail_values, trailing_zeros,
                      unpack_bits, work_dtype)
 
-CHUNK_TARGET = 1 << 18  # elements per chunk (rounded to whole blocks)
+CHUNK_TARGET = 1 << 19  # elements per chunk (rounded to whole blocks)
 BYTES_CHUNK = 1 << 20  # bytes per chunk for the bytes codec
 MAX_BLOCK = 1 << 16
 MAX_CHUNK = 1 << 22  # a reader refuses larger chunks: what one chunk may make it allocate is bounded
@@ -68,6 +70,8 @@ class Plan:
     tz: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     block_base: int = 0  # index of the first block that cls and tz hold
     lane: int = 0  # symbols per ANS lane of the heads (format 1.2); 0: one ANS stream per chunk (1.0/1.1)
+    seed: int = 0  # the stream's binding (format 1.3; 0 before): seeds its chunks' decoded-data checksums
+    estimate: float = 0.0  # bits the plan expects to code the stream in (heads, tables, classes, raw tails)
     _tables: Optional[entropy.Tables] = None
     _lut: Optional[np.ndarray] = None
 
@@ -130,8 +134,18 @@ class Plan:
                        _tables=None, _lut=None)
 
 
+_compressors = threading.local()
+
+
 def _zstd(data: bytes, level: int) -> bytes:
-    return zstandard.ZstdCompressor(level=level).compress(data)
+    """zstd at `level`, with a compressor kept per thread and level (making one costs more than a chunk)."""
+    by_level = getattr(_compressors, "by_level", None)
+    if by_level is None:
+        by_level = _compressors.by_level = {}
+    c = by_level.get(level)
+    if c is None:
+        c = by_level[level] = zstandard.ZstdCompressor(level=level)
+    return c.compress(data)
 
 
 def unzstd(data, expected: int, where: str) -> bytes:
@@ -151,10 +165,77 @@ def unzstd(data, expected: int, where: str) -> bytes:
     return out
 
 
-def compress_best(data: bytes, level: int) -> tuple[str, bytes]:
-    """('zstd', frame) when zstd makes `data` smaller, else ('raw', data)."""
-    z = _zstd(data, level)
+# A trial compression costs as much as the rest of a chunk's coding and rarely wins on weights (the byte
+# planes of a chunk; its packed tails), so long data is first measured on a sample of PROBE_PIECES pieces
+# spread over it: the order-0 entropy of each byte plane (what zstd's entropy stage can reach, a little
+# optimistic) and zstd -1 of the sample (which sees repeats, where LZ matching wins). The trial is made
+# where either says it can win; a level above FAST_ZSTD only where FAST_ZSTD comes close.
+PROBE_PIECES, PROBE_PIECE = 8, 4096
+PROBE_MIN = 4 * PROBE_PIECES * PROBE_PIECE
+ENTROPY_SLACK = 1.0  # order-0 estimate against what must be beaten (zstd stays above its order-0 entropy)
+REPEATS = 0.9  # zstd -1 of the sample below this share of its order-0 entropy: repeats, try LZ
+BYTES_SLACK = 0.02  # a slow level is tried when zstd -3 of the whole comes within this of what it must beat
+SKEWED = 0.998  # tails whose order-0 entropy is below this share of their size are compressed at the level's own
+FAST_ZSTD = 3
+BYTES_SLOW_ZSTD = 12  # the slow level of a trial against a known size (zstd -19 costs 5x more for ~0.3%)
+
+
+def _sample(data, pieces: int = PROBE_PIECES, piece: int = PROBE_PIECE) -> bytes:
+    step = len(data) // pieces
+    return b"".join(bytes(data[k * step:k * step + piece]) for k in range(pieces))
+
+
+def _order0_bytes(planes: np.ndarray) -> float:
+    """Order-0 entropy, in bytes, of each row of a (planes, n) uint8 array, summed."""
+    P, n = planes.shape
+    c = np.bincount((planes + np.arange(0, 256 * P, 256, dtype=np.int64)[:, None]).ravel(), minlength=256 * P)
+    c = c[c > 0].astype(np.float64)
+    return float(-(c * np.log2(c / n)).sum()) / 8
+
+
+def _estimates(data, planes: int) -> tuple[float, Optional[float]]:
+    """Estimates of zstd's size for long data, from a sample: its order-0 entropy per plane (bytes), and a
+    function giving zstd -1 of the sample, scaled (it sees repeats)."""
+    piece = PROBE_PIECE - PROBE_PIECE % planes
+    sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
+    scale = len(data) / sample.size
+    return _order0_bytes(sample) * scale, lambda: len(_zstd(np.ascontiguousarray(sample).tobytes(), 1)) * scale
+
+
+def may_win(data, planes: int, beat: float) -> bool:
+    """Whether zstd may code `data` (`planes` interleaved byte planes, grouped into planes before coding when
+    planes > 1) in fewer than `beat` bytes: always for short data, else by a sample's estimates."""
+    if len(data) < PROBE_MIN:
+        return True
+    entropy, lz = _estimates(data, planes)
+    if entropy < beat * ENTROPY_SLACK:
+        return True
+    lz = lz()
+    return lz < entropy * REPEATS and lz < beat * ENTROPY_SLACK / REPEATS
+
+
+def compress_best(data: bytes, level: int, beat: Optional[int] = None) -> tuple[str, bytes]:
+    """('zstd', frame) when zstd makes `data` smaller, else ('raw', data). With `beat`, a level above
+    FAST_ZSTD is tried only where FAST_ZSTD comes within BYTES_SLACK of `beat` bytes."""
+    z = _zstd(data, min(level, FAST_ZSTD) if beat is not None else level)
+    if beat is not None and level > FAST_ZSTD and len(z) < beat * (1 + BYTES_SLACK):
+        slow = _zstd(data, min(level, BYTES_SLOW_ZSTD))
+        z = slow if len(slow) < len(z) else z
     return ("zstd", z) if len(z) < len(data) else ("raw", data)
+
+
+def compress_tail(data: bytes, level: int) -> tuple[str, bytes]:
+    """compress_best of a chunk's packed tails where a sample says zstd may make them smaller; a level above
+    FAST_ZSTD only where the tails are not near-uniform (their order-0 entropy below SKEWED of their size)
+    or FAST_ZSTD saves anything."""
+    if len(data) < PROBE_MIN:
+        return compress_best(data, level)
+    entropy, lz = _estimates(data, 1)
+    if entropy < len(data) * SKEWED:
+        return compress_best(data, level)
+    if entropy < len(data) or lz() < entropy * REPEATS:
+        return compress_best(data, level, len(data) / (1 + BYTES_SLACK))
+    return "raw", data
 
 
 def unstore(codec: str, data, expected: int, where: str) -> bytes:
@@ -173,11 +254,11 @@ def _planes(nbits: int) -> int:
     return nbits // 8 if nbits >= 8 else 1
 
 
-def bytes_encode(raw: bytes, planes: int, level: int) -> list:
+def bytes_encode(raw: bytes, planes: int, level: int, beat: Optional[int] = None) -> list:
     a = np.frombuffer(raw, dtype=np.uint8)
     if planes > 1:
         a = np.ascontiguousarray(a.reshape(-1, planes).T)
-    codec, data = compress_best(a.tobytes(), level)
+    codec, data = compress_best(a.tobytes(), level, beat)
     return [("data", codec, data)]
 
 
@@ -209,8 +290,18 @@ def _bytes_plan(dtype: str, n: int, cfg: dict) -> Plan:
 
 
 def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT_LEVEL) -> Plan:
-    """Measure a tensor (two passes through `reader`) and choose its codec, contexts and tables."""
-    cfg = LEVELS[level]
+    """Measure a tensor (two passes through `reader`) and choose its codec, contexts and tables. At level 3
+    the level-2 layout is measured too (with level 3's trials) and the smaller estimate is taken, so that a
+    tensor whose extra head bit or contexts do not pay for their tables is coded as at level 2."""
+    plan = _make_plan(dtype, shape, reader, LEVELS[level])
+    if level == 3 and plan.codec == "fields":
+        alt = _make_plan(dtype, shape, reader, dict(LEVELS[2], zstd=LEVELS[3]["zstd"], try_bytes=LEVELS[3]["try_bytes"]))
+        if alt.estimate < plan.estimate:
+            return alt
+    return plan
+
+
+def _make_plan(dtype: str, shape: list[int], reader: Reader, cfg: dict) -> Plan:
     dt = DTYPES[dtype]
     n = math.prod(shape)
     lay = layout_for(dt, cfg["k"])
@@ -222,16 +313,27 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
     hist = np.zeros(1 << lay.head, dtype=np.int64)
     bsum = np.zeros(nblocks, dtype=np.float64)
     tz = np.zeros(nblocks, dtype=np.uint8)
+    fast = native.available()
+    if fast:
+        bsum_i = np.zeros(nblocks, dtype=np.int64)
+        blow = np.zeros(nblocks, dtype=np.uint64)
     for a in range(0, n, chunk):
         u = reader(a, min(chunk, n - a))
+        b0 = a // L
+        if fast:
+            native.plan_scan(u, lay.bits, lay.head, lay.tail, L, hist, bsum_i[b0:], blow[b0:])
+            continue
         head, v = split(u, lay)
         hist += np.bincount(head, minlength=1 << lay.head)
         starts = np.arange(0, len(u), L)
-        b0 = a // L
         bsum[b0:b0 + len(starts)] = np.add.reduceat(head.astype(np.float64), starts)
         if lay.tail:
             low = np.bitwise_or.reduceat(v & np.uint64((1 << lay.tail) - 1), starts)
             tz[b0:b0 + len(starts)] = trailing_zeros(low, lay.tail)
+    if fast:
+        bsum = bsum_i.astype(np.float64)  # sums of integers below 2**53: the same values
+        if lay.tail:
+            tz = trailing_zeros(blow, lay.tail).astype(np.uint8)
     floor = layout_for(dt, 0).head
     while lay.bits == 16 and lay.head > floor and np.count_nonzero(hist) > cfg["alphabet16"]:
         hist = hist.reshape(-1, 2).sum(axis=1)  # one mantissa bit less in the head, one more in the tail
@@ -241,10 +343,11 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
         return _bytes_plan(dtype, n, cfg)
     plan = Plan("fields", dtype, n, chunk, cfg["zstd"], cfg["try_bytes"], lay, L, alphabet,
                 np.zeros((0, len(alphabet)), np.uint32), np.zeros(nblocks, np.uint8), tz, lane=entropy.LANE)
-    if len(alphabet) < 2:
-        return plan
     sizes = np.full(nblocks, L, dtype=np.float64)
     sizes[-1] = n - L * (nblocks - 1)
+    plan.estimate = float((sizes * (lay.tail + lay.sign - tz.astype(np.float64))).sum())  # tails, raw
+    if len(alphabet) < 2:
+        return plan
     cmax = 1
     while cmax * 2 <= min(cfg["contexts"], nblocks):
         cmax *= 2
@@ -260,6 +363,9 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
     fine = np.zeros(cmax * A, dtype=np.int64)
     for a in range(0, n, chunk):
         u = reader(a, min(chunk, n - a))
+        if fast:
+            native.class_hist(u, lay.bits, lay.head, lay.tail, L, cls[a // L:], lut, fine.reshape(cmax, A))
+            continue
         head, _ = split(u, lay)
         ecls = np.repeat(cls[a // L: a // L + math.ceil(len(u) / L)].astype(np.int64), L)[: len(u)]
         fine += np.bincount(ecls * A + lut[head], minlength=cmax * A)
@@ -276,6 +382,7 @@ def make_plan(dtype: str, shape: list[int], reader: Reader, level: int = DEFAULT
             best = (bits, tables.astype(np.uint32), (cls >> shift).astype(np.uint8))
         c //= 2
     plan.tables, plan.cls = best[1], best[2]
+    plan.estimate += best[0]
     return plan
 
 
@@ -412,20 +519,26 @@ def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     """Code chunk `i` (elements as raw uint array, or bytes for the bytes codec); returns record and payload."""
     if plan.codec == "trellis":
         return trellis.encode_chunk(plan, i, u)
-    raw = u.tobytes()
-    rec = {"codec": plan.codec, "raw_crc": zlib.crc32(raw)}
+    raw = u.view(np.uint8)  # the chunk's bytes, not copied
+    rec = {"codec": plan.codec, "raw_crc": zlib.crc32(raw, chunk_seed(plan.seed, i))}
     planes = _planes(plan.itemsize_bits)
     if plan.codec == "bytes":
         parts = bytes_encode(raw, planes, plan.zstd_level)
     else:
         parts = _fields_encode(plan, i, u)
-        if plan.try_bytes:
-            alt = bytes_encode(raw, planes, plan.zstd_level)
-            if len(alt[0][2]) < sum(len(p[2]) for p in parts):
+        size = sum(len(p[2]) for p in parts)
+        if plan.try_bytes and may_win(raw, planes, size):
+            alt = bytes_encode(raw, planes, plan.zstd_level, beat=size)
+            if len(alt[0][2]) < size:
                 rec["codec"], parts = "bytes", alt
     rec["parts"] = [[name, codec, len(data)] for name, codec, data in parts]
     payload = b"".join(data for _, _, data in parts)
     return rec, payload
+
+
+def payload_crc(payload) -> int:
+    """The crc32 of a coded chunk as the container records it (computed where the chunk is coded)."""
+    return zlib.crc32(payload)
 
 
 def chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -436,10 +549,26 @@ def chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     return plan.cls[b0:b0 + nb], plan.tz[b0:b0 + nb]
 
 
+def _fields_encode_native(plan: Plan, bcls: np.ndarray, btz: np.ndarray, u: np.ndarray) -> list:
+    """_fields_encode of a laned chunk with the compiled kernels (the same bytes)."""
+    lay = plan.layout
+    coded = len(plan.alphabet) > 1
+    sym, ctx, tail = native.fields_split(u, lay.bits, lay.sign, lay.head, lay.tail, plan.block, bcls, btz,
+                                         max(1, plan.tables.shape[0]), plan.lut() if coded else None)
+    parts = [("head", "lanes", native.lanes_encode(sym, ctx, plan.lane, plan.coding_tables().encoder()))
+             if coded else ("head", "const", b"")]
+    if lay.tail + lay.sign:
+        codec, data = compress_tail(tail, plan.zstd_level)
+        parts.append(("tail", codec, data))
+    return parts
+
+
 def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
     lay, L = plan.layout, plan.block
     m = len(u)
     bcls, btz = chunk_blocks(plan, i, m)
+    if plan.lane and native.available():
+        return _fields_encode_native(plan, bcls, btz, u)
     head, v = split(u, lay)
     parts = []
     if len(plan.alphabet) > 1:
@@ -461,17 +590,31 @@ def _fields_encode(plan: Plan, i: int, u: np.ndarray) -> list:
         for tz in g.keys():
             t, w = tail_values(g.gather(v, tz), lay, tz)
             pieces.append(pack_bits(t, w))
-        codec, data = compress_best(b"".join(pieces), plan.zstd_level)
+        codec, data = compress_tail(b"".join(pieces), plan.zstd_level)
         parts.append(("tail", codec, data))
     return parts
 
 
-def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str) -> bytes:
-    """Decode one chunk's payload back to its raw bytes, checking its checksum."""
+def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray] = None):
+    """Decode one chunk's payload back to its raw bytes (bytes-like), checking its checksum; into `into` (a
+    uint8 array of the chunk's size) when given, which is then returned."""
     if plan.codec == "trellis":
         if rec.get("codec") != "trellis":
             raise FormatError(f"{where}: unknown chunk codec {rec.get('codec')!r}")
-        return trellis.decode_chunk(plan, i, rec, payload, where)
+        raw = trellis.decode_chunk(plan, i, rec, payload, where)
+    else:
+        raw = _decode_chunk(plan, i, rec, payload, where, into)
+        if zlib.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
+            raise FormatError(f"{where}: decoded data fails its checksum")
+    if into is not None and raw is not into:
+        if len(raw) != len(into):
+            raise FormatError(f"{where}: decoded {len(raw)} bytes, expected {len(into)}")
+        into[:] = np.frombuffer(raw, np.uint8)
+        return into
+    return raw
+
+
+def _decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray]):
     a, b = plan.chunk_range(i)
     m = b - a
     parts = rec.get("parts")
@@ -480,14 +623,13 @@ def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str) -> bytes:
     if codec == "bytes":
         planes = _planes(DTYPES[plan.dtype].bits) if plan.codec == "fields" else _planes(plan.itemsize_bits)
         nbytes = m * (plan.itemsize_bits // 8) if plan.codec == "fields" else m
-        raw = bytes_decode(parts, payload, nbytes, planes, where)
-    elif codec == "fields" and plan.codec == "fields":
-        raw = _fields_decode(plan, i, m, views, where).tobytes()
-    else:
-        raise FormatError(f"{where}: unknown chunk codec {codec!r}")
-    if zlib.crc32(raw) != rec.get("raw_crc"):
-        raise FormatError(f"{where}: decoded data fails its checksum")
-    return raw
+        return bytes_decode(parts, payload, nbytes, planes, where)
+    if codec == "fields" and plan.codec == "fields":
+        out = None
+        if into is not None and len(into) == m * plan.itemsize_bits // 8:
+            out = into.view(UINT[plan.itemsize_bits])
+        return _fields_decode(plan, i, m, views, where, out).view(np.uint8)
+    raise FormatError(f"{where}: unknown chunk codec {codec!r}")
 
 
 def chunk_views(rec: dict, payload, where: str) -> dict:
@@ -520,22 +662,27 @@ def _tail_size(lay: Layout, tz_counts) -> int:
 
 
 def _fields_decode_native(plan: Plan, m: int, bcls: np.ndarray, btz: np.ndarray, hdata, views: dict,
-                          where: str) -> np.ndarray:
-    """_fields_decode of a laned chunk with the compiled kernels: heads decoded, put in place and joined
-    with the unpacked tails in two passes."""
+                          where: str, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """_fields_decode of a laned chunk with the compiled kernels: heads decoded (direct slot tables), then
+    put in place and joined with their tails in one pass."""
     lay, L = plan.layout, plan.block
     ccount = _block_counts(bcls, plan.tables.shape[0], L, m)
-    syms = entropy.lanes_decode(hdata, ccount.tolist(), plan.coding_tables(), plan.lane, where)
+    words, wc = entropy.lane_words(hdata, m, plan.lane, where)
+    syms = native.lanes_fast(words, wc, ccount, plan.lane, plan.coding_tables().fast(), where)
     tail = b""
     if lay.tail + lay.sign:
         if int(btz.max(initial=0)) > lay.tail:
             raise FormatError(f"{where}: malformed trailing zeros")
         tcodec, tdata = views["tail"]
         tail = unstore(tcodec, tdata, _tail_size(lay, _block_counts(btz, lay.tail + 1, L, m)), where + " tail")
-    return native.fields(syms, plan.alphabet, bcls, btz, L, m, ccount, tail, lay.bits, lay.sign, lay.tail, where)
+    return native.fields_join(syms, plan.alphabet, bcls, btz, L, m, ccount, tail, lay.bits, lay.sign, lay.tail,
+                              where, out)
 
 
-def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.ndarray:
+def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str,
+                   out: Optional[np.ndarray] = None) -> np.ndarray:
+    """A fields chunk's m elements (uint of the dtype's width); written into `out` where the compiled kernels
+    decode it."""
     lay, L = plan.layout, plan.block
     wd = work_dtype(lay)
     bcls, btz = chunk_blocks(plan, i, m)
@@ -554,7 +701,7 @@ def _fields_decode(plan: Plan, i: int, m: int, views: dict, where: str) -> np.nd
             raise FormatError(f"{where}: malformed head part")
         C = plan.tables.shape[0]
         if plan.lane and native.available():
-            return _fields_decode_native(plan, m, bcls, btz, hdata, views, where)
+            return _fields_decode_native(plan, m, bcls, btz, hdata, views, where, out)
         g = BlockGroups(bcls, C, L, m)
         if plan.lane:
             syms = entropy.lanes_decode(hdata, g.counts, plan.coding_tables(), plan.lane, where)

@@ -31,6 +31,7 @@ import zstandard
 
 from ..errors import FormatError
 from . import entropy, native
+from .binding import chunk_seed
 
 STATES = 8
 # next state = NEXT[state, parity]: a feedback shift register (state bits b2 b1 b0 -> (p ^ b2 ^ b1 ^ b0) b2 b1)
@@ -334,6 +335,7 @@ class LevelPlan:
     codec: str = "trellis"
     itemsize_bits: int = 16
     dtype: str = "I16"
+    seed: int = 0  # the stream's binding (format 1.3; binding.py)
     _coded: Optional[entropy.Tables] = None
     _pcoded: Optional[entropy.Tables] = None
 
@@ -615,7 +617,7 @@ def _order(ctx: np.ndarray, C: int) -> tuple[Optional[np.ndarray], np.ndarray]:
 def encode_chunk(plan: LevelPlan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     """Code chunk i of the multiples (int16 elements as uint16)."""
     raw = u.tobytes()
-    rec = {"codec": "trellis", "raw_crc": zlib.crc32(raw)}
+    rec = {"codec": "trellis", "raw_crc": zlib.crc32(raw, chunk_seed(plan.seed, i))}
     if plan.alphabet == 1:
         rec["parts"] = [["levels", "const", 0]]
         return rec, b""
@@ -656,7 +658,7 @@ def decode_chunk(plan: LevelPlan, i: int, rec: dict, payload, where: str) -> byt
 
         out = _decode_split(plan, a, m, chunk_views(rec, payload, where), where)
         raw = out.tobytes()
-        if zlib.crc32(raw) != rec.get("raw_crc"):
+        if zlib.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
             raise FormatError(f"{where}: decoded data fails its checksum")
         return raw
     if not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], list) or len(parts[0]) != 3 \
@@ -673,7 +675,7 @@ def decode_chunk(plan: LevelPlan, i: int, rec: dict, payload, where: str) -> byt
             raise FormatError(f"{where}: malformed level part")
         out = _decode_multiples(plan, a, m, np.frombuffer(payload, dtype="<u4"), where)
     raw = out.tobytes()
-    if zlib.crc32(raw) != rec.get("raw_crc"):
+    if zlib.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
         raise FormatError(f"{where}: decoded data fails its checksum")
     return raw
 
