@@ -94,10 +94,10 @@ def test_get_slice_errors(every_dtype):
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A 2048 x 512 F32 matrix (several chunks) packed losslessly, and 2048 x 515 packed lossy."""
+    """A 4096 x 512 F32 matrix (several chunks) packed losslessly, and 2048 x 515 packed lossy."""
     d = tmp_path_factory.mktemp("bigslice")
     g = torch.Generator().manual_seed(2)
-    w = torch.randn(2048, 512, generator=g)
+    w = torch.randn(4096, 512, generator=g)
     save_file({"w": w}, str(d / "w.safetensors"))
     weightpack.pack(d / "w.safetensors", d / "w.wpk", workers=1)
     x = torch.randn(2048, 515, generator=g)  # 515: the last group of each row is short
@@ -131,7 +131,7 @@ def test_get_slice_decodes_only_the_chunks_it_needs(big, monkeypatch):
         assert torch.equal(f.get_slice("w")[-3:, 100:200], w[-3:, 100:200])
         assert calls == [len(chunks) - 1]
         calls.clear()
-        half = 2048 // len(chunks)  # rows per chunk: a tensor-parallel shard of rank 1 of len(chunks)
+        half = 4096 // len(chunks)  # rows per chunk: a tensor-parallel shard of rank 1 of len(chunks)
         assert torch.equal(f.get_slice("w")[half:2 * half], w[half:2 * half])
         assert calls == [1]
         calls.clear()

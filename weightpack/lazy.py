@@ -154,7 +154,7 @@ def chunks_of_stream(reader, t: dict, wanted: list[int]) -> Iterator[tuple[int, 
     from .pipeline import stream_plan, unit_bytes
 
     where = f"tensor {t['name']!r}"
-    plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where)
+    plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where, *t.get("owner", (t["name"], None)))
     unit = unit_bytes(plan)
     for i in wanted:
         rec = t["stream"]["chunks"][i]
@@ -230,7 +230,7 @@ def elementwise(t: dict) -> bool:
 def _part(t: dict, name: str) -> dict:
     for x in t["parts"]:
         if x["name"] == name:
-            return {**x, "name": f"{t['name']} part {name}", "stages": []}
+            return {**x, "name": f"{t['name']} part {name}", "stages": [], "owner": (t["name"], name)}
     raise FormatError(f"tensor {t['name']!r}: no part {name!r}")
 
 
