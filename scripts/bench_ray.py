@@ -137,8 +137,8 @@ def task_times(addr: str) -> dict:
 
 
 def driver_pass(src: Path) -> dict:
-    """What the driver itself does per lossless tensor before handing out its tasks, timed alone: the
-    SHA-256 of the source bytes and the planning pass (pipeline._pack_items: tensor_sha256, make_plan)."""
+    """Per lossless tensor, timed alone in one process: the SHA-256 of the source bytes and the planning
+    pass (tensor_sha256, make_plan: tasks of their own in the pipeline, once run by the driver itself)."""
     from weightpack.checkpoint import open_checkpoint
     from weightpack.coding import streams
     from weightpack.pipeline import _reader, tensor_sha256
@@ -165,7 +165,8 @@ def main():
     ap.add_argument("--store", type=int, default=1 << 30, help="object store bytes per node")
     ap.add_argument("--interval", type=float, default=0.2)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--driver-pass-only", action="store_true", help="only time the driver's own pass")
+    ap.add_argument("--driver-pass-only", action="store_true",
+                    help="only time planning and hashing (per tensor, one process)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def main():
               f"{s['ratio']:.4f} | {p['driver'] / MIB:.0f} | {workers / MIB:.0f} | - | - | - |")
     print(f"\n({gib:.2f} GiB; container {results['runs']['local']['summary']['bytes_out'] / 1e6:.1f} MB)")
     d = results["driver_pass"]
-    print(f"driver's own pass: SHA-256 {d['hash_MBps']:.0f} MB/s, planning {d['plan_MBps']:.0f} MB/s")
+    print(f"per tensor, one process: SHA-256 {d['hash_MBps']:.0f} MB/s, planning {d['plan_MBps']:.0f} MB/s")
     if not a.keep:
         shutil.rmtree(out)
 
