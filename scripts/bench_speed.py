@@ -113,12 +113,12 @@ def zipnn_unpack(ZipNN, path: Path, table: list[tuple], base: int, dst: Path, th
 # -- the LLM-shaped checkpoint ---------------------------------------------------------------------------
 
 def llm_shapes(gb: float) -> list[tuple[str, list[int]]]:
-    """Llama-7B-like tensors (hidden 4096, intermediate 11008, vocabulary 32000) up to about `gb` GB."""
+    """Llama-7B-like tensors (hidden 4096, intermediate 11008, vocabulary 32000): layers up to at least `gb` GB."""
     h, ff, vocab = 4096, 11008, 32000
     shapes = [("model.embed_tokens.weight", [vocab, h])]
     total, layer = vocab * h * 2, 0
     per_layer = (4 * h * h + 3 * h * ff + 2 * h) * 2
-    while total + per_layer + vocab * h * 2 <= gb * 1e9 or layer == 0:
+    while total + vocab * h * 2 < gb * 1e9 or layer == 0:  # at least `gb`
         p = f"model.layers.{layer}."
         shapes += [(p + "self_attn.q_proj.weight", [h, h]), (p + "self_attn.k_proj.weight", [h, h]),
                    (p + "self_attn.v_proj.weight", [h, h]), (p + "self_attn.o_proj.weight", [h, h]),
