@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import zstandard
 
-from .checkpoint import check_relative_name, pread_exact, validate_header
+from .checkpoint import check_relative_name, is_text, pread_exact, validate_header
 from .coding.streams import check_params
 from .stages.params import chain_parts, params_of
 from .dtypes import DTYPES
@@ -201,7 +201,16 @@ def _get(d: Any, key: str, typ, where: str):
     ok = (type(v) is int) if typ is int else isinstance(v, typ)
     if not ok:
         _fail(where, f"{key!r} has the wrong type")
+    if typ is str and not is_text(v):
+        _fail(where, f"{key!r} is not valid UTF-8 text")
     return v
+
+
+def _finite(v) -> bool:
+    """A JSON number that fits a float (JSON integers have no bound)."""
+    if type(v) is int:
+        return abs(v) < 1 << 1000
+    return type(v) is float and math.isfinite(v)
 
 
 def _check_ref(ref: Any, limit: int, where: str) -> None:
@@ -278,7 +287,7 @@ def validate_index(index: dict, file_size: int) -> None:
     tensor_names = set()
     for t in _get(index, "tensors", list, "top"):
         name = _get(t, "name", str, "tensor")
-        w = f"tensor {name!r}"
+        w = f"tensor {ascii(name)[1:-1]!r}" if not name.isprintable() else f"tensor {name!r}"
         if name in tensor_names:
             _fail(w, "listed twice")
         tensor_names.add(name)
@@ -300,8 +309,7 @@ def validate_index(index: dict, file_size: int) -> None:
             chain = params_of(t, w)
             _get(t, "decoded_sha256", str, w)
             q = _get(t, "quality", dict, w)
-            if set(q) != {"sqnr_db", "rel_error"} or not all(
-                    v is None or (type(v) in (int, float) and math.isfinite(v)) for v in q.values()):
+            if set(q) != {"sqnr_db", "rel_error"} or not all(v is None or _finite(v) for v in q.values()):
                 _fail(w, "malformed quality")
             specs = chain_parts(chain, shape)
             parts = _get(t, "parts", list, w)
@@ -310,7 +318,8 @@ def validate_index(index: dict, file_size: int) -> None:
             for x in parts:
                 pw = f"{w} part {x['name']!r}"
                 pdtype, pshape = specs[x["name"]]
-                if _get(x, "dtype", str, pw) != pdtype or _get(x, "shape", list, pw) != pshape:
+                got = _get(x, "shape", list, pw)
+                if _get(x, "dtype", str, pw) != pdtype or not all(type(d) is int for d in got) or got != pshape:
                     _fail(pw, "dtype or shape does not match the stages")
                 _check_stream(_get(x, "stream", dict, pw), pdtype, math.prod(pshape), limit, pw)
         else:
