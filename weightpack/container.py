@@ -30,6 +30,7 @@ from .coding.streams import check_params
 from .stages.params import chain_parts, params_of
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
+from ._interrupt import output_committed, output_started
 
 MAGIC = b"\x89WPK\r\n\x1a\n"
 VERSION = (1, 2)
@@ -50,8 +51,8 @@ class ContainerWriter:
         self.target = Path(target)
         check_output_file(self.target, force)
         self.force = force
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent)
-        self.tmp = Path(tmp)
+        output_started()
+        fd, self.tmp = temp_output(self.target)
         self.f = os.fdopen(fd, "wb")
         self.f.write(HEADER.pack(MAGIC, *VERSION, 0))
         self.pos = HEADER.size
@@ -82,6 +83,7 @@ class ContainerWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         check_output_file(self.target, self.force)
+        output_committed()
         os.replace(self.tmp, self.target)
         return offset + len(raw) + TRAILER.size
 
@@ -99,11 +101,94 @@ class ContainerWriter:
             self.abort()
 
 
+# -- temporary outputs ---------------------------------------------------------------------------
+# An output is written as `.NAME.PID.XXXXXXXX.partial` beside its target (a folder for a folder output)
+# and renamed into place when complete. A run that was killed (kill -9, power loss) leaves its temporary
+# file behind; the next run on the same target removes those whose process is gone.
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+STALE_UNTAGGED = 24 * 3600  # temporaries of older versions (no process id in the name): removed after a day
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name[:180]}."
+
+
+def clean_stale_outputs(target: Path) -> list[Path]:
+    """Remove the temporary files and folders that killed runs left for this target. Returns them."""
+    import shutil
+    import time
+
+    prefix, removed = _temp_prefix(target), []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(prefix) or not e.name.endswith((".partial", ".old")):
+            continue
+        middle = e.name[len(prefix):].split(".")
+        if len(middle) == 3 and middle[0].isdigit():
+            stale = int(middle[0]) != os.getpid() and not _alive(int(middle[0]))
+        elif len(middle) == 2:
+            try:
+                stale = time.time() - e.stat(follow_symlinks=False).st_mtime > STALE_UNTAGGED
+            except OSError:
+                stale = False
+        else:
+            stale = False
+        if not stale:
+            continue
+        p = Path(e.path)
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def temp_output(target: Path, folder: bool = False) -> tuple[int | None, Path]:
+    """A new temporary file (its descriptor and path) or folder (None, path) beside `target`, with the
+    permissions a plain new file or folder gets under the umask; stale ones of killed runs removed first."""
+    clean_stale_outputs(target)
+    prefix = _temp_prefix(target) + f"{os.getpid()}."
+    try:
+        if folder:
+            tmp = tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=target.parent)
+            os.chmod(tmp, 0o777 & ~_umask())
+            return None, Path(tmp)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=target.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        return fd, Path(tmp)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write ({e.strerror or e})") from None
+
+
 def check_output_file(target: Path, force: bool) -> None:
     if target.is_dir():
         raise OutputError(f"{target}: is a folder")
     if target.exists() and not force:
-        raise OutputError(f"{target}: already exists (use --force to overwrite)")
+        raise OutputError(f"{target}: already exists (use --force to overwrite)",
+                          api=f"{target}: already exists (pass force=True to overwrite)")
     parent = target.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: no such folder")
