@@ -9,7 +9,24 @@
     weightpack.verify("model.wpk", against="model.safetensors").ok
 """
 
-from .errors import CheckpointError, FormatError, OutputError, RecipeError, VerifyError, WeightpackError
+import os as _os
+import sys as _sys
+
+
+def _started_as_command() -> bool:
+    """Whether this process is the `weightpack` command (`python -m weightpack` or the console script)."""
+    argv = getattr(_sys, "orig_argv", None) or []
+    if "-m" in argv:
+        return argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["weightpack"]
+    return bool(_sys.argv) and _os.path.basename(_sys.argv[0]) == "weightpack"
+
+
+if _started_as_command():  # Ctrl-C while the command starts: one line, exit 130 (cli.main takes over)
+    from ._interrupt import exit_on_sigint
+
+    exit_on_sigint()
+
+from .errors import CheckpointError, FormatError, OutputError, RecipeError, VerifyError, WeightpackError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
