@@ -342,3 +342,48 @@ def test_kill_9_takes_the_workers_and_the_next_run_cleans_up(medium, tmp_path):
     res = cli("pack", src, "-o", out / "m.wpk", "-j", "1")
     assert res.returncode == 0, res.stderr
     assert [x.name for x in out.iterdir()] == ["m.wpk"]
+
+
+# == the README, as written ========================================================================
+
+def _readme_commands() -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    use = text.split("## Use", 1)[1].split("```", 1)[0]
+    return [line.strip().split("  #")[0].strip() for line in use.splitlines() if line.strip().startswith("weightpack ")]
+
+
+def test_readme_examples_run_as_written(tmp_path):
+    """Every command of the README's "Use" block, each in a fresh copy of a folder holding the files it
+    names (model.safetensors, its sharded form, a model folder, model.wpk, q.wpk)."""
+    import shutil
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"layer.{i}.weight": torch.randn(96, 128, generator=g) for i in range(3)}
+    tensors["layer.0.bias"] = torch.randn(128, generator=g)
+    world = tmp_path / "world"
+    craft.save_checkpoint(world / "model.safetensors", tensors)
+    shards = craft.make_sharded(tmp_path / "shards", 2, tensors)
+    for p in shards.parent.iterdir():
+        shutil.copy(p, world / p.name)
+    craft.make_folder(world / "path" / "to" / "model-folder")
+    weightpack.pack(world / "model.safetensors", world / "model.wpk", workers=1)
+    weightpack.pack(world / "model.safetensors", world / "q.wpk", recipe="q-tcq", workers=1)
+    cmds = _readme_commands()
+    assert len(cmds) >= 15, cmds
+    failures = []
+    for i, cmd in enumerate(cmds):
+        argv = cmd.split()[1:]
+        if "--device" in argv and not torch.cuda.is_available():
+            argv[argv.index("--device") + 1] = "auto"  # the same command on a machine without a GPU
+        if argv[-1] == "[--json]":
+            argv = argv[:-1]
+        argv = [a.replace("[", "").replace("]", "") for a in argv]
+        cwd = tmp_path / f"run{i}"
+        shutil.copytree(world, cwd)
+        # what the command writes by default is not there yet (each line is run as in a fresh session)
+        for stale in {"pack": ["model.wpk"], "unpack": ["model.safetensors"]}.get(argv[0], []):
+            (cwd / stale).unlink()
+        res = cli(*argv, cwd=cwd)
+        if res.returncode != 0:
+            failures.append(f"{cmd}: exit {res.returncode}: {res.stderr.strip()[-300:]}")
+    assert not failures, "\n".join(failures)
