@@ -376,6 +376,9 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
                     for piece in carried_pieces(r, c):
                         fh.write(piece)
             out.commit()
+        except OSError as e:  # writing the output (reads of the container raise FormatError)
+            out.abort()
+            raise OutputError(f"{target}: cannot write ({e.strerror or e})") from None
         except BaseException:
             out.abort()
             raise

@@ -54,8 +54,16 @@ class ContainerWriter:
         output_started()
         fd, self.tmp = temp_output(self.target)
         self.f = os.fdopen(fd, "wb")
-        self.f.write(HEADER.pack(MAGIC, *VERSION, 0))
-        self.pos = HEADER.size
+        self.pos = 0
+        self._write(HEADER.pack(MAGIC, *VERSION, 0))
+
+    def _write(self, data: bytes) -> None:
+        """Write at the end; a failure (disk full, quota) names the target, not the temporary file."""
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot write ({e.strerror or e})") from None
+        self.pos += len(data)
 
     def write_blob(self, data: bytes) -> dict:
         return self.write_blob_pieces([data])
@@ -64,12 +72,10 @@ class ContainerWriter:
         """Write a blob given in pieces (memory: one piece)."""
         pad = (-self.pos) % ALIGN
         if pad:
-            self.f.write(b"\0" * pad)
-            self.pos += pad
+            self._write(b"\0" * pad)
         offset, crc = self.pos, 0
         for piece in pieces:
-            self.f.write(piece)
-            self.pos += len(piece)
+            self._write(piece)
             crc = zlib.crc32(piece, crc)
         return _ref(offset, self.pos - offset, crc)
 
@@ -77,11 +83,14 @@ class ContainerWriter:
         raw = zstandard.ZstdCompressor(level=19).compress(
             json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
         offset = self.pos
-        self.f.write(raw)
-        self.f.write(TRAILER.pack(offset, len(raw), zlib.crc32(raw), *VERSION, MAGIC))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        self._write(raw)
+        self._write(TRAILER.pack(offset, len(raw), zlib.crc32(raw), *VERSION, MAGIC))
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot write ({e.strerror or e})") from None
         check_output_file(self.target, self.force)
         output_committed()
         os.replace(self.tmp, self.target)
