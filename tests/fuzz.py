@@ -38,7 +38,7 @@ CASE_SECONDS = 20.0
 # a chunk reference moved to another position of a stream (or another stream) decodes to data whose chunk
 # crc32 is right, at the wrong place; binding a stream to its record is the codec owner's item.
 KNOWN = {
-    "chunk-transplant": "a chunk moved within or between streams is not bound to its position "
+    "chunk-transplant": "chunks swapped within a stream (crc32s intact) decode to the wrong places: a chunk is not bound to its position "
                         "(planned: a seeded checksum per stream, coding/)",
 }
 
@@ -417,7 +417,14 @@ def run_case(bases: list[Base], seed: int, case: int, work: Path) -> Outcome:
 
     rng = random.Random(f"{seed}:{case}")
     base = rng.choice(bases)
-    m = mutate(rng, base)
+    return run_mutation(base, mutate(rng, base), work, case)
+
+
+def run_mutation(base: Base, m: Mutation, work: Path, case: int = 0) -> Outcome:
+    """Write the mutated container, run inspect, unpack and load on it, and judge the outcome."""
+    from weightpack import WeightpackError
+    import weightpack
+
     path = work / "case.wpk"
     write_mutation(base, m, path)
     t0 = time.perf_counter()
