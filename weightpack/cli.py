@@ -218,15 +218,15 @@ def run(argv: Optional[list[str]] = None, in_console: bool = False) -> int:
                 what = f" and equal to {args.against}" if args.against and not rep.quality else ""
                 if rep.quality:
                     worst = min((q["sqnr_db"] for q in rep.quality.values() if q["sqnr_db"] is not None), default=None)
-                    bounds = [f"SQNR >= {args.min_sqnr:g} dB" for _ in [0] if args.min_sqnr is not None] + [
-                        f"relative error <= {args.max_rel_error:g}" for _ in [0] if args.max_rel_error is not None]
-                    measured = " (measured against the source)" if args.against else " (as measured at pack time)"
+                    bounds = ([f"SQNR >= {args.min_sqnr:g} dB"] if args.min_sqnr is not None else []) + (
+                        [f"relative error <= {args.max_rel_error:g}"] if args.max_rel_error is not None else [])
+                    worst_text = "exact" if worst is None else f"worst SQNR {worst:.2f} dB"
                     if args.against:
                         what = f"; the same source as {args.against}: {lossless} tensors equal"
                     what += (f"; {len(rep.quality)} lossy tensors within "
-                             + (" and ".join(bounds) if bounds else
-                                f"SQNR {worst:.2f} dB (the worst)" if worst is not None else "SQNR inf")
-                             + measured)
+                             + (" and ".join(bounds) + f" ({worst_text})" if bounds else
+                                f"SQNR {worst:.2f} dB (the worst)" if worst is not None else "SQNR inf (exact)")
+                             + (", measured against the source" if args.against else ", as measured at pack time"))
                 print(f"ok: {rep.checked} tensors, all checksums valid{what}")
         return 0 if rep.ok else 1
     elif args.command == "recipes":
