@@ -324,9 +324,10 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
            progress: bool = False, device: "str | torch.device | None" = None, decoder: str = "auto") -> Path:
     """Restore safetensors from a container: the same files, tensors, headers and `__metadata__`.
 
-    A single-file source restores to `dst` (a file path, or a folder to put the original name in);
-    a sharded or folder source restores to the folder `dst` (default: beside the container, without
-    `.wpk`), with its index and carried files. Returns the path written. With `device` (a GPU, or with
+    A single-file source restores to `dst` (a file path, or a folder to put the original name in: an
+    existing one, or a path ending in '/', created if its parent exists); a sharded or folder source
+    restores to the folder `dst` (default: beside the container, without `.wpk`; a `.safetensors` name is an
+    error), with its index and carried files. `dst` is never the container itself. Returns the path written. With `device` (a GPU, or with
     decoder="device" any device), tensors are decoded on that torch device (see `load`) and written from
     there, one at a time; on the CPU they are decoded by workers (threads with the C kernels, else processes).
     """
