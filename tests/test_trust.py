@@ -387,3 +387,12 @@ def test_readme_examples_run_as_written(tmp_path):
         if res.returncode != 0:
             failures.append(f"{cmd}: exit {res.returncode}: {res.stderr.strip()[-300:]}")
     assert not failures, "\n".join(failures)
+
+
+def test_pack_a_folder_with_a_file_name_that_is_not_utf8(tmp_path):
+    folder = craft.make_folder(tmp_path / "model")
+    with open(os.path.join(os.fsencode(folder), b"bad\xff.txt"), "wb") as f:
+        f.write(b"x")
+    res = cli("pack", folder, "-o", tmp_path / "m.wpk")
+    one_error_line(res, contains="UTF-8")
+    assert not (tmp_path / "m.wpk").exists()

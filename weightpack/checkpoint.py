@@ -245,6 +245,8 @@ def _open_folder(root: Path) -> Checkpoint:
             rel = p.relative_to(root).as_posix()
             if fn.endswith((".wpk", ".partial")):  # our own outputs (and unfinished ones) are not model files
                 continue
+            if not is_text(rel):  # a name that is not UTF-8 on disk (os.walk gives it surrogate escapes)
+                raise CheckpointError(f"{root}: file name {ascii(rel)} is not valid UTF-8 (rename it to pack this folder)")
             if p.is_file():  # follows a link to a regular file (Hugging Face cache snapshots are links)
                 rels.append(rel)
     rels.sort()
