@@ -148,3 +148,15 @@ def test_pack_rejects_a_safetensors_header_with_bad_types(tmp_path):
     with pytest.raises(CheckpointError, match="text"):
         weightpack.pack(p, tmp_path / "m.wpk", workers=1)
     assert not (tmp_path / "m.wpk").exists()
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "a/" + "b" * 256, "/".join(["d"] * 2100)])
+def test_file_names_too_long_for_a_file_system(bases, tmp_path, name):
+    """Found by the long run (case 46125 of seed 1): a 5000-character file name was an OSError."""
+    b = _base(bases, "sharded")
+    idx = json.loads(json.dumps(b.index))
+    idx["files"][1]["name"] = name
+    path = _write(b, idx, tmp_path / "x.wpk")
+    with pytest.raises(FormatError, match="too long"):
+        weightpack.unpack(path, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()

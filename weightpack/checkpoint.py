@@ -20,6 +20,7 @@ from .dtypes import DTYPES
 from .errors import CheckpointError
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own bound on the header size
+MAX_NAME, MAX_PATH = 255, 4095  # Linux's bounds on a file name component and a path (bytes)
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -205,6 +206,9 @@ def check_relative_name(name: str, where: str) -> str:
         or any(part in ("", ".", "..") for part in name.split("/"))
     ):
         raise CheckpointError(f"{where}: unsafe file name {name!r}")
+    if len(name.encode("utf-8")) > MAX_PATH or any(len(part.encode("utf-8")) > MAX_NAME for part in name.split("/")):
+        raise CheckpointError(f"{where}: file name {name[:40]!r}... is too long for a file system "
+                              f"({MAX_NAME} bytes a component, {MAX_PATH} in all)")
     return name
 
 
