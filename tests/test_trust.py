@@ -114,6 +114,11 @@ def test_messages_in_the_interface_words(ck, tmp_path):
     assert "force=True" in str(e.value) and "--force" not in str(e.value)
     line = one_error_line(cli("pack", ck["src"], "-o", ck["plain"]))
     assert "--force" in line
+    line = one_error_line(cli("pack", ck["src"], "--bits", "0", "-o", tmp_path / "x.wpk"))
+    assert "--bits" in line
+    with pytest.raises(RecipeError) as e:
+        weightpack.pack(ck["src"], tmp_path / "x.wpk", bits=0)
+    assert "bits must" in str(e.value) and "--bits" not in str(e.value)
     line = one_error_line(cli("pack", ck["src"], "-o", "/proc/x.wpk"))
     assert ".partial" not in line and "/proc/x.wpk" in line
 

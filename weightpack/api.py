@@ -197,12 +197,15 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
 
     allocate = "absolute" if allocate is None else allocate
     if allocate not in ratecontrol.ALLOCATIONS:
-        raise RecipeError(f"allocate must be one of {', '.join(ratecontrol.ALLOCATIONS)}")
+        raise RecipeError(f"--allocate must be one of {', '.join(ratecontrol.ALLOCATIONS)}",
+                          api=f"allocate must be one of {', '.join(ratecontrol.ALLOCATIONS)} (got {allocate!r})")
     if bits is not None and not (isinstance(bits, (int, float)) and 0 < bits <= 32):
-        raise RecipeError("bits must be a number of bits per weight above 0 and at most 32")
+        raise RecipeError(f"--bits must be a number of bits per weight above 0 and at most 32 (got {bits})",
+                          api=f"bits must be a number of bits per weight above 0 and at most 32 (got {bits!r})")
     limit = ratecontrol.parse_size(size) if isinstance(size, str) else size
     if limit is not None and (type(limit) is not int or limit <= 0):
-        raise RecipeError("size must be a positive number of bytes")
+        raise RecipeError(f"--size must be a positive number of bytes (got {size})",
+                          api=f"size must be a positive number of bytes (got {size!r})")
     rec = ratecontrol.default_recipe(rec)
     samples, fixed_lossy, fixed_other, lossy_weights = ratecontrol.collect(ckpt, rec)
     if not lossy_weights:
