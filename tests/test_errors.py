@@ -1280,8 +1280,8 @@ def test_output_folder_missing_or_not_a_folder(base, tmp_path, cmd):
     src = {"pack": base["single"], "unpack-single": base["single_wpk"], "unpack-folder": base["folder_wpk"]}[cmd]
     verb = cmd.split("-")[0]
     targets = [tmp_path / "missing" / "deeper" / "x.out", plain / "x.out", str(plain) + "/"]
-    if cmd == "unpack-single":  # "-o DIR/": restore into DIR under the original name; DIR must exist
-        targets.append(str(tmp_path / "missing") + "/")
+    if cmd == "unpack-single":  # "-o DIR/": restore into DIR under the original name; DIR is created, its parent must exist
+        targets.append(str(tmp_path / "missing" / "deeper") + "/")
     for target in targets:
         before = craft.tree(tmp_path)
         args = [verb, src, "-o", target]

@@ -91,7 +91,7 @@ def test_verify_cli_gates_on_quality(tmp_path, minilm):
     wpk = tmp_path / "q.wpk"
     weightpack.pack(minilm, wpk, recipe="int4")
     ok = subprocess.run(CLI + ["verify", str(wpk), "--against", str(minilm), "--min-sqnr", "10"], capture_output=True, text=True)
-    assert ok.returncode == 0 and "lossy tensors within bounds" in ok.stdout
+    assert ok.returncode == 0 and "lossy tensors within SQNR >= 10 dB" in ok.stdout
     bad = subprocess.run(CLI + ["verify", str(wpk), "--against", str(minilm), "--min-sqnr", "30"], capture_output=True, text=True)
     assert bad.returncode == 1 and "below 30.0 dB" in bad.stderr and "ok" not in bad.stdout
     rel = subprocess.run(CLI + ["verify", str(wpk), "--max-rel-error", "0.001"], capture_output=True, text=True)

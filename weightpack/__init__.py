@@ -14,12 +14,43 @@ save_model, load_model, safe_open); transformers and sentence-transformers model
 `weightpack.hf` (save_pretrained, from_pretrained, unpack; the extra `weightpack[hf]`).
 """
 
-from .api import WpkFile, VerifyReport, inspect, load, open, pack, unpack, verify
-from .diff import DiffReport, diff
-from .errors import CheckpointError, FormatError, OutputError, RecipeError, VerifyError, WeightpackError
+import os as _os
+import sys as _sys
+
+
+def _started_as_command() -> bool:
+    """Whether this process is the `weightpack` command (`python -m weightpack` or the console script)."""
+    argv = getattr(_sys, "orig_argv", None) or []
+    if "-m" in argv:
+        return argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["weightpack"]
+    return bool(_sys.argv) and _os.path.basename(_sys.argv[0]) == "weightpack"
+
+
+if _started_as_command():  # Ctrl-C while the command starts: one line, exit 130 (cli.main takes over)
+    from ._interrupt import exit_on_sigint
+
+    exit_on_sigint()
+
+from .errors import CheckpointError, FormatError, OutputError, RecipeError, VerifyError, WeightpackError  # noqa: E402
+from .diff import DiffReport, diff  # noqa: E402  (bound here: the submodule's name must stay the function)
 
 __version__ = "0.1.0"
 __all__ = [
     "pack", "unpack", "load", "open", "inspect", "verify", "diff", "WpkFile", "VerifyReport", "DiffReport",
     "WeightpackError", "CheckpointError", "FormatError", "OutputError", "RecipeError", "VerifyError",
 ]
+_API = ("pack", "unpack", "load", "open", "inspect", "verify", "WpkFile", "VerifyReport")
+
+
+def __getattr__(name: str):
+    # The API (numpy, zstandard, ...) is imported on first use, so that the command line can take over
+    # Ctrl-C before its heavy imports (an interrupt while importing would otherwise print a traceback).
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'weightpack' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

@@ -26,11 +26,12 @@ from tqdm import tqdm
 from . import metrics
 from .metrics import stored_bytes
 from .checkpoint import Checkpoint, open_checkpoint, validate_header
-from .container import (VERSION, ContainerReader, ContainerWriter, carried_pieces, check_output_file,
-                        tensor_blob_refs)
+from .container import (VERSION, ContainerReader, ContainerWriter, _temp_prefix, carried_pieces, check_output_file,
+                        temp_output, tensor_blob_refs)
 from .coding.streams import compress_best
 from .dtypes import torch_dtype
 from .errors import FormatError, OutputError, RecipeError, WeightpackError
+from ._interrupt import output_committed
 from .pipeline import decode_into_files, decode_tensors, pack_checkpoint, tensor_sha256
 from .recipe import Recipe, load_recipe
 from .stages import lossy
@@ -54,19 +55,52 @@ def default_output(src: PathLike) -> Path:
     return p.with_name(name + ".wpk")
 
 
-def _output_path(dst: PathLike, name: str) -> Path:
-    """`dst` itself, or `dst/name` when `dst` is a folder (an existing one, or any path ending in '/')."""
+def _output_path(dst: PathLike, name: str, create: bool = False) -> Path:
+    """`dst` itself, or `dst/name` when `dst` is a folder (an existing one, or any path ending in '/',
+    which is created when `create` and its parent exists)."""
     d = Path(dst)
     if str(dst).endswith(("/", os.sep)) or d.is_dir():
         if not d.is_dir():
-            raise OutputError(f"{d}: no such folder")
+            if not create or not d.parent.is_dir() or d.exists():
+                raise OutputError(f"{d}: no such folder")
+            try:
+                d.mkdir()
+            except OSError as e:
+                raise OutputError(f"{d}: cannot create the folder ({e.strerror})") from None
         return d / name
     return d
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_input_as_output(target: Path, inputs: list[Path]) -> None:
+    for p in inputs:
+        if _same_file(target, p):
+            raise OutputError(f"{target}: is an input of this command; refusing to write over it")
+
+
+def _check_targets(min_sqnr, bits, size, allocate) -> None:
+    """The quality targets, checked in the caller's words before any work."""
+    given = [n for n, v in (("min_sqnr", min_sqnr), ("bits", bits), ("size", size)) if v is not None]
+    if len(given) > 1:
+        raise RecipeError(f"--{given[0].replace('_', '-')} and --{given[1].replace('_', '-')} cannot be combined",
+                          api=f"give at most one of min_sqnr, bits and size (got {' and '.join(given)})")
+    if min_sqnr is not None and not (type(min_sqnr) in (int, float) and 0 < min_sqnr <= 90):
+        raise RecipeError(f"--min-sqnr must be a number of dB above 0 and at most 90 (got {min_sqnr})",
+                          api=f"min_sqnr must be a number of dB above 0 and at most 90 (got {min_sqnr!r})")
+    if allocate is not None and bits is None and size is None:
+        raise RecipeError(f"--allocate {allocate} applies to rate control: give --bits or --size with it",
+                          api=f"allocate={allocate!r} applies to rate control: give bits or size with it")
+
+
 def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe | dict | None" = "lossless",
          level: Optional[int] = None, min_sqnr: Optional[float] = None, bits: Optional[float] = None,
-         size: "int | str | None" = None, allocate: str = "absolute", workers: Optional[int] = None,
+         size: "int | str | None" = None, allocate: Optional[str] = None, workers: Optional[int] = None,
          force: bool = False, progress: bool = False, shard_size: "int | str | None" = None,
          executor: str = "local", ray_address: Optional[str] = None, _index_extra: Optional[dict] = None) -> dict:
     """Pack a safetensors file, a sharded index (`*.safetensors.index.json`) or a model folder.
@@ -79,9 +113,12 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     the whole file at most this size. `allocate`: "absolute" (one step for all: the least total squared
     error), "relative" (one step in units of each tensor's RMS: the least sum over weights of relative
     errors) or "tensor" (in units of RMS x sqrt(size / 2**20): the least sum of the tensors' relative
-    errors, each tensor counted once; the closest model outputs at equal size, ratecontrol.py).
+    errors, each tensor counted once; the closest model outputs at equal size, ratecontrol.py); only with
+    `bits` or `size` (default "absolute"). A recipe whose rules are not all ecsq/tcq cannot be combined with
+    a target (its rules would be replaced): give the target alone, or a recipe of ecsq/tcq rules.
     Writes `dst` (default: beside `src`, with the `.wpk` suffix) atomically and returns a summary:
-    ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``, plus ``"allocation"`` under
+    ``{"path", "bytes_in", "bytes_out", "ratio", "seconds", "tensors"}``, plus ``"lossy"`` when some
+    tensor is lossy (how many, their bits per weight, the worst SQNR and its tensor), ``"allocation"`` under
     `bits` or `size` (the step, the target, what was reached, and each lossy tensor's bits and SQNR).
 
     `shard_size` (bytes, or "5GB", at least 1 MB): write a sharded set instead of one file,
@@ -90,9 +127,17 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     Ray tasks on the cluster at `ray_address` (distributed.py); the output is byte-identical.
     """
     t0 = time.perf_counter()
-    if sum(x is not None for x in (min_sqnr, bits, size)) > 1:
-        raise RecipeError("give at most one of min_sqnr, bits and size")
+    _check_targets(min_sqnr, bits, size, allocate)
     rec = load_recipe(recipe)
+    if (min_sqnr is not None or bits is not None or size is not None) and _fixed_rules(rec):
+        flag = "--min-sqnr" if min_sqnr is not None else "--bits" if bits is not None else "--size"
+        arg = flag[2:].replace("-", "_")
+        raise RecipeError(f"{flag} sets the quality of ecsq/tcq stages; recipe {rec.name} has other rules "
+                          f"({_fixed_rules(rec)}), which it would drop: give {flag} without -r, or a recipe of "
+                          f"ecsq/tcq rules (q-tcq, ecsq)",
+                          api=f"{arg} sets the quality of ecsq/tcq stages; recipe {rec.name} has other rules "
+                              f"({_fixed_rules(rec)}), which it would drop: give {arg} with no recipe, or a "
+                              f"recipe of ecsq/tcq rules (q-tcq, ecsq)")
     if level is not None:
         rec = load_recipe({**rec.to_json(), "level": level}) if level != rec.level else rec
     if min_sqnr is not None:  # every matrix: trellis-coded quantization at that quality
@@ -109,6 +154,7 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
                                               if dst is not None else None)
         ckpt = open_checkpoint(src)
         target = _output_path(dst, default_output(src).name) if dst is not None else default_output(src)
+        _refuse_input_as_output(target, [f.path for f in ckpt.files] + [p for _, p in ckpt.carried])
         if bits is None and size is None:
             tensors, out_size = pack_once(ckpt, target, rec, workers, force, progress, _index_extra, pool=ex.pool)
             extra = {}
@@ -120,10 +166,27 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     decided = [t for t in tensors if "lowrank" in t]
     if decided:  # what a low-rank stage chose, tensor by tensor (rank 0: quantized directly)
         extra["lowrank"] = [{"name": t["name"], "rank": t["lowrank"]["rank"]} for t in decided]
+    lossy_rows = [t for t in tensors if t["stages"]]
+    if lossy_rows:
+        sqnrs = [(t["quality"]["sqnr_db"], t["name"]) for t in lossy_rows if t["quality"]["sqnr_db"] is not None]
+        worst = min(sqnrs) if sqnrs else (None, None)
+        weights = sum(math.prod(t["shape"]) for t in lossy_rows)
+        extra["lossy"] = {"tensors": len(lossy_rows), "weights": weights,
+                          "bits_per_weight": 8.0 * sum(stored_bytes(t) for t in lossy_rows) / weights,
+                          "worst_sqnr_db": worst[0], "worst_tensor": worst[1]}
     bytes_in = sum(f.size for f in ckpt.files)
     return {"path": str(target), "bytes_in": bytes_in, "bytes_out": out_size,
             "ratio": out_size / bytes_in if bytes_in else 0.0, "seconds": time.perf_counter() - t0,
             "tensors": len(tensors), **extra}
+
+
+def _fixed_rules(rec: Recipe) -> str:
+    """The recipe's rules that a quality target cannot adjust (not a lone ecsq/tcq quantize stage), named."""
+    from .stages.params import QuantParams
+
+    fixed = [r.match for r in rec.rules
+             if not any(isinstance(s, QuantParams) and s.mode in ("ecsq", "tcq") for s in r.stages)]
+    return ", ".join(fixed)
 
 
 def _executor(kind: Optional[str], address: Optional[str]):
@@ -157,13 +220,17 @@ def _pack_to_budget(ckpt, target: Path, rec: Recipe, bits, size, allocate: str, 
     scale the budget by what the estimate missed and pack again. A result that never fits is removed."""
     from . import ratecontrol
 
+    allocate = "absolute" if allocate is None else allocate
     if allocate not in ratecontrol.ALLOCATIONS:
-        raise RecipeError(f"allocate must be one of {', '.join(ratecontrol.ALLOCATIONS)}")
+        raise RecipeError(f"--allocate must be one of {', '.join(ratecontrol.ALLOCATIONS)}",
+                          api=f"allocate must be one of {', '.join(ratecontrol.ALLOCATIONS)} (got {allocate!r})")
     if bits is not None and not (isinstance(bits, (int, float)) and 0 < bits <= 32):
-        raise RecipeError("bits must be a number of bits per weight above 0 and at most 32")
+        raise RecipeError(f"--bits must be a number of bits per weight above 0 and at most 32 (got {bits})",
+                          api=f"bits must be a number of bits per weight above 0 and at most 32 (got {bits!r})")
     limit = ratecontrol.parse_size(size) if isinstance(size, str) else size
     if limit is not None and (type(limit) is not int or limit <= 0):
-        raise RecipeError("size must be a positive number of bytes")
+        raise RecipeError(f"--size must be a positive number of bytes (got {size})",
+                          api=f"size must be a positive number of bytes (got {size!r})")
     rec = ratecontrol.default_recipe(rec)
     samples, fixed_lossy, fixed_other, lossy_weights = ratecontrol.collect(ckpt, rec, pool=pool)
     if not lossy_weights:
@@ -237,20 +304,20 @@ class _OutputTree:
         self.target, self.single, self.force = target, single, force
         if single:
             check_output_file(target, force)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+            fd, self.tmp = temp_output(target)
             os.close(fd)
-            self.tmp = Path(tmp)
         else:
             if target.exists() and not target.is_dir():
                 raise OutputError(f"{target}: exists and is not a folder")
             if target.is_dir() and any(target.iterdir()) and not force:
-                raise OutputError(f"{target}: folder exists and is not empty (use --force to replace it)")
+                raise OutputError(f"{target}: folder exists and is not empty (use --force to replace it)",
+                                  api=f"{target}: folder exists and is not empty (pass force=True to replace it)")
             parent = target.parent
             if not parent.is_dir():
                 raise OutputError(f"{parent}: no such folder")
             if not os.access(parent, os.W_OK):
                 raise OutputError(f"{parent}: folder is not writable")
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+            _, self.tmp = temp_output(target, folder=True)
 
     def path(self, rel: str) -> Path:
         if self.single:
@@ -264,11 +331,14 @@ class _OutputTree:
     def commit(self) -> None:
         if self.single:
             check_output_file(self.target, self.force)
+            output_committed()
             os.replace(self.tmp, self.target)
             return
+        output_committed()
         old = None
         if self.target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".old", dir=self.target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.target)}{os.getpid()}.", suffix=".old",
+                                        dir=self.target.parent))
             os.rename(self.target, old / "x")
         os.rename(self.tmp, self.target)
         if old is not None:
@@ -286,10 +356,11 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
            executor: str = "local", ray_address: Optional[str] = None) -> Path:
     """Restore safetensors from a container: the same files, tensors, headers and `__metadata__`.
 
-    A single-file source restores to `dst` (a file path, or a folder to put the original name in);
-    a sharded or folder source restores to the folder `dst` (default: beside the container, without
-    `.wpk`), with its index and carried files; a packed model folder (weightpack.hf.save_pretrained) restores
-    to a plain model folder. Returns the path written. With `device` (a GPU, or with
+    A single-file source restores to `dst` (a file path, or a folder to put the original name in: an
+    existing one, or a path ending in '/', created if its parent exists); a sharded or folder source
+    restores to the folder `dst` (default: beside the container, without `.wpk`; a `.safetensors` name is an
+    error), with its index and carried files; a packed model folder (weightpack.hf.save_pretrained) restores
+    to a plain model folder. `dst` is never the container itself. Returns the path written. With `device` (a GPU, or with
     decoder="device" any device), tensors are decoded on that torch device (see `load`) and written from
     there, one at a time; on the CPU they are decoded by workers (threads with the C kernels, else processes).
     `src` may be a sharded set (its `*.wpk.index.json`, or its folder): the set restores as one model.
@@ -324,9 +395,16 @@ def _unpack(src, dst, force: bool, workers, progress: bool, dev, pool) -> Path:
         srcp = Path(src)
         if single:
             name = idx["files"][0]["name"]
-            target = srcp.parent / name if dst is None else _output_path(dst, name)
+            target = srcp.parent / name if dst is None else _output_path(dst, name, create=True)
         else:
             target = Path(dst) if dst is not None else srcp.with_name(srcp.name.removesuffix(".wpk") or "unpacked")
+            if target.name.endswith(".safetensors") and not target.is_dir():
+                n = len(idx["files"]) + len(idx["carried"])
+                raise OutputError(f"{target}: this container restores a folder ({n} files), not one .safetensors "
+                                  f"file: give a folder to restore it into")
+        _refuse_input_as_output(target, [srcp])
+        if not single and target.is_dir() and srcp.resolve().is_relative_to(target.resolve()):
+            raise OutputError(f"{target}: holds the container being unpacked; refusing to replace it")
         out = _OutputTree(target, single, force)
         try:
             targets = {}
@@ -353,6 +431,9 @@ def _unpack(src, dst, force: bool, workers, progress: bool, dev, pool) -> Path:
                     for piece in carried_pieces(r, c):
                         fh.write(piece)
             out.commit()
+        except OSError as e:  # writing the output (reads of the container raise FormatError)
+            out.abort()
+            raise OutputError(f"{target}: cannot write ({e.strerror or e})") from None
         except BaseException:
             out.abort()
             raise
@@ -383,7 +464,8 @@ def _device(device: "str | torch.device") -> "torch.device":
     except (RuntimeError, TypeError):
         raise WeightpackError(f"unknown device {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeightpackError("device 'cuda' requested but no CUDA GPU is available (use device='auto' or 'cpu')")
+        raise WeightpackError("device 'cuda' requested but no CUDA GPU is available (use --device auto or cpu)",
+                              api="device 'cuda' requested but no CUDA GPU is available (use device='auto' or 'cpu')")
     return dev
 
 
@@ -631,7 +713,11 @@ def _compare_with_source(idx: dict, decoded: dict[str, str], ckpt: Checkpoint, s
         t = packed[name]
         if (e.dtype, e.shape) != (t["dtype"], t["shape"]):
             problems.append(f"tensor {name!r}: dtype/shape {t['dtype']}{t['shape']} differs from the source's {e.dtype}{e.shape}")
-        elif not t["stages"] and tensor_sha256(f.path, e) != decoded.get(name):
+            continue
+        source_hash = tensor_sha256(f.path, e)
+        if source_hash != t["sha256"]:  # lossy or not: the container records the SHA-256 of what it packed
+            problems.append(f"tensor {name!r}: differs from the packed source (SHA-256)")
+        elif not t["stages"] and source_hash != decoded.get(name):
             problems.append(f"tensor {name!r}: decoded data differs from the source")
     src_meta = {f.rel: f.metadata for f in ckpt.files}
     for f in idx["files"]:

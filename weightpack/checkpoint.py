@@ -20,6 +20,7 @@ from .dtypes import DTYPES
 from .errors import CheckpointError
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own bound on the header size
+MAX_NAME, MAX_PATH = 255, 4095  # Linux's bounds on a file name component and a path (bytes)
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -73,6 +74,22 @@ def read_exact(path: Path, offset: int, length: int) -> bytes:
         return pread_exact(f.fileno(), offset, length, CheckpointError, str(path))
 
 
+def is_text(s: str) -> bool:
+    """Whether a str from JSON is real text: JSON's escapes can make lone surrogates ("\\ud800"), which
+    no file name, file or terminal can hold."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(v) -> str:
+    """A value for an error message: its repr, cut short (never an internal object's repr at length)."""
+    r = ascii(v) if isinstance(v, str) else (type(v).__name__ if isinstance(v, (dict, list)) else repr(v))
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 def validate_header(header_text: str, data_size: int, where: str) -> tuple[Optional[dict], list[TensorEntry]]:
     """Check a safetensors header against the data size; return metadata and entries (offsets relative to data)."""
     try:
@@ -83,16 +100,19 @@ def validate_header(header_text: str, data_size: int, where: str) -> tuple[Optio
         raise CheckpointError(f"{where}: header is not a JSON object")
     metadata = header.pop("__metadata__", None)
     if metadata is not None and (
-        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+        not isinstance(metadata, dict) or not all(isinstance(v, str) and is_text(v) and is_text(k)
+                                                  for k, v in metadata.items())
     ):
-        raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
+        raise CheckpointError(f"{where}: __metadata__ must map strings to strings (valid UTF-8 text)")
     entries = []
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{where}: tensor {name!r} has a malformed entry")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not is_text(name):
+            raise CheckpointError(f"{where}: a tensor name is not valid UTF-8 text ({ascii(name)})")
+        if type(dtype) is not str or dtype not in DTYPES:
+            raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {_short(dtype)}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointError(f"{where}: tensor {name!r} has a malformed shape")
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
@@ -176,6 +196,8 @@ def _load_index(path: Path) -> tuple[list[str], dict[str, str]]:
 def check_relative_name(name: str, where: str) -> str:
     """A relative POSIX path with no '..', no absolute part and no empty component."""
     p = PurePosixPath(name)
+    if not is_text(name):
+        raise CheckpointError(f"{where}: file name {ascii(name)} is not valid UTF-8 text")
     if (
         not name
         or "\\" in name
@@ -184,6 +206,9 @@ def check_relative_name(name: str, where: str) -> str:
         or any(part in ("", ".", "..") for part in name.split("/"))
     ):
         raise CheckpointError(f"{where}: unsafe file name {name!r}")
+    if len(name.encode("utf-8")) > MAX_PATH or any(len(part.encode("utf-8")) > MAX_NAME for part in name.split("/")):
+        raise CheckpointError(f"{where}: file name {name[:40]!r}... is too long for a file system "
+                              f"({MAX_NAME} bytes a component, {MAX_PATH} in all)")
     return name
 
 
@@ -224,6 +249,8 @@ def _open_folder(root: Path) -> Checkpoint:
             rel = p.relative_to(root).as_posix()
             if fn.endswith((".wpk", ".partial")):  # our own outputs (and unfinished ones) are not model files
                 continue
+            if not is_text(rel):  # a name that is not UTF-8 on disk (os.walk gives it surrogate escapes)
+                raise CheckpointError(f"{root}: file name {ascii(rel)} is not valid UTF-8 (rename it to pack this folder)")
             if p.is_file():  # follows a link to a regular file (Hugging Face cache snapshots are links)
                 rels.append(rel)
     rels.sort()

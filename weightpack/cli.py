@@ -1,19 +1,24 @@
 """The `weightpack` command: a thin layer over the API. Exit codes: 0 ok, 1 verification failed,
-2 bad usage or bad input, 130 interrupted."""
+2 bad usage or bad input, 130 interrupted (Ctrl-C), 141 standard output closed (a pipe reader left)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional
 
-from . import __version__, api
+from . import __version__
 from .errors import WeightpackError
-from .pipeline import progress_enabled
-from .recipe import load_recipe, presets
+from ._interrupt import exit_on_sigint, ignore_interrupts, install_sigint_handler
 
-EPILOG = "Exit codes: 0 ok, 1 verification failed (diff: the inputs differ), 2 bad usage or bad input."
+# The API and everything it imports (numpy, zstandard, ...) are imported by run(), after main() has taken
+# over Ctrl-C: an interrupt while importing then ends like any other.
+
+EPILOG = ("Exit codes: 0 ok, 1 verification failed (diff: the inputs differ), 2 bad usage or bad input, 130 interrupted (Ctrl-C), "
+          "141 standard output closed early.")
+MAX_FAILED_LINES = 20  # verify: the first problems in full, then a count
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "every ecsq/tcq matrix (q-tcq's rules when the recipe has none), the least total error")
     target.add_argument("--size", metavar="SIZE",
                         help="lossy: the whole file at most SIZE (bytes, or 9.5MiB, 2G, ...), allocated as --bits")
-    sp.add_argument("--allocate", choices=["absolute", "relative", "tensor"], default="absolute",
+    sp.add_argument("--allocate", choices=["absolute", "relative", "tensor"], default=None,
                     help="with --bits/--size: one step for all (least total squared error; default); one step "
                          "in units of each tensor's RMS (least sum over weights of relative errors); or in units "
                          "of RMS x sqrt(size / 2^20) (least sum of the tensors' relative errors, each tensor "
@@ -94,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "the tensors from there (default, and for cpu: workers on the CPU)")
     common(sp)
 
-    sp = sub.add_parser("inspect", help="show what a container holds, per tensor", epilog=EPILOG)
+    sp = sub.add_parser("inspect", help="show what a container holds, per tensor", epilog=EPILOG,
+                        description="Show what a container holds, per tensor: dtype, shape, stages, bytes before "
+                                    "and after, bits per weight, SQNR of lossy tensors, codec; then the totals.")
     sp.add_argument("src", help="the .wpk container, or a sharded set's *.wpk.index.json or folder")
     sp.add_argument("--json", action="store_true", help="print JSON")
+    common(sp, workers=False)
 
     sp = sub.add_parser("verify", help="check checksums, and bit-exactness against the source", epilog=EPILOG,
                         description="Check every checksum and decode every tensor against its recorded hash. "
@@ -119,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit code tells")
 
-    sub.add_parser("recipes", help="list the recipe presets", epilog=EPILOG)
+    sp = sub.add_parser("recipes", help="list the recipe presets", epilog=EPILOG,
+                        description="List the recipe presets (configs/*.toml) with their descriptions.")
+    common(sp, workers=False)
     return p
 
 
@@ -149,18 +159,23 @@ def _print_diff(rep, show_all: bool) -> None:
     print(rep.summary())
 
 
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> None:
+    """Columns as wide as their widest cell (right-aligned where `right`), two spaces apart."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        print("  ".join(cells).rstrip())
+
+
 def _print_inspect(rep: dict) -> None:
-    rows = rep["tensors"]
-    w = max([len(r["name"]) for r in rows] + [6])
-    print(f"{'tensor':<{w}}  {'dtype':<7} {'shape':<16} {'stages':<11} {'before':>10} {'after':>10} {'bpw':>6}"
-          f"  {'SQNR':>8}  codec")
-    for r in rows:
+    rows = []
+    for r in rep["tensors"]:
         shape = "x".join(map(str, r["shape"])) or "scalar"
         q = r.get("quality") or {}
-        sqnr = "exact" if not q else ("inf" if q.get("sqnr_db") is None else f"{q['sqnr_db']:.1f}dB")
-        print(f"{r['name']:<{w}}  {r['dtype']:<7} {shape:<16} {','.join(r['stages']):<11} "
-              f"{_human(r['bytes_before']):>10} {_human(r['bytes_after']):>10} {r['bits_per_weight']:>6.2f}"
-              f"  {sqnr:>8}  {r['codec']}")
+        sqnr = "exact" if not q else ("inf" if q.get("sqnr_db") is None else f"{q['sqnr_db']:.1f} dB")
+        rows.append([r["name"], r["dtype"], shape, ",".join(r["stages"]), _human(r["bytes_before"]),
+                     _human(r["bytes_after"]), f"{r['bits_per_weight']:.2f}", sqnr, str(r["codec"])])
+    _table(["tensor", "dtype", "shape", "stages", "before", "after", "bpw", "SQNR", "codec"], rows, {4, 5, 6, 7})
     t = rep["totals"]
     print(f"{t['tensors']} tensors, {t['weights']:,} weights: {_human(t['source_bytes'])} -> "
           f"{_human(t['container_bytes'])} ({100 * t['ratio']:.2f}%), {t['bits_per_weight']:.3f} bits per weight")
@@ -180,7 +195,13 @@ def _print_allocation(a: dict) -> None:
           f"lossy tensors, {_human(a['bytes'])} in all (target {want})")
 
 
-def run(argv: Optional[list[str]] = None) -> int:
+def run(argv: Optional[list[str]] = None, in_console: bool = False) -> int:
+    from . import api
+    from .pipeline import progress_enabled
+    from .recipe import load_recipe, presets
+
+    if in_console:  # from here on there may be outputs and workers to clean up: an exception does it
+        install_sigint_handler()
     args = build_parser().parse_args(argv)
     if args.command is None:
         print("weightpack: error: a command is required: pack, unpack, inspect, verify, diff or recipes "
@@ -191,9 +212,12 @@ def run(argv: Optional[list[str]] = None) -> int:
     ray = getattr(args, "ray", None)
     on = {"executor": "ray", "ray_address": ray or None} if ray is not None else {}
     if args.command == "pack":
+        if args.allocate is not None and args.bits is None and args.size is None:
+            raise WeightpackError(f"--allocate {args.allocate} applies to rate control: give --bits or --size with it")
         res = api.pack(args.src, args.output, recipe=args.recipe, level=args.level, min_sqnr=args.min_sqnr,
                        bits=args.bits, size=args.size, allocate=args.allocate, workers=args.workers,
                        force=args.force, progress=show, shard_size=args.shard_size, **on)
+        ignore_interrupts()
         if args.json:
             print(json.dumps(res, indent=2))
         elif not args.quiet:
@@ -206,34 +230,54 @@ def run(argv: Optional[list[str]] = None) -> int:
                       + ("; for the others no rank saved bits at equal error" if len(taken) < len(res["lowrank"]) else ""))
             if "shards" in res:
                 print(f"{len(res['shards'])} shards: {', '.join(res['shards'])}")
+            if "lossy" in res:
+                lo = res["lossy"]
+                worst = ("exact" if lo["worst_sqnr_db"] is None else
+                         f"worst SQNR {lo['worst_sqnr_db']:.2f} dB ({lo['worst_tensor']})")
+                print(f"lossy: {lo['tensors']} tensors at {lo['bits_per_weight']:.3f} bits per weight, {worst}")
             print(f"{res['path']}: {_human(res['bytes_in'])} -> {_human(res['bytes_out'])} "
                   f"({100 * res['ratio']:.2f}%), {res['tensors']} tensors in {res['seconds']:.1f} s")
     elif args.command == "unpack":
         out = api.unpack(args.src, args.output, force=args.force, workers=args.workers, progress=show,
                          device=args.device, **on)
+        ignore_interrupts()
         if not args.quiet:
             print(f"{out}")
     elif args.command == "inspect":
         rep = api.inspect(args.src)
         if args.json:
             print(json.dumps(rep, indent=2))
-        else:
+        elif not args.quiet:
             _print_inspect(rep)
     elif args.command == "verify":
         rep = api.verify(args.src, args.against, min_sqnr=args.min_sqnr, max_rel_error=args.max_rel_error,
                          workers=args.workers, progress=show, **on)
+        ignore_interrupts()
         if args.json:
             print(json.dumps(rep.to_json(), indent=2))
         else:
-            for p in rep.problems:
+            for p in rep.problems[:MAX_FAILED_LINES]:
                 print(f"FAILED: {p}", file=sys.stderr)
+            if len(rep.problems) > MAX_FAILED_LINES:
+                print(f"FAILED: ... and {len(rep.problems) - MAX_FAILED_LINES} more (--json lists them all)",
+                      file=sys.stderr)
+            if not rep.ok:
+                print(f"verify failed: {len(rep.problems)} problem{'s' if len(rep.problems) != 1 else ''}",
+                      file=sys.stderr)
             if rep.ok and not args.quiet:
-                what = f" and equal to {args.against}" if args.against else ""
+                lossless = rep.checked - len(rep.quality)
+                what = f" and equal to {args.against}" if args.against and not rep.quality else ""
                 if rep.quality:
                     worst = min((q["sqnr_db"] for q in rep.quality.values() if q["sqnr_db"] is not None), default=None)
-                    bounded = args.min_sqnr is not None or args.max_rel_error is not None
-                    what += (f"; {len(rep.quality)} lossy tensors" + (" within bounds" if bounded else "")
-                             + (f", worst SQNR {worst:.2f} dB" if worst is not None else ""))
+                    bounds = ([f"SQNR >= {args.min_sqnr:g} dB"] if args.min_sqnr is not None else []) + (
+                        [f"relative error <= {args.max_rel_error:g}"] if args.max_rel_error is not None else [])
+                    worst_text = "exact" if worst is None else f"worst SQNR {worst:.2f} dB"
+                    if args.against:
+                        what = f"; the same source as {args.against}: {lossless} tensors equal"
+                    what += (f"; {len(rep.quality)} lossy tensors within "
+                             + (" and ".join(bounds) + f" ({worst_text})" if bounds else
+                                f"SQNR {worst:.2f} dB (the worst)" if worst is not None else "SQNR inf (exact)")
+                             + (", measured against the source" if args.against else ", as measured at pack time"))
                 print(f"ok: {rep.checked} tensors, all checksums valid{what}")
         return 0 if rep.ok else 1
     elif args.command == "diff":
@@ -246,20 +290,56 @@ def run(argv: Optional[list[str]] = None) -> int:
             _print_diff(rep, args.all)
         return 0 if rep.identical else 1
     elif args.command == "recipes":
-        for name, path in sorted(presets().items()):
-            print(f"{name:<16} {load_recipe(str(path)).description}")
+        if not args.quiet:
+            for name, path in sorted(presets().items()):
+                print(f"{name:<16} {load_recipe(str(path)).description}")
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _stdout_closed() -> int:
+    """The reader of our standard output left (`weightpack inspect x.wpk | head -1`): end quietly."""
     try:
-        return run(argv)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush has nowhere to fail
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command. Run as the program (argv None), it owns the process: Ctrl-C ends it with one line and
+    exit 130, and it exits with os._exit once its outputs are flushed (no interpreter shutdown, during which
+    a late Ctrl-C would kill it with no message or print a trace from an atexit callback)."""
+    if argv is not None:
+        return _main(argv, False)
+    exit_on_sigint()
+    rc = _main(None, True)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            rc = _stdout_closed() if stream is sys.stdout else rc
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
+
+
+def _main(argv: Optional[list[str]], in_console: bool) -> int:
+    try:
+        rc = run(argv, in_console)
+        sys.stdout.flush()
+        return rc
     except WeightpackError as e:
-        print(f"weightpack: error: {e}", file=sys.stderr)
+        print(f"weightpack: error: {e.cli_message or e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("weightpack: interrupted", file=sys.stderr)
+        if in_console:  # no interpreter shutdown (atexit joins of dead workers, late signals): exit now
+            sys.stderr.flush()
+            os._exit(130)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
     except MemoryError:
         print("weightpack: error: out of memory", file=sys.stderr)
         return 2

@@ -25,11 +25,12 @@ from typing import Any, Iterable, Iterator, Optional
 
 import zstandard
 
-from .checkpoint import check_relative_name, pread_exact, validate_header
+from .checkpoint import check_relative_name, is_text, pread_exact, validate_header
 from .coding.streams import check_params
 from .stages.params import chain_parts, params_of
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
+from ._interrupt import output_committed, output_started
 
 MAGIC = b"\x89WPK\r\n\x1a\n"
 VERSION = (1, 3)  # 1.3: chunks' decoded-data checksums are bound to their stream (streams.binding)
@@ -51,34 +52,39 @@ class ContainerWriter:
         self.target = Path(target)
         check_output_file(self.target, force)
         self.force = force
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent)
-        self.tmp = Path(tmp)
+        output_started()
+        fd, self.tmp = temp_output(self.target)
         self.f = os.fdopen(fd, "wb")
-        self.f.write(HEADER.pack(MAGIC, *VERSION, 0))
-        self.pos = HEADER.size
+        self.pos = 0
+        self._write(HEADER.pack(MAGIC, *VERSION, 0))
+
+    def _write(self, data: bytes) -> None:
+        """Write at the end; a failure (disk full, quota) names the target, not the temporary file."""
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot write ({e.strerror or e})") from None
+        self.pos += len(data)
 
     def write_blob(self, data: bytes, crc: Optional[int] = None) -> dict:
         """Write one blob; `crc` is its crc32 where the caller has it (computed by a worker)."""
         if crc is None:
             return self.write_blob_pieces([data])
         offset = self._align()
-        self.f.write(data)
-        self.pos += len(data)
+        self._write(data)
         return _ref(offset, len(data), crc)
 
     def _align(self) -> int:
         pad = (-self.pos) % ALIGN
         if pad:
-            self.f.write(b"\0" * pad)
-            self.pos += pad
+            self._write(b"\0" * pad)
         return self.pos
 
     def write_blob_pieces(self, pieces: Iterable[bytes]) -> dict:
         """Write a blob given in pieces (memory: one piece)."""
         offset, crc = self._align(), 0
         for piece in pieces:
-            self.f.write(piece)
-            self.pos += len(piece)
+            self._write(piece)
             crc = zlib.crc32(piece, crc)
         return _ref(offset, self.pos - offset, crc)
 
@@ -88,12 +94,16 @@ class ContainerWriter:
         # whose time stays small beside the pack's
         raw = zstandard.ZstdCompressor(level=19 if len(text) <= INDEX_SLOW_ZSTD else 12).compress(text)
         offset = self.pos
-        self.f.write(raw)
-        self.f.write(TRAILER.pack(offset, len(raw), zlib.crc32(raw), *VERSION, MAGIC))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        self._write(raw)
+        self._write(TRAILER.pack(offset, len(raw), zlib.crc32(raw), *VERSION, MAGIC))
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot write ({e.strerror or e})") from None
         check_output_file(self.target, self.force)
+        output_committed()
         os.replace(self.tmp, self.target)
         return offset + len(raw) + TRAILER.size
 
@@ -111,11 +121,94 @@ class ContainerWriter:
             self.abort()
 
 
+# -- temporary outputs ---------------------------------------------------------------------------
+# An output is written as `.NAME.PID.XXXXXXXX.partial` beside its target (a folder for a folder output)
+# and renamed into place when complete. A run that was killed (kill -9, power loss) leaves its temporary
+# file behind; the next run on the same target removes those whose process is gone.
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+STALE_UNTAGGED = 24 * 3600  # temporaries of older versions (no process id in the name): removed after a day
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name[:180]}."
+
+
+def clean_stale_outputs(target: Path) -> list[Path]:
+    """Remove the temporary files and folders that killed runs left for this target. Returns them."""
+    import shutil
+    import time
+
+    prefix, removed = _temp_prefix(target), []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(prefix) or not e.name.endswith((".partial", ".old")):
+            continue
+        middle = e.name[len(prefix):].split(".")
+        if len(middle) == 3 and middle[0].isdigit():
+            stale = int(middle[0]) != os.getpid() and not _alive(int(middle[0]))
+        elif len(middle) == 2:
+            try:
+                stale = time.time() - e.stat(follow_symlinks=False).st_mtime > STALE_UNTAGGED
+            except OSError:
+                stale = False
+        else:
+            stale = False
+        if not stale:
+            continue
+        p = Path(e.path)
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def temp_output(target: Path, folder: bool = False) -> tuple[int | None, Path]:
+    """A new temporary file (its descriptor and path) or folder (None, path) beside `target`, with the
+    permissions a plain new file or folder gets under the umask; stale ones of killed runs removed first."""
+    clean_stale_outputs(target)
+    prefix = _temp_prefix(target) + f"{os.getpid()}."
+    try:
+        if folder:
+            tmp = tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=target.parent)
+            os.chmod(tmp, 0o777 & ~_umask())
+            return None, Path(tmp)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=target.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        return fd, Path(tmp)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write ({e.strerror or e})") from None
+
+
 def check_output_file(target: Path, force: bool) -> None:
     if target.is_dir():
         raise OutputError(f"{target}: is a folder")
     if target.exists() and not force:
-        raise OutputError(f"{target}: already exists (use --force to overwrite)")
+        raise OutputError(f"{target}: already exists (use --force to overwrite)",
+                          api=f"{target}: already exists (pass force=True to overwrite)")
     parent = target.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: no such folder")
@@ -214,7 +307,16 @@ def _get(d: Any, key: str, typ, where: str):
     ok = (type(v) is int) if typ is int else isinstance(v, typ)
     if not ok:
         _fail(where, f"{key!r} has the wrong type")
+    if typ is str and not is_text(v):
+        _fail(where, f"{key!r} is not valid UTF-8 text")
     return v
+
+
+def _finite(v) -> bool:
+    """A JSON number that fits a float (JSON integers have no bound)."""
+    if type(v) is int:
+        return abs(v) < 1 << 1000
+    return type(v) is float and math.isfinite(v)
 
 
 def _check_ref(ref: Any, limit: int, where: str) -> None:
@@ -291,7 +393,7 @@ def validate_index(index: dict, file_size: int) -> None:
     tensor_names = set()
     for t in _get(index, "tensors", list, "top"):
         name = _get(t, "name", str, "tensor")
-        w = f"tensor {name!r}"
+        w = f"tensor {ascii(name)[1:-1]!r}" if not name.isprintable() else f"tensor {name!r}"
         if name in tensor_names:
             _fail(w, "listed twice")
         tensor_names.add(name)
@@ -313,8 +415,7 @@ def validate_index(index: dict, file_size: int) -> None:
             chain = params_of(t, w)
             _get(t, "decoded_sha256", str, w)
             q = _get(t, "quality", dict, w)
-            if set(q) != {"sqnr_db", "rel_error"} or not all(
-                    v is None or (type(v) in (int, float) and math.isfinite(v)) for v in q.values()):
+            if set(q) != {"sqnr_db", "rel_error"} or not all(v is None or _finite(v) for v in q.values()):
                 _fail(w, "malformed quality")
             specs = chain_parts(chain, shape)
             parts = _get(t, "parts", list, w)
@@ -323,7 +424,8 @@ def validate_index(index: dict, file_size: int) -> None:
             for x in parts:
                 pw = f"{w} part {x['name']!r}"
                 pdtype, pshape = specs[x["name"]]
-                if _get(x, "dtype", str, pw) != pdtype or _get(x, "shape", list, pw) != pshape:
+                got = _get(x, "shape", list, pw)
+                if _get(x, "dtype", str, pw) != pdtype or not all(type(d) is int for d in got) or got != pshape:
                     _fail(pw, "dtype or shape does not match the stages")
                 _check_stream(_get(x, "stream", dict, pw), pdtype, math.prod(pshape), limit, pw)
         else:

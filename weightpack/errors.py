@@ -1,10 +1,20 @@
 """Errors raised by weightpack. Every user-facing failure is a WeightpackError with a one-line message."""
 
+from __future__ import annotations
+
 
 class WeightpackError(Exception):
-    """Base class: a failure the user can act on (bad input, bad file, failed check)."""
+    """Base class: a failure the user can act on (bad input, bad file, failed check).
+
+    The message is in the command line's words (flags such as --force); `api`, when given, is the same
+    message in the Python API's words (arguments such as force=True): str() of an error raised by the API
+    is that one, `cli_message` the command line's."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, api: str | None = None):
+        super().__init__(api if api is not None else message)
+        self.cli_message = message
 
 
 class CheckpointError(WeightpackError):

@@ -30,10 +30,26 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _worker_init() -> None:
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (also on kill -9 of the parent)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers end when their task pipe closes
+        pass
+
+
+def _worker_init(parent: int) -> None:
     # Ctrl-C reaches the whole process group: the main process handles it (cleans up, one line),
-    # workers just stop when the pool is shut down.
+    # workers are killed by it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
+
+
 
 
 def _done(value: Any) -> Future:
@@ -57,7 +73,7 @@ class Pool:
             # fork: workers start in milliseconds and inherit the imported modules; they use only
             # numpy, zstandard and constriction, never torch's thread pools.
             self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                          initializer=_worker_init)
+                                          initializer=_worker_init, initargs=(os.getpid(),))
 
     def __enter__(self) -> "Pool":
         return self
@@ -66,10 +82,21 @@ class Pool:
         if self.ex is None:
             return
         if exc_type is not None and isinstance(self.ex, ProcessPoolExecutor):
-            # Interrupted or failed: stop the workers now rather than let them finish queued work
-            # (and never leave the interpreter waiting on them at exit).
-            for p in list(getattr(self.ex, "_processes", {}).values()):
-                p.terminate()
+            # Interrupted or failed: kill the workers now rather than let them finish queued work (and
+            # never leave the interpreter waiting on them at exit), then reap them.
+            procs = list((getattr(self.ex, "_processes", None) or {}).values())
+            for p in procs:
+                try:
+                    p.kill()
+                except (OSError, AttributeError, ValueError):
+                    pass
+            self.ex.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                try:
+                    p.join(2)
+                except (OSError, AssertionError, ValueError):
+                    pass
+            return
         self.ex.shutdown(wait=exc_type is None, cancel_futures=True)
 
     def submit(self, fn: Callable, *args: Any) -> Future:
