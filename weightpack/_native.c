@@ -278,7 +278,7 @@ static int64_t packed_size(int64_t n, int64_t width) {
 /* -- lanes, fast: direct slot tables ------------------------------------------------------------------
  *
  * The same streams as wp_lanes, with the symbol of every one of the 2**15 slots of a context looked up
- * directly (dslot: C rows of 2**15 uint8, or uint16 for alphabets over 256) and its frequency and cumulative frequency packed in one word
+ * directly (dslot: C rows of 2**15 uint16) and its frequency and cumulative frequency packed in one word
  * (fc: C rows of A uint32, f | c << 16). Eight lanes are decoded together, their states in registers, the
  * refill without a branch: a step's latency (two table lookups and a multiply) is what bounds one lane,
  * so eight of them overlap. The symbols of the whole sequence run through the contexts in order (ccount
@@ -307,10 +307,8 @@ static inline int64_t ctx_of(const int64_t *bounds, int64_t C, int64_t i) {
     return c;
 }
 
-#define LANES_FAST_NAME lanes_fast16
-#define DSLOT_T uint16_t
-static inline int64_t LANES_FAST_NAME(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
-                      const int64_t *restrict ccount, int64_t C, const DSLOT_T *restrict dslot,
+int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
+                      const int64_t *restrict ccount, int64_t C, const uint16_t *restrict dslot,
                       const uint32_t *restrict fc, int64_t A, int64_t n, uint16_t *restrict out) {
     static const uint32_t zero = 0;
     const uint32_t *ws = nwords ? words : &zero; /* the refill reads ws[0] when it does not refill */
@@ -374,90 +372,6 @@ static inline int64_t LANES_FAST_NAME(const uint32_t *restrict words, int64_t nw
                 return j0 + k + 1;
     }
     return -1;
-}
-
-#undef LANES_FAST_NAME
-#undef DSLOT_T
-#define LANES_FAST_NAME lanes_fast8
-#define DSLOT_T uint8_t
-static inline int64_t LANES_FAST_NAME(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
-                      const int64_t *restrict ccount, int64_t C, const DSLOT_T *restrict dslot,
-                      const uint32_t *restrict fc, int64_t A, int64_t n, uint16_t *restrict out) {
-    static const uint32_t zero = 0;
-    const uint32_t *ws = nwords ? words : &zero; /* the refill reads ws[0] when it does not refill */
-    int64_t bounds[257], acc = 0, wbase = 0;
-    if (C < 1 || C > 256 || nl < 0 || (nl == 0) != (n == 0))
-        return 0;
-    for (int64_t c = 0; c < C; c++) {
-        bounds[c] = acc;
-        acc += ccount[c];
-    }
-    bounds[C] = acc;
-    if (acc != n)
-        return 0;
-    for (int64_t j0 = 0; j0 < nl; j0 += 8) {
-        int64_t lo[8], cnt[8], pp[8];
-        uint64_t xx[8];
-        for (int k = 0; k < 8; k++) {
-            int64_t j = j0 + k;
-            lo[k] = pp[k] = wbase, xx[k] = 0, cnt[k] = 0;
-            if (j < nl) {
-                lo[k] = wbase;
-                wbase += wcount[j];
-                xx[k] = ans_start(ws, lo[k], wbase, &pp[k]);
-                cnt[k] = (n - 1 - j) / nl + 1; /* non-increasing in k, by at most one in all */
-            }
-        }
-        if (j0 + 8 <= nl && cnt[7] == cnt[0]) { /* the common case: eight full lanes, registers */
-            uint64_t x0 = xx[0], x1 = xx[1], x2 = xx[2], x3 = xx[3], x4 = xx[4], x5 = xx[5], x6 = xx[6], x7 = xx[7];
-            int64_t p0 = pp[0], p1 = pp[1], p2 = pp[2], p3 = pp[3], p4 = pp[4], p5 = pp[5], p6 = pp[6], p7 = pp[7];
-            int64_t c = 0;
-            for (int64_t t = 0; t < cnt[0]; t++) {
-                const int64_t base = t * nl + j0;
-                while (bounds[c + 1] <= base)
-                    c++;
-                if (base + 7 < bounds[c + 1]) {
-                    DSTEP(0, c); DSTEP(1, c); DSTEP(2, c); DSTEP(3, c);
-                    DSTEP(4, c); DSTEP(5, c); DSTEP(6, c); DSTEP(7, c);
-                } else { /* a context boundary inside the step */
-                    DSTEP(0, ctx_of(bounds, C, base)); DSTEP(1, ctx_of(bounds, C, base + 1));
-                    DSTEP(2, ctx_of(bounds, C, base + 2)); DSTEP(3, ctx_of(bounds, C, base + 3));
-                    DSTEP(4, ctx_of(bounds, C, base + 4)); DSTEP(5, ctx_of(bounds, C, base + 5));
-                    DSTEP(6, ctx_of(bounds, C, base + 6)); DSTEP(7, ctx_of(bounds, C, base + 7));
-                }
-            }
-            xx[0] = x0, xx[1] = x1, xx[2] = x2, xx[3] = x3, xx[4] = x4, xx[5] = x5, xx[6] = x6, xx[7] = x7;
-            pp[0] = p0, pp[1] = p1, pp[2] = p2, pp[3] = p3, pp[4] = p4, pp[5] = p5, pp[6] = p6, pp[7] = p7;
-        } else { /* the last lanes, or lanes of unequal length: one at a time */
-            for (int k = 0; k < 8 && j0 + k < nl; k++) {
-                uint64_t x0 = xx[k];
-                int64_t p0 = pp[k];
-                const int64_t *lok = lo + k;
-                for (int64_t t = 0; t < cnt[k]; t++) {
-                    const int64_t base = t * nl + j0 + k, *lo = lok; /* DSTEP's lo[0] and out[base + 0] */
-                    DSTEP(0, ctx_of(bounds, C, base));
-                }
-                xx[k] = x0, pp[k] = p0;
-            }
-        }
-        for (int k = 0; k < 8 && j0 + k < nl; k++)
-            if (pp[k] != lo[k] || xx[k] != 0)
-                return j0 + k + 1;
-    }
-    return -1;
-}
-
-#undef LANES_FAST_NAME
-#undef DSLOT_T
-
-/* dslot of uint8 (alphabets up to 256: half the cache footprint) when narrow, else of uint16 */
-int64_t wp_lanes_fast(const uint32_t *words, int64_t nwords, const int64_t *wcount, int64_t nl, const int64_t *ccount,
-                      int64_t C, const void *dslot, int64_t narrow, const uint32_t *fc, int64_t A, int64_t n,
-                      uint16_t *out) {
-    if (narrow && A > 256)
-        return 0;
-    return narrow ? lanes_fast8(words, nwords, wcount, nl, ccount, C, dslot, fc, A, n, out)
-                  : lanes_fast16(words, nwords, wcount, nl, ccount, C, dslot, fc, A, n, out);
 }
 
 /* A fields chunk rebuilt from its decoded head symbols and its packed tail (coding/streams.py, fields.py),

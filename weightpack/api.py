@@ -607,6 +607,29 @@ class VerifyReport:
         return {"ok": self.ok, "tensors_checked": self.checked, "problems": self.problems, "quality": self.quality}
 
 
+def check_decoded(items, src: dict, decoded: dict, quality: dict, problems: list) -> int:
+    """verify's check of decoded tensors ((record, pieces) from the decoder): a plain tensor's SHA-256 against
+    its record (kept in `decoded`), a lossy one's quality against the source where there is one (its
+    reconstruction was checked against decoded_sha256 by the decoder). Returns how many were checked; a
+    FormatError ends the run as a problem."""
+    checked = 0
+    try:
+        for t, pieces in items:
+            checked += 1
+            if t["stages"]:
+                quality[t["name"]] = _lossy_quality(t, pieces, src.get(t["name"]))
+                continue
+            hasher = hashlib.sha256()
+            for p in pieces:
+                hasher.update(p)
+            decoded[t["name"]] = hasher.hexdigest()
+            if decoded[t["name"]] != t["sha256"]:
+                problems.append(f"tensor {t['name']!r}: decoded data differs from the packed source")
+    except FormatError as e:
+        problems.append(str(e))
+    return checked
+
+
 def verify(path: PathLike, against: Optional[PathLike] = None, *, min_sqnr: Optional[float] = None,
            max_rel_error: Optional[float] = None, workers: Optional[int] = None,
            progress: bool = False, executor: str = "local", ray_address: Optional[str] = None) -> VerifyReport:
@@ -653,20 +676,8 @@ def _verify(path, against, min_sqnr, max_rel_error, workers, progress: bool, poo
         decoded: dict[str, str] = {}
         if not problems:
             with _bar(sum(t["nbytes"] for t in idx["tensors"]), "verify", progress) as bar:
-                try:
-                    for t, pieces in decode_tensors(r, idx["tensors"], workers, bar.update, pool=pool):
-                        checked += 1
-                        if t["stages"]:  # the reconstruction was checked against decoded_sha256
-                            quality[t["name"]] = _lossy_quality(t, pieces, src.get(t["name"]))
-                            continue
-                        hasher = hashlib.sha256()
-                        for p in pieces:
-                            hasher.update(p)
-                        decoded[t["name"]] = hasher.hexdigest()
-                        if decoded[t["name"]] != t["sha256"]:
-                            problems.append(f"tensor {t['name']!r}: decoded data differs from the packed source")
-                except FormatError as e:
-                    problems.append(str(e))
+                checked += check_decoded(decode_tensors(r, idx["tensors"], workers, bar.update, pool=pool), src,
+                                         decoded, quality, problems)
         if ckpt is not None and not problems:
             problems += _compare_with_source(idx, decoded, ckpt, src)
         problems += _quality_problems(quality, min_sqnr, max_rel_error)

@@ -12,11 +12,10 @@ Ray is optional (`pip install 'weightpack[ray]'`) and imported only here, only w
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Iterable, Iterator, Optional
 
 from .errors import WeightpackError
-from .parallel import Task
+from .parallel import Task, ordered
 
 RAY_MISSING = "--ray needs Ray, which is not installed: pip install 'weightpack[ray]'"
 MAX_RETRIES = 4  # a task whose worker or node dies is run again (tasks are pure, or rewrite the same bytes)
@@ -126,34 +125,12 @@ class RayPool:
             self.pending.discard(ref)
 
     def ordered_map(self, items: Iterable[Any], inflight: Optional[int] = None) -> Iterator[Any]:
-        it = iter(items)
-        limit = min(inflight or 3 * self.workers, INFLIGHT_PER_CPU * self.workers)
-        queue: deque = deque()
-        running, exhausted = 0, False
-        while True:
-            while not exhausted and running < limit:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                if isinstance(item, Task):
-                    ref = self.session.remote.remote(item.fn, item.args)
-                    queue.append((ref, True))
-                    self.pending.add(ref)
-                    running += 1
-                else:
-                    queue.append((item, False))
-            if not queue:
-                return
-            ref, is_task = queue.popleft()
-            if not is_task:
-                yield ref
-                continue
-            running -= 1
-            result = self.take(ref)
-            del ref  # the object store frees a result once no reference to it is left
-            yield result
+        def submit(task: Task):
+            ref = self.session.remote.remote(task.fn, task.args)
+            self.pending.add(ref)
+            return ref
+
+        yield from ordered(items, submit, self.take, min(inflight or 3 * self.workers, INFLIGHT_PER_CPU * self.workers))
 
 
 class _RayFuture:

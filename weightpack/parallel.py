@@ -50,15 +50,6 @@ def _worker_init(parent: int) -> None:
         os._exit(1)
 
 
-
-
-def _done(value: Any) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    f._passthrough = True  # type: ignore[attr-defined]
-    return f
-
-
 class Pool:
     """A process pool, or with `threads` a thread pool (for tasks that spend their time outside the GIL),
     or inline execution for one worker; used as a context manager."""
@@ -108,31 +99,41 @@ class Pool:
         return self.ex.submit(fn, *args)
 
     def ordered_map(self, items: Iterable[Any], inflight: int | None = None) -> Iterator[Any]:
-        it = iter(items)
         if self.ex is None:
-            for item in it:
+            for item in items:
                 yield item.fn(*item.args) if isinstance(item, Task) else item
             return
-        limit = inflight or 3 * self.workers
-        queue: deque[Future] = deque()
-        running = 0
-        exhausted = False
-        while True:
-            while not exhausted and running < limit:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                if isinstance(item, Task):
-                    queue.append(self.ex.submit(item.fn, *item.args))
-                    running += 1
-                else:
-                    queue.append(_done(item))
-            if not queue:
-                return
-            fut = queue.popleft()
-            if not getattr(fut, "_passthrough", False):
-                running -= 1
-            yield fut.result()
+        yield from ordered(items, lambda t: self.ex.submit(t.fn, *t.args), lambda f: f.result(),
+                           inflight or 3 * self.workers)
+
+
+def ordered(items: Iterable[Any], submit: Callable[[Task], Any], result: Callable[[Any], Any],
+            limit: int) -> Iterator[Any]:
+    """The results of the Tasks among `items` (run by `submit`, collected by `result`), and the other items
+    as they are, in the items' order, with at most `limit` tasks submitted and not yet collected."""
+    it = iter(items)
+    queue: deque = deque()
+    running, exhausted = 0, False
+    while True:
+        while not exhausted and running < limit:
+            try:
+                item = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            if isinstance(item, Task):
+                queue.append((submit(item), True))
+                running += 1
+            else:
+                queue.append((item, False))
+        if not queue:
+            return
+        handle, is_task = queue.popleft()
+        if not is_task:
+            yield handle
+            continue
+        running -= 1
+        value = result(handle)
+        del handle  # (a Ray result is freed once no reference to it is left)
+        yield value
 

@@ -587,20 +587,8 @@ def verify(path, against, min_sqnr, max_rel_error, workers, progress: bool, pool
         decoded: dict[str, str] = {}
         if not problems:
             with api._bar(sum(t["nbytes"] for _, _, t in ss.tensors()), "verify", progress) as bar:
-                try:
-                    for t, pieces in decode_set(ss, workers, bar.update, pool=pool):
-                        checked += 1
-                        if t["stages"]:
-                            quality[t["name"]] = api._lossy_quality(t, pieces, src.get(t["name"]))
-                            continue
-                        h = hashlib.sha256()
-                        for p in pieces:
-                            h.update(p)
-                        decoded[t["name"]] = h.hexdigest()
-                        if decoded[t["name"]] != t["sha256"]:
-                            problems.append(f"tensor {t['name']!r}: decoded data differs from the packed source")
-                except FormatError as e:
-                    problems.append(str(e))
+                checked += api.check_decoded(decode_set(ss, workers, bar.update, pool=pool), src, decoded, quality,
+                                             problems)
         if ckpt is not None and not problems:
             packed = {t["name"]: t for _, _, t in ss.tensors()}
             for name in sorted(set(src) - set(packed)):

@@ -57,7 +57,7 @@ _SIGNATURES = {
     "wp_fields_split": (_I64, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _arr(np.uint8),
                                _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64,
                                _arr(np.uint64)]),
-    "wp_lanes_fast": (_I64, [ctypes.c_void_p, _I64, _arr(np.int64), _I64, _arr(np.int64), _I64, ctypes.c_void_p, _I64,
+    "wp_lanes_fast": (_I64, [ctypes.c_void_p, _I64, _arr(np.int64), _I64, _arr(np.int64), _I64, _arr(np.uint16),
                              _arr(np.uint32), _I64, _I64, _arr(np.uint16)]),
     "wp_fields_join": (_I64, [_arr(np.uint16), _I64, _arr(np.uint64), _I64, _arr(np.uint8), _arr(np.uint8), _I64,
                               _I64, _I64, _arr(np.int64), ctypes.c_void_p, _I64, _I64, _I64, _I64, ctypes.c_void_p]),
@@ -73,9 +73,11 @@ def _load() -> Optional[ctypes.CDLL]:
         _tried = True
         if not os.environ.get("WEIGHTPACK_NO_NATIVE"):
             try:
+                # WEIGHTPACK_NATIVE_LIB: another build of the same kernels (scripts/sanitize.sh: AddressSanitizer)
                 spec = importlib.util.find_spec("weightpack._native")
-                if spec is not None and spec.origin:
-                    lib = ctypes.CDLL(spec.origin)
+                origin = os.environ.get("WEIGHTPACK_NATIVE_LIB") or (spec.origin if spec is not None else None)
+                if origin:
+                    lib = ctypes.CDLL(origin)
                     for name, (res, args) in _SIGNATURES.items():
                         fn = getattr(lib, name)
                         fn.restype, fn.argtypes = res, args
@@ -121,12 +123,12 @@ def slot_tables(tables) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fast_slots(tables) -> tuple[np.ndarray, np.ndarray]:
-    """For stored 15-bit tables (one per context, all of alphabet A): the symbol of every slot (2**15 per
-    context; uint8 for alphabets up to 256, else uint16) and each symbol's frequency | cumulative frequency << 16 (uint32), as wp_lanes_fast reads
+    """For stored 15-bit tables (one per context, all of alphabet A): the symbol of every slot (uint16, 2**15
+    per context) and each symbol's frequency | cumulative frequency << 16 (uint32), as wp_lanes_fast reads
     them."""
     f = np.asarray(np.stack(tables), dtype=np.int64)
     C, A = f.shape
-    dslot = np.empty((C, 1 << SLOT_BITS), np.uint8 if A <= 256 else np.uint16)
+    dslot = np.empty((C, 1 << SLOT_BITS), np.uint16)
     for c in range(C):
         dslot[c] = np.repeat(np.arange(A, dtype=np.uint16), f[c])
     fc = (f | ((np.cumsum(f, axis=1) - f) << 16)).astype(np.uint32)
@@ -150,8 +152,7 @@ def lanes_fast(words: np.ndarray, wcount: np.ndarray, ccount: np.ndarray, lane: 
     if dslot.shape[1] != 1 << SLOT_BITS or not dslot.flags.c_contiguous or fc.shape[0] != dslot.shape[0]:
         raise ValueError("slot tables do not fit")
     bad = _lib.wp_lanes_fast(words.ctypes.data, len(words), np.ascontiguousarray(wcount, dtype=np.int64), nl,
-                             ccount, len(ccount), dslot.ctypes.data, int(dslot.dtype == np.uint8), fc, fc.shape[1],
-                             n, out)
+                             ccount, len(ccount), dslot, fc, fc.shape[1], n, out)
     if bad >= 0:
         raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
     return out
