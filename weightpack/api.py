@@ -519,6 +519,26 @@ def load(path: PathLike, device: "str | torch.device" = "cpu", workers: Optional
                     for t, pieces in decode_tensors(r, r.index["tensors"], workers, bar.update)}
 
 
+def source_metadata(files: list) -> Optional[dict]:
+    """The `__metadata__` of the first source file (an index's "files") that has one."""
+    for f in files:
+        md = json.loads(f["header"]).get("__metadata__")
+        if md is not None:
+            return md
+    return None
+
+
+def read_tensor(reader: ContainerReader, t: dict, device: "torch.device", on_device: bool) -> "torch.Tensor":
+    """One tensor of an open container (its record `t`), decoded on the device or on the host."""
+    if on_device:
+        from . import device as on_device_decoder
+
+        return dict(on_device_decoder.load(reader, device, names=[t["name"]]))[t["name"]]  # to the end: its checks
+    for rec, pieces in decode_tensors(reader, [t], workers=1):
+        return _to_tensor(rec, pieces, device)
+    raise FormatError(f"tensor {t['name']!r}: nothing decoded")
+
+
 class WpkFile:
     """Lazy access to a container, like safetensors' `safe_open`: keys(), metadata(), get_tensor(name)."""
 
@@ -533,23 +553,13 @@ class WpkFile:
 
     def metadata(self) -> Optional[dict]:
         """The `__metadata__` of the (first) source file, as safetensors' safe_open gives it."""
-        for f in self._r.index["files"]:
-            md = json.loads(f["header"]).get("__metadata__")
-            if md is not None:
-                return md
-        return None
+        return source_metadata(self._r.index["files"])
 
     def get_tensor(self, name: str) -> "torch.Tensor":
         t = self._by_name.get(name)
         if t is None:
             raise KeyError(name)
-        if self._on_device:
-            from . import device as on_device
-
-            return dict(on_device.load(self._r, self.device, names=[name]))[name]  # to the end: its checks
-        for rec, pieces in decode_tensors(self._r, [t], workers=1):
-            return _to_tensor(rec, pieces, self.device)
-        raise FormatError(f"tensor {name!r}: nothing decoded")
+        return read_tensor(self._r, t, self.device, self._on_device)
 
     def get_slice(self, name: str):
         """A lazy view of one tensor, like safe_open's get_slice: get_shape(), get_dtype(), and `[...]`

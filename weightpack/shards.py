@@ -441,27 +441,18 @@ class ShardedWpkFile:
         return list(self._where)
 
     def metadata(self) -> Optional[dict]:
-        for f in self._set.index["files"]:
-            md = json.loads(f["header"]).get("__metadata__")
-            if md is not None:
-                return md
-        return None
+        from . import api
+
+        return api.source_metadata(self._set.index["files"])
 
     def get_tensor(self, name: str):
         from . import api
-        from .pipeline import decode_tensors
 
         hit = self._where.get(name)
         if hit is None:
             raise KeyError(name)
         shard, r, t = hit
-        if self._on_device:
-            from . import device as on_device
-
-            return _named(shard, lambda: dict(on_device.load(r, self.device, names=[name]))[name])
-        for rec, pieces in _named(shard, lambda: list(decode_tensors(r, [t], workers=1))):
-            return api._to_tensor(rec, pieces, self.device)
-        raise FormatError(f"tensor {name!r}: nothing decoded")
+        return _named(shard, lambda: api.read_tensor(r, t, self.device, self._on_device))
 
     def close(self) -> None:
         self._set.close()
