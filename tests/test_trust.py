@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -339,13 +340,15 @@ def test_kill_9_takes_the_workers_and_the_next_run_cleans_up(medium, tmp_path):
     src, _ = medium
     out = tmp_path / "out"
     out.mkdir()
-    p = subprocess.Popen(WP + ["pack", str(src), "-o", str(out / "m.wpk"), "-j", "2"], env=ENV,
+    # a lossy recipe: its stages run in worker processes (lossless packs run in threads), and it takes longer
+    p = subprocess.Popen(WP + ["pack", str(src), "-o", str(out / "m.wpk"), "-j", "2", "-r", "q-tcq"], env=ENV,
                          start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
     while not list(out.glob(".m.wpk.*.partial")) and time.monotonic() - t0 < 30:
         time.sleep(0.01)
-    time.sleep(0.5)
+    time.sleep(0.3)
     assert p.poll() is None, "finished before it could be killed"
+    assert len(psutil.Process(p.pid).children()) == 2, "no worker processes to test"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     deadline = time.monotonic() + 5
@@ -382,6 +385,10 @@ def test_readme_examples_run_as_written(tmp_path):
     craft.make_folder(world / "path" / "to" / "model-folder")
     weightpack.pack(world / "model.safetensors", world / "model.wpk", workers=1)
     weightpack.pack(world / "model.safetensors", world / "q.wpk", recipe="q-tcq", workers=1)
+    weightpack.pack(world / "model.safetensors", world / "model-int4.wpk", recipe="int4", workers=1)
+    (world / "packed-folder").mkdir()  # as weightpack.hf.save_pretrained writes one: small files beside model.wpk
+    shutil.copy(world / "model.wpk", world / "packed-folder" / "model.wpk")
+    (world / "packed-folder" / "config.json").write_text('{"model_type": "bert"}')
     cmds = _readme_commands()
     assert len(cmds) >= 15, cmds
     failures = []
@@ -392,12 +399,16 @@ def test_readme_examples_run_as_written(tmp_path):
         if argv[-1] == "[--json]":
             argv = argv[:-1]
         argv = [a.replace("[", "").replace("]", "") for a in argv]
+        if "--ray" in argv and argv[argv.index("--ray") + 1:argv.index("--ray") + 2] == ["HEAD:6379"]:
+            del argv[argv.index("--ray") + 1]  # the cluster's address is a placeholder: a local Ray instead
         cwd = tmp_path / f"run{i}"
         shutil.copytree(world, cwd)
         # what the command writes by default is not there yet (each line is run as in a fresh session)
         for stale in {"pack": ["model.wpk"], "unpack": ["model.safetensors"]}.get(argv[0], []):
             (cwd / stale).unlink()
         res = cli(*argv, cwd=cwd)
+        if argv[0] == "diff" and res.returncode == 1 and not res.stderr.strip():
+            continue  # as cmp: 1 says the inputs differ (a lossy pack does)
         if res.returncode != 0:
             failures.append(f"{cmd}: exit {res.returncode}: {res.stderr.strip()[-300:]}")
     assert not failures, "\n".join(failures)
