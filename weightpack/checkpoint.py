@@ -58,10 +58,13 @@ class SafetensorsFile:
 
 def pread_exact(fd: int, offset: int, length: int, error: type = CheckpointError, what: str = "file") -> bytes:
     """Exactly `length` bytes at `offset` of an open file; `error` if the file ends first."""
-    buf = bytearray(length)
-    view = memoryview(buf)
-    got = 0
-    while got < length:
+    return pread_into(fd, offset, bytearray(length), error, what)
+
+
+def pread_into(fd: int, offset: int, buf, error: type = CheckpointError, what: str = "file"):
+    """Fill the writable buffer `buf` from `offset` of an open file; `error` if the file ends first."""
+    view, got = memoryview(buf).cast("B"), 0
+    while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n <= 0:
             raise error(f"{what}: ended early (truncated?)")

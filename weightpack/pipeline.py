@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorEntry, pread_exact, read_exact
+from .checkpoint import Checkpoint, TensorEntry, pread_into, read_exact
 from .coding import native, streams, trellis
 from .coding.binding import binding
 from .coding.fields import UINT
@@ -52,14 +52,7 @@ def unit_bytes(plan: streams.Plan) -> int:
 def _pread(fd: int, offset: int, length: int, what: str, error: type = CheckpointError) -> np.ndarray:
     """pread_exact into an uninitialized array: no zero-filling under the GIL (reads run in threads beside
     each other)."""
-    buf = np.empty(length, np.uint8)
-    got = 0
-    while got < length:
-        n = os.preadv(fd, [memoryview(buf)[got:]], offset + got)
-        if n <= 0:
-            raise error(f"{what}: ended early (truncated?)")
-        got += n
-    return buf
+    return pread_into(fd, offset, np.empty(length, np.uint8), error, what)
 
 
 def _reader(path: Path, entry: TensorEntry) -> streams.Reader:

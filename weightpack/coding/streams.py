@@ -193,7 +193,7 @@ def _order0_bytes(planes: np.ndarray) -> float:
     return float(-(c * np.log2(c / n)).sum()) / 8
 
 
-def _estimates(data, planes: int) -> tuple[float, Optional[float]]:
+def _estimates(data, planes: int) -> tuple[float, Callable[[], float]]:
     """Estimates of zstd's size for long data, from a sample: its order-0 entropy per plane (bytes), and a
     function giving zstd -1 of the sample, scaled (it sees repeats)."""
     piece = PROBE_PIECE - PROBE_PIECE % planes
