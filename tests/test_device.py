@@ -22,7 +22,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import weightpack
-from weightpack.coding import entropy, lockstep, streams, trellis
+from weightpack.coding import entropy, lockstep
+from weightpack.coding.codecs.fields import plan as fields_plan
+from weightpack.coding.codecs.trellis import plan as trellis_plan
 from weightpack.errors import FormatError, WeightpackError
 
 import craft
@@ -194,9 +196,9 @@ def test_triton_kernel_under_the_interpreter():
 def small_lanes(monkeypatch):
     """Short lanes and chunks, so the lock-step decoder on the CPU takes few steps and tensors many chunks."""
     monkeypatch.setattr(entropy, "LANE", 64)
-    monkeypatch.setattr(streams, "CHUNK_TARGET", 4096)
-    monkeypatch.setattr(trellis, "CHUNK_TARGET", 8192)
-    monkeypatch.setattr(trellis, "SPLIT_TOLERANCE", float("inf"))  # trellis levels in lanes wherever possible
+    monkeypatch.setattr(fields_plan, "CHUNK_TARGET", 4096)
+    monkeypatch.setattr(trellis_plan, "CHUNK_TARGET", 8192)
+    monkeypatch.setattr(trellis_plan, "SPLIT_TOLERANCE", float("inf"))  # trellis levels in lanes wherever possible
 
 
 def _same(a: dict, b: dict) -> None:
@@ -262,7 +264,7 @@ def test_device_decoder_matches_host_for_lossy_recipes(tmp_path, small_lanes):
         if recipe in ("q-tcq", tcq):  # trellis levels in the lanes layout (several chunks): decoded on the device
             params = [p["stream"]["params"] for t in craft.read_container(pk).index["tensors"]
                       for p in t.get("parts", []) if p["name"] == "q"]
-            assert len(params) == 5 and all(p.get("ans_lane") == trellis.LANES_PER_ANS * 64 for p in params)
+            assert len(params) == 5 and all(p.get("ans_lane") == trellis_plan.LANES_PER_ANS * 64 for p in params)
             assert max(p["classes"] for p in params) >= 4  # 16+ rest contexts: many runs per lane
         _same(weightpack.load(pk), weightpack.load(pk, decoder="device"))
 

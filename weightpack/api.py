@@ -28,7 +28,7 @@ from .metrics import stored_bytes
 from .checkpoint import Checkpoint, open_checkpoint, validate_header
 from .container import (VERSION, ContainerReader, ContainerWriter, _temp_prefix, carried_pieces, check_output_file,
                         temp_output, tensor_blob_refs)
-from .coding.streams import compress_best
+from .coding.storage import compress_best
 from .dtypes import torch_dtype
 from .errors import FormatError, OutputError, RecipeError, WeightpackError
 from ._interrupt import output_committed

@@ -26,14 +26,14 @@ from typing import Any, Iterable, Iterator, Optional
 import zstandard
 
 from .checkpoint import check_relative_name, is_text, pread_exact, validate_header
-from .coding.streams import check_params
+from .coding.codecs.registry import check_params
 from .stages.params import chain_parts, params_of
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
 from ._interrupt import output_committed, output_started
 
 MAGIC = b"\x89WPK\r\n\x1a\n"
-VERSION = (1, 3)  # 1.3: chunks' decoded-data checksums are bound to their stream (streams.binding)
+VERSION = (1, 3)  # 1.3: chunks' decoded-data checksums are bound to their stream (coding/binding.py)
 ALIGN = 64
 INDEX_SLOW_ZSTD = 1 << 18  # index JSON up to this size is compressed at zstd -19, longer at -12
 HEADER = struct.Struct("<8sHHI")
@@ -239,6 +239,10 @@ class ContainerReader:
 
     def close(self) -> None:
         self.f.close()
+
+    def fileno(self) -> int:
+        """The open container's file descriptor (the device decoder maps the file)."""
+        return self.f.fileno()
 
     def __enter__(self) -> "ContainerReader":
         return self

@@ -150,17 +150,17 @@ def chunks_of_stream(reader, t: dict, wanted: list[int]) -> Iterator[tuple[int, 
 
     The one place that calls into the coder for partial decoding: the plan from the record, each chunk's
     coded bytes read and checked, then decoded (and its crc32 checked) on its own."""
-    from .coding import streams
-    from .pipeline import stream_plan, unit_bytes
+    from .coding.codecs import registry
+    from .pipeline import stream_plan
 
     where = f"tensor {t['name']!r}"
     plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where, *t.get("owner", (t["name"], None)))
-    unit = unit_bytes(plan)
+    unit = plan.unit
     for i in wanted:
         rec = t["stream"]["chunks"][i]
         payload = reader.read_blob(rec, f"{where} chunk {i}")
         a, b = plan.chunk_range(i)
-        yield i, a * unit, b * unit, streams.decode_chunk(plan, i, rec, memoryview(payload), f"{where} chunk {i}")
+        yield i, a * unit, b * unit, registry.decode_chunk(plan, i, rec, memoryview(payload), f"{where} chunk {i}")
 
 
 def chunk_bounds(t: dict) -> np.ndarray:

@@ -65,16 +65,3 @@ def inspect_report(r: ContainerReader) -> dict:
                    "source_bytes": source, "container_bytes": r.size, "ratio": r.size / source if source else 0.0,
                    "bits_per_weight": 8 * after / numel if numel else 0.0},
     }
-
-
-def quality(original, decoded) -> dict:
-    """SQNR in dB and relative error (||d - o|| / ||o||) of a decoded tensor (numpy arrays)."""
-    import numpy as np
-
-    o = np.asarray(original, dtype=np.float64).ravel()
-    err = float(np.square(np.asarray(decoded, dtype=np.float64).ravel() - o).sum())
-    sig = float(np.square(o).sum())
-    if err == 0:
-        return {"sqnr_db": None, "rel_error": 0.0}  # exact: SQNR is infinite (JSON has no inf)
-    rel = math.sqrt(err / sig) if sig else float("inf")
-    return {"sqnr_db": 10 * math.log10(sig / err) if sig else None, "rel_error": rel if sig else None}

@@ -15,7 +15,7 @@ which makes the same argument minimize another sum:
   that sum puts each tensor's relative squared error in proportion to its size.
 
 The step is found by bisection on estimated sizes: each adjustable tensor is read once (one at a time) and
-a sample of its lanes kept; a tensor's size at a step is its sample's entropy (per trellis quantizer) times
+a sample of its trellis paths kept; a tensor's size at a step is its sample's entropy (per trellis quantizer) times
 its size. Everything else is a fixed cost: the rate-controlled pack then measures what it wrote.
 """
 
@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .coding import entropy, trellis
 from .errors import WeightpackError
 from .recipe import Recipe, Rule, load_recipe
-from .stages import lossy
+from .stages import lossy, tcq
+from .stages.estimate import entropy_bits
 from .stages.params import QuantParams
 
-SAMPLE_LANES = 64  # lanes (of trellis.LANE elements) sampled per tensor
+SAMPLE_PATHS = 64  # trellis paths (of tcq.PATH elements) sampled per tensor
 ADJUSTABLE = ("ecsq", "tcq")
 INDEX_BYTES_PER_TENSOR = 160  # the index's record of a tensor, compressed (an estimate)
 
@@ -44,7 +44,7 @@ INDEX_BYTES_PER_TENSOR = 160  # the index's record of a tensor, compressed (an e
 class _Sample:
     name: str
     n: int
-    x: np.ndarray  # whole lanes, evenly spread over the tensor
+    x: np.ndarray  # whole trellis paths, evenly spread over the tensor
     quant: QuantParams
     rms: float  # of the whole tensor (the unit of a relative step)
     stages: list = field(default_factory=list)  # the tensor's whole chain (quant last)
@@ -144,9 +144,9 @@ def _sample_tensor(path: str, e, stages: list):
     if before:
         w = prune.apply(w, before[0])
     flat = w.reshape(-1).double().numpy()
-    lanes = trellis.lanes(flat)
-    pick = np.unique(np.linspace(0, len(lanes) - 1, min(SAMPLE_LANES, len(lanes))).astype(np.int64))
-    return e, _Sample(e.name, e.numel, lanes[pick].reshape(-1), quant, math.sqrt(float(np.mean(flat * flat))),
+    paths = tcq.paths(flat)
+    pick = np.unique(np.linspace(0, len(paths) - 1, min(SAMPLE_PATHS, len(paths))).astype(np.int64))
+    return e, _Sample(e.name, e.numel, paths[pick].reshape(-1), quant, math.sqrt(float(np.mean(flat * flat))),
                       list(stages))
 
 
@@ -165,12 +165,12 @@ def estimate_bits(s: _Sample, step: float) -> float:
     within ~10%."""
     lv = np.round(s.x / (step * _unit(s) * (2 if s.quant.mode == "tcq" else 1)))
     _, counts = np.unique(lv, return_counts=True)
-    return entropy.entropy_bits(counts) * s.n / max(1, s.x.size) + _side_bits(int(lv.max() - lv.min()) + 1)
+    return entropy_bits(counts) * s.n / max(1, s.x.size) + _side_bits(int(lv.max() - lv.min()) + 1)
 
 
 def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> float:
     """The coded size of everything at this step (bits): the trellis-coded samples searched together, one
-    Viterbi run over all their lanes (each tensor its own rate tables, as a class of the search), the
+    Viterbi run over all their paths (each tensor its own rate tables, as a class of the search), the
     others rounded."""
     total = fixed_bits
     groups: dict[float, list[_Sample]] = {}
@@ -180,19 +180,19 @@ def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> fl
         else:
             total += estimate_bits(s, step)
     for lam, group in groups.items():
-        x = np.concatenate([(s.x / (step * _unit(s))).astype(np.float32).reshape(-1, trellis.LANE) for s in group])
-        owner = np.repeat(np.arange(len(group)), [s.x.size // trellis.LANE for s in group])
-        rc = np.repeat(owner[:, None], trellis.LANE, axis=1)
-        # rates measured on every sampled lane: each tensor is a class here, and a thinned first pass
-        # would leave each one a few lanes (estimates ~0.5% low on MiniLM under "tensor")
-        lv = trellis.search_lanes(x, rc, len(group), lam, rate_lanes=len(x))
-        q = trellis.walk(lv)
+        x = np.concatenate([(s.x / (step * _unit(s))).astype(np.float32).reshape(-1, tcq.PATH) for s in group])
+        owner = np.repeat(np.arange(len(group)), [s.x.size // tcq.PATH for s in group])
+        rc = np.repeat(owner[:, None], tcq.PATH, axis=1)
+        # rates measured on every sampled path: each tensor is a class here, and a thinned first pass
+        # would leave each one a few paths (estimates ~0.5% low on MiniLM under "tensor")
+        lv = tcq.search_paths(x, rc, len(group), lam, rate_paths=len(x))
+        q = tcq.walk(lv)
         lo = int(lv.min())
         A = int(lv.max()) - lo + 1
         counts = np.bincount(((rc * 2 + q) * A + (lv - lo)).reshape(-1), minlength=len(group) * 2 * A)
         counts = counts.reshape(len(group), 2, A)
         for s, c in zip(group, counts):
-            bits = entropy.entropy_bits(c[0]) + entropy.entropy_bits(c[1])  # per trellis quantizer
+            bits = entropy_bits(c[0]) + entropy_bits(c[1])  # per trellis quantizer
             total += bits * s.n / max(1, s.x.size) + _side_bits(int((c.sum(axis=0) > 0).sum()))
     return total
 
@@ -223,7 +223,7 @@ def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float, all
 
     top = max(max(float(np.abs(s.x).max()) / _unit(s) for s in samples), 1e-30)
     hi = top * 4  # every level zero: the least a tensor can cost
-    lo = top / (2 * trellis.LEVEL_MAX) * 1.01  # the finest step the levels can hold
+    lo = top / (2 * tcq.LEVEL_MAX) * 1.01  # the finest step the levels can hold
     if not fits(hi, True) or not fits(hi, False):
         raise WeightpackError("rate control: the budget is below what the tensors cost with every weight zero")
     if fits(lo, False):

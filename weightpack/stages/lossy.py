@@ -8,12 +8,12 @@ and the quality measured at pack time.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import metrics
 from ..dtypes import torch_dtype
 from ..errors import FormatError, RecipeError
 from .params import LOSSY_DTYPES, LowRankParams, chain_parts, params_of
@@ -122,7 +122,7 @@ def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encod
         parts={name: (specs[name][0], specs[name][1], _raw(t.to(torch_dtype(specs[name][0]))))
                for name, t in parts.items()},
         decoded_sha256=hashlib.sha256(decoded).hexdigest(),
-        quality=metrics.quality(w.numpy(), recon.to(w.dtype).numpy()),
+        quality=quality(w.numpy(), recon.to(w.dtype).numpy()),
         params=chain,
         lowrank=note,
     )
@@ -162,5 +162,17 @@ def quality_against(t: dict, decoded: bytes, source: bytes) -> dict:
 
     a = _tensor(bytearray(source), t["dtype"], t["shape"]).to(torch.float64).numpy()
     b = _tensor(bytearray(decoded), t["dtype"], t["shape"]).to(torch.float64).numpy()
-    return metrics.quality(a, b)
+    return quality(a, b)
 
+
+def quality(original, decoded) -> dict:
+    """SQNR in dB and relative error (||d - o|| / ||o||) of a decoded tensor (numpy arrays)."""
+    import numpy as np
+
+    o = np.asarray(original, dtype=np.float64).ravel()
+    err = float(np.square(np.asarray(decoded, dtype=np.float64).ravel() - o).sum())
+    sig = float(np.square(o).sum())
+    if err == 0:
+        return {"sqnr_db": None, "rel_error": 0.0}  # exact: SQNR is infinite (JSON has no inf)
+    rel = math.sqrt(err / sig) if sig else float("inf")
+    return {"sqnr_db": 10 * math.log10(sig / err) if sig else None, "rel_error": rel if sig else None}
