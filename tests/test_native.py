@@ -283,3 +283,22 @@ def test_fields_chunks_decode_alike_at_each_vector_level(level, dtype):
                         want = bytes(streams.decode_chunk(plan, i, rec, payload, "t"))
                     got = bytes(streams.decode_chunk(plan, i, rec, payload, "t"))
                     assert got == want == u[a:b].tobytes(), (lvl, shape, i)
+
+
+@needs_native
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_crc32_is_zlibs(level):
+    """The kernels' crc32 (carry-less multiplication, 16- and 64-byte folds, byte table for the rest) is
+    zlib.crc32 on every length around the fold sizes, any start value and misaligned starts."""
+    import zlib
+
+    rng = np.random.default_rng(3)
+    buf = rng.integers(0, 256, 70000, dtype=np.uint8)
+    with native.simd(level):
+        for n in list(range(0, 600)) + [1023, 1024, 1025, 4096, 65536, 69990]:
+            off = int(rng.integers(0, 8))
+            v = int(rng.integers(0, 2**32))
+            d = buf[off:off + n]
+            assert native.crc32(d, v) == zlib.crc32(d.tobytes(), v), n
+            assert native.crc32(d.tobytes(), v) == zlib.crc32(d.tobytes(), v), n
+            assert native.crc32(memoryview(d.tobytes())) == zlib.crc32(d.tobytes()), n
