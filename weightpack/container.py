@@ -27,6 +27,7 @@ import zstandard
 
 from .checkpoint import check_relative_name, is_text, pread_exact, validate_header
 from .coding.codecs.registry import check_params
+from .coding.native import crc32
 from .stages.params import chain_parts, params_of
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
@@ -85,7 +86,7 @@ class ContainerWriter:
         offset, crc = self._align(), 0
         for piece in pieces:
             self._write(piece)
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
         return _ref(offset, self.pos - offset, crc)
 
     def commit(self, index: dict) -> int:
@@ -293,7 +294,7 @@ class ContainerReader:
 
     def read_blob(self, ref: dict, what: str) -> bytes:
         data = self._pread(ref["offset"], ref["length"])
-        if zlib.crc32(data) != ref["crc32"]:
+        if crc32(data) != ref["crc32"]:
             raise FormatError(f"{self.path}: {what}: checksum mismatch (damaged data)")
         return data
 

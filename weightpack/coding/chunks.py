@@ -4,11 +4,11 @@ decoded bytes, seeded with the stream's binding from format 1.3 (binding.py)."""
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 from ..errors import FormatError
 from .binding import chunk_seed
+from .native import crc32
 
 MAX_CHUNK = 1 << 22  # a reader refuses larger chunks: what one chunk may make it allocate is bounded
 
@@ -31,7 +31,7 @@ def chunk_size(params: dict, where: str) -> int:
 
 def raw_crc(raw, seed: int, i: int) -> int:
     """The crc32 of chunk i's decoded bytes, seeded with its stream's binding (0 before format 1.3)."""
-    return zlib.crc32(raw, chunk_seed(seed, i))
+    return crc32(raw, chunk_seed(seed, i))
 
 
 def check_decoded(raw, seed: int, i: int, rec: dict, where: str) -> None:
@@ -41,7 +41,7 @@ def check_decoded(raw, seed: int, i: int, rec: dict, where: str) -> None:
 
 def payload_crc(payload) -> int:
     """The crc32 of a coded chunk as the container records it (computed where the chunk is coded)."""
-    return zlib.crc32(payload)
+    return crc32(payload)
 
 
 def with_parts(rec: dict, parts: list) -> tuple[dict, bytes]:
