@@ -76,6 +76,7 @@ class LevelPlan:
         return a, min(self.n, a + self.chunk)
 
     def params(self) -> dict:
+        # "lane": the trellis path length (the key predates the ANS lanes of format 1.2)
         p = {"codec": NAME, "chunk": self.chunk, "lane": PATH, "row": self.row, "lo": self.lo,
              "alphabet": self.alphabet, "prev": self.prev, "classes": self.classes}
         if self.ans_lane:
