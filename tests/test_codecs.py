@@ -33,8 +33,9 @@ def test_the_registry_maps_container_names_to_codec_folders():
         assert folder == PACKAGE / "coding" / "codecs" / name and (folder / "codec.py").exists()
     for name in ("fields", "trellis"):  # their decoders side by side: numpy + constriction, native, device
         assert {"cpu.py", "native.py", "device.py"} <= {p.name for p in (PACKAGE / "coding" / "codecs" / name).iterdir()}
-    with pytest.raises(FormatError, match="unknown stream codec"):
-        registry.check_params("F32", 4, {"codec": "lz4", "chunk": 4}, "t")
+    for codec in ("lz4", {"a": 1}, ["fields"], None):
+        with pytest.raises(FormatError, match="unknown stream codec"):
+            registry.check_params("F32", 4, {"codec": codec, "chunk": 4}, "t")
 
 
 def test_each_backend_offers_what_its_codec_calls():

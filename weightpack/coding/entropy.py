@@ -171,7 +171,7 @@ def lanes_encode(syms: np.ndarray, runs: list[tuple[int, object]], lane: int) ->
 
 def lanes_decode(payload, counts: list[int], tables: Tables, lane: int, where: str) -> np.ndarray:
     """Inverse of lanes_encode: the symbols in coding order (int32); run c holds counts[c] symbols of
-    table c. One constriction call per lane and run (entropy_native.lanes: the compiled decoder)."""
+    table c. One constriction call per lane and run (entropy_native.lanes_decode: the compiled one)."""
     n = int(sum(counts))
     nl = lane_count(n, lane)
     words, wc = lane_words(payload, n, lane, where)

@@ -43,7 +43,7 @@ CODECS: dict[str, Codec] = {c.NAME: c for c in (fields_codec, bytes_codec, trell
 
 
 def _codec(params, where: str) -> Codec:
-    if not isinstance(params, dict) or params.get("codec") not in CODECS:
+    if not isinstance(params, dict) or not isinstance(params.get("codec"), str) or params["codec"] not in CODECS:
         raise FormatError(f"{where}: unknown stream codec")
     return CODECS[params["codec"]]
 
