@@ -20,6 +20,7 @@ from .container import ContainerReader, OutputTree, carried_pieces, output_path,
 from .errors import OutputError, UsageError
 from .lazy import WpkFile, WpkSet, container_paths
 from .metrics import stored_bytes
+from .packed import is_packed_folder, unpack_folder
 from .pipeline import decode_into_files, decode_tensors, pack_container, progress_bar
 from .recipe import Recipe, load_recipe
 from .results import InspectReport, LossySummary, LowRankChoice, PackResult, VerifyReport
@@ -172,12 +173,10 @@ def unpack(src: PathLike, dst: Optional[PathLike] = None, *, force: bool = False
     `executor="ray"` decodes on the Ray cluster at `ray_address` (workers write into the output files, so
     they must see the same storage).
     """
-    if Path(src).is_dir():  # a packed model folder (weightpack.hf): small files beside model.wpk
-        from .hf import is_packed_folder, unpack as unpack_folder
-
-        if is_packed_folder(src):
-            return unpack_folder(src, dst, force=force, workers=workers, progress=progress, device=device,
-                                 decoder=decoder)
+    if is_packed_folder(src):  # a packed model folder (weightpack.hf): small files beside model.wpk
+        return unpack_folder(Path(src), dst, force, lambda wpk, out: unpack(
+            wpk, out, workers=workers, progress=progress, device=device, decoder=decoder, executor=executor,
+            ray_address=ray_address))
     dev = resolve_device(device) if device is not None else None
     if dev is not None and not use_device_decoder(dev, decoder):
         dev = None

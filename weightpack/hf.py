@@ -38,11 +38,11 @@ from . import api
 from .checkpoint import validate_header
 from .container import ContainerReader, carried_pieces, check_output_folder, move_into_place, temp_output
 from .errors import CheckpointError, FormatError, ModelLoadError, OutputError, UsageError
+from .packed import WEIGHTS, is_packed_folder
 from .results import PackResult
 from .tensors import resolve_device, to_tensor, use_device_decoder
 
 PathLike = Union[str, os.PathLike]
-WEIGHTS = "model.wpk"  # the container inside a packed folder
 
 __all__ = ["save_pretrained", "from_pretrained", "unpack", "is_packed_folder"]
 
@@ -104,11 +104,6 @@ def save_pretrained(model: Any, dst: PathLike, *, tokenizer: Any = None, files: 
 
 
 # -- the packed model: containers and small files ------------------------------------------------------
-
-def is_packed_folder(path: PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / WEIGHTS).is_file()
-
 
 class _Packed:
     """What from_pretrained reads: the containers, and a folder with the small files (the packed folder
@@ -411,32 +406,6 @@ def _sentence_transformer(cls: Any, p: _Packed, device, dtype, strict: bool, dec
 def unpack(packed: PathLike, dst: Optional[PathLike] = None, *, force: bool = False, **unpack_kwargs) -> Path:
     """A plain HF folder from a packed folder or a `.wpk` of a folder: the small files as they are and the
     safetensors files restored (byte-identical to what was packed, for lossless recipes). `dst` defaults
-    to the packed folder's name with `-unpacked` (for a `.wpk`: as `weightpack.unpack`)."""
-    src = Path(packed)
-    if not is_packed_folder(src):
-        return api.unpack(src, dst, force=force, **unpack_kwargs)
-    target = Path(dst) if dst is not None else src.parent / (src.name + "-unpacked")
-    check_output_folder(target, force)
-    stage = temp_output(target, folder=True)[1]
-    try:
-        out = stage / "out"
-        api.unpack(src / WEIGHTS, out, **unpack_kwargs)
-        if not out.is_dir():  # a single-file container restores to a file: keep its name, in the folder
-            single = out
-            out = stage / "folder"
-            out.mkdir()
-            with ContainerReader(src / WEIGHTS) as r:
-                os.replace(single, out / r.index["files"][0]["name"])
-        for p in sorted(src.rglob("*")):
-            rel = p.relative_to(src)
-            if p.is_dir():  # empty module folders too (sentence-transformers' 2_Normalize)
-                (out / rel).mkdir(parents=True, exist_ok=True)
-            elif p.is_file() and rel.as_posix() != WEIGHTS:
-                if (out / rel).exists():
-                    raise FormatError(f"{src}: {rel} is both a plain file and in {WEIGHTS}")
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p, out / rel)
-        move_into_place(out, target)
-        return target
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    to the packed folder's name with `-unpacked` (for a `.wpk`: as `weightpack.unpack`, which this is:
+    packed.py restores a packed folder)."""
+    return api.unpack(packed, dst, force=force, **unpack_kwargs)

@@ -321,16 +321,23 @@ def pack_to_budget(ckpt: Checkpoint, recipe: Recipe, budget: Budget, pack: PackO
     goal = bits * lossy_weights if bits is not None else 8.0 * budget.size
     fixed = fixed_lossy if bits is not None else fixed_lossy + fixed_other  # --bits counts lossy tensors only
     aim = goal * (1 - MARGIN)
+    fitted = False
     for attempt in range(TRIES):
-        step = find_step(samples, fixed, aim, budget.allocate)
+        try:
+            step = find_step(samples, fixed, aim, budget.allocate)
+        except BudgetError:
+            if attempt == 0:
+                raise  # nothing written yet
+            break  # the corrected aim is below every step: the budget cannot be met
         tensors, out_size = pack(with_step(recipe, step, budget.allocate, samples), attempt > 0)
         lossy_rows = [t for t in tensors if t["stages"]]
         lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)
         reached = lossy_bits if bits is not None else 8.0 * out_size
         if reached <= goal:
+            fitted = True
             break
         aim *= goal / reached * 0.998
-    else:
+    if not fitted:
         discard()
         what = f"{bits} bits per weight" if bits is not None else f"{budget.size} bytes"
         raise BudgetError(f"rate control: could not meet {what} (closest: "
