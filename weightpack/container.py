@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Optional
 import zstandard
 
 from .checkpoint import check_relative_name, is_text, pread_exact, validate_header
+from .coding.native import crc32
 from .coding.streams import check_params, compress_best
 from .stages.params import chain_parts, params_of
 from .dtypes import DTYPES
@@ -91,7 +92,7 @@ class ContainerWriter:
         offset, crc = self._align(), 0
         for piece in pieces:
             self._write(piece)
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
         return _ref(offset, self.pos - offset, crc)
 
     def commit(self, index: dict) -> int:
@@ -414,12 +415,12 @@ class ContainerReader:
         """Whether a blob matches its crc32 (read in pieces: memory stays at one piece)."""
         crc = 0
         for piece in _iter_read(_BlobReader(self, ref)):
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
         return crc == ref["crc32"]
 
     def read_blob(self, ref: dict, what: str) -> bytes:
         data = self._pread(ref["offset"], ref["length"])
-        if zlib.crc32(data) != ref["crc32"]:
+        if crc32(data) != ref["crc32"]:
             raise FormatError(f"{self.path}: {what}: checksum mismatch (damaged data)")
         return data
 

@@ -12,7 +12,6 @@ import hashlib
 import math
 import os
 import sys
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +235,7 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
             rec.update(writer.write_blob(payload, *crc))
             stream["chunks"].append(rec)
 
-    # threads where the coding runs in the compiled kernels, zlib, zstd and hashlib (all release the GIL);
+    # threads where the coding runs in the compiled kernels, zstd and hashlib (all release the GIL);
     # processes for lossy stages and for constriction (they hold it)
     with (pool or Pool)(workers, threads=native.available() and not recipe.lossy) as pool:
         # a slow tensor (lossy stages on a big matrix) holds back the output: let the other workers run ahead
@@ -305,7 +304,7 @@ def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: st
                 i = first + k
                 where = f"{what} chunk {i}"
                 payload = _pread(f.fileno(), rec["offset"], rec["length"], where, FormatError)
-                if zlib.crc32(payload) != rec["crc32"]:
+                if native.crc32(payload) != rec["crc32"]:
                     raise FormatError(f"{where}: checksum mismatch (damaged data)")
                 a, b = plan.chunk_range(i)
                 dest = into[a * unit:b * unit] if into is not None else None

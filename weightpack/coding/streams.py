@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import threading
-import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -520,7 +519,7 @@ def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     if plan.codec == "trellis":
         return trellis.encode_chunk(plan, i, u)
     raw = u.view(np.uint8)  # the chunk's bytes, not copied
-    rec = {"codec": plan.codec, "raw_crc": zlib.crc32(raw, chunk_seed(plan.seed, i))}
+    rec = {"codec": plan.codec, "raw_crc": native.crc32(raw, chunk_seed(plan.seed, i))}
     planes = _planes(plan.itemsize_bits)
     if plan.codec == "bytes":
         parts = bytes_encode(raw, planes, plan.zstd_level)
@@ -538,7 +537,7 @@ def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
 
 def payload_crc(payload) -> int:
     """The crc32 of a coded chunk as the container records it (computed where the chunk is coded)."""
-    return zlib.crc32(payload)
+    return native.crc32(payload)
 
 
 def chunk_blocks(plan: Plan, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -604,7 +603,7 @@ def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str, into: Optio
         raw = trellis.decode_chunk(plan, i, rec, payload, where)
     else:
         raw = _decode_chunk(plan, i, rec, payload, where, into)
-        if zlib.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
+        if native.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
             raise FormatError(f"{where}: decoded data fails its checksum")
     if into is not None and raw is not into:
         if len(raw) != len(into):

@@ -22,7 +22,6 @@ step grouped by context, so each group is one constriction call.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -617,7 +616,7 @@ def _order(ctx: np.ndarray, C: int) -> tuple[Optional[np.ndarray], np.ndarray]:
 def encode_chunk(plan: LevelPlan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
     """Code chunk i of the multiples (int16 elements as uint16)."""
     raw = u.tobytes()
-    rec = {"codec": "trellis", "raw_crc": zlib.crc32(raw, chunk_seed(plan.seed, i))}
+    rec = {"codec": "trellis", "raw_crc": native.crc32(raw, chunk_seed(plan.seed, i))}
     if plan.alphabet == 1:
         rec["parts"] = [["levels", "const", 0]]
         return rec, b""
@@ -658,7 +657,7 @@ def decode_chunk(plan: LevelPlan, i: int, rec: dict, payload, where: str) -> byt
 
         out = _decode_split(plan, a, m, chunk_views(rec, payload, where), where)
         raw = out.tobytes()
-        if zlib.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
+        if native.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
             raise FormatError(f"{where}: decoded data fails its checksum")
         return raw
     if not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], list) or len(parts[0]) != 3 \
@@ -675,7 +674,7 @@ def decode_chunk(plan: LevelPlan, i: int, rec: dict, payload, where: str) -> byt
             raise FormatError(f"{where}: malformed level part")
         out = _decode_multiples(plan, a, m, np.frombuffer(payload, dtype="<u4"), where)
     raw = out.tobytes()
-    if zlib.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
+    if native.crc32(raw, chunk_seed(plan.seed, i)) != rec.get("raw_crc"):
         raise FormatError(f"{where}: decoded data fails its checksum")
     return raw
 
