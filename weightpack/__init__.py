@@ -49,8 +49,8 @@ _API = {"pack": "pack", "unpack": "unpack", "load": "load", "open": "open_lazy",
 
 
 def __getattr__(name: str):
-    # The API (its torch-facing parts, tqdm, ...) is imported on first use, so that the command line can take
-    # over Ctrl-C before its heavy imports (an interrupt while importing would otherwise print a traceback).
+    # api.py is imported on first use (diff and verify are bound above: their submodules' names must stay the
+    # functions). When started as the command, Ctrl-C is taken over above, before any of these imports.
     if name in _API:
         from . import api
 
