@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 from . import metrics, ratecontrol
 from .checkpoint import open_checkpoint, validate_header
-from .distributed import executor as run_on
 from .container import ContainerReader, OutputTree, carried_pieces, output_path, refuse_input_as_output
+from .distributed import executor as run_on
 from .errors import OutputError, UsageError
 from .lazy import WpkFile, WpkSet, container_paths
 from .metrics import stored_bytes
@@ -27,7 +27,7 @@ from .results import InspectReport, LossySummary, LowRankChoice, PackResult, Ver
 from .tensors import resolve_device, to_tensor, use_device_decoder, write_from_device
 from .verify import verify
 
-__all__ = ["pack", "unpack", "load", "open", "inspect", "verify", "WpkFile", "VerifyReport", "PackResult",
+__all__ = ["pack", "unpack", "load", "open_lazy", "inspect", "verify", "WpkFile", "VerifyReport", "PackResult",
            "InspectReport"]
 
 PathLike = Union[str, os.PathLike]
