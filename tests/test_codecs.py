@@ -100,7 +100,7 @@ def test_device_rebuild_of_a_stream_with_byte_plane_chunks(tmp_path, monkeypatch
     small = (torch.randn(8, 1024, generator=g) * 0.02).to(torch.bfloat16).reshape(-1)
     small[4096:] = small[:512].repeat(8)  # repeats: zstd'd byte planes win for this chunk
     src = craft.save_checkpoint(tmp_path / "m.safetensors", {"a": big, "b": small.reshape(8, 1024)})
-    pk = weightpack.pack(src, tmp_path / "m.wpk", recipe="lossless")["path"]
+    pk = weightpack.pack(src, tmp_path / "m.wpk", recipe="lossless").path
     codecs = {t["name"]: [c["codec"] for c in t["stream"]["chunks"]] for t in craft.read_container(pk).index["tensors"]}
     assert codecs["b"] == ["fields", "bytes"]
     host, dev = weightpack.load(pk), weightpack.load(pk, decoder="device")

@@ -99,7 +99,7 @@ def test_real_model_loads_the_same_with_each_cpu_decoder(tmp_path, minilm, recip
     lossless one is the source."""
     from safetensors.torch import load_file
 
-    pk = weightpack.pack(minilm, tmp_path / f"{recipe}.wpk", recipe=recipe)["path"]
+    pk = weightpack.pack(minilm, tmp_path / f"{recipe}.wpk", recipe=recipe).path
     got = {}
     for name in CPU_DECODERS:
         for workers in (1, 2):

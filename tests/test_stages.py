@@ -69,17 +69,17 @@ def test_presets_on_the_real_model(tmp_path, minilm, recipe, max_bpw, min_db):
     wpk = tmp_path / f"{recipe}.wpk"
     weightpack.pack(minilm, wpk, recipe=recipe)
     rep = weightpack.inspect(wpk)
-    assert rep["totals"]["bits_per_weight"] < max_bpw
-    lossy_rows = [r for r in rep["tensors"] if r["stages"] != ["lossless"]]
-    assert len(lossy_rows) == 40 and all(len(r["shape"]) == 2 for r in lossy_rows)
+    assert rep.totals.bits_per_weight < max_bpw
+    lossy_rows = [r for r in rep.tensors if r.stages != ["lossless"]]
+    assert len(lossy_rows) == 40 and all(len(r.shape) == 2 for r in lossy_rows)
     ref, got = load_file(str(minilm)), weightpack.load(wpk)
     out = weightpack.unpack(wpk, tmp_path / "out.safetensors")
     back = load_file(str(out))
     for k, v in ref.items():
         assert torch.equal(got[k], back[k]) and got[k].dtype == v.dtype
         if v.dim() == 2 and v.is_floating_point():
-            row = next(r for r in rep["tensors"] if r["name"] == k)
-            assert abs(row["quality"]["sqnr_db"] - sqnr(v, got[k])) < 1e-6 and sqnr(v, got[k]) > min_db
+            row = next(r for r in rep.tensors if r.name == k)
+            assert abs(row.quality["sqnr_db"] - sqnr(v, got[k])) < 1e-6 and sqnr(v, got[k]) > min_db
         else:
             assert torch.equal(got[k], v)  # norms and biases stay exact
     report = weightpack.verify(wpk, against=minilm, min_sqnr=min_db)
@@ -157,7 +157,7 @@ def test_pruning_patterns(shape):
 def test_pruned_presets_are_cheaper_than_dense(tmp_path, minilm, recipe, max_bpw):
     wpk = tmp_path / "p.wpk"
     weightpack.pack(minilm, wpk, recipe=recipe)
-    assert weightpack.inspect(wpk)["totals"]["bits_per_weight"] < max_bpw
+    assert weightpack.inspect(wpk).totals.bits_per_weight < max_bpw
     got, ref = weightpack.load(wpk), load_file(str(minilm))
     w = ref["encoder.layer.0.intermediate.dense.weight"]
     g = got["encoder.layer.0.intermediate.dense.weight"]
@@ -184,10 +184,10 @@ def test_ecsq_and_min_sqnr_reach_their_quality_with_the_fewest_bits(tmp_path, mi
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rep = weightpack.inspect(tmp_path / "e.wpk")
-    lossy_rows = [x for x in rep["tensors"] if x["stages"] != ["lossless"]]
-    assert len(lossy_rows) == 40 and min(x["quality"]["sqnr_db"] for x in lossy_rows) >= 22.8
-    assert {x["stages"][0] for x in lossy_rows} == {"tcq22.8dB"}  # --min-sqnr: trellis-coded quantization
-    bits = sum(x["bytes_after"] for x in lossy_rows) * 8 / sum(math.prod(x["shape"]) for x in lossy_rows)
+    lossy_rows = [x for x in rep.tensors if x.stages != ["lossless"]]
+    assert len(lossy_rows) == 40 and min(x.quality["sqnr_db"] for x in lossy_rows) >= 22.8
+    assert {x.stages[0] for x in lossy_rows} == {"tcq22.8dB"}  # --min-sqnr: trellis-coded quantization
+    bits = sum(x.bytes_after for x in lossy_rows) * 8 / sum(math.prod(x.shape) for x in lossy_rows)
     assert bits < 3.95  # GGUF Q4_K needs 4.5 at this quality; docs/BENCHMARKS-lossy.md has the measured figures
     report = weightpack.verify(tmp_path / "e.wpk", against=minilm, min_sqnr=22.8)
     assert report.ok
@@ -202,8 +202,8 @@ def test_tensors_with_nan_or_inf_stay_lossless_under_a_lossy_recipe(tmp_path):
     src = tmp_path / "nan.safetensors"
     save_file({"ok.weight": w, "bad.weight": bad}, str(src))
     weightpack.pack(src, tmp_path / "n.wpk", recipe="int8")
-    rows = {r["name"]: r for r in weightpack.inspect(tmp_path / "n.wpk")["tensors"]}
-    assert rows["bad.weight"]["stages"] == ["lossless"] and rows["ok.weight"]["stages"] != ["lossless"]
+    rows = {r.name: r for r in weightpack.inspect(tmp_path / "n.wpk").tensors}
+    assert rows["bad.weight"].stages == ["lossless"] and rows["ok.weight"].stages != ["lossless"]
     got = weightpack.load(tmp_path / "n.wpk")
     assert torch.equal(got["bad.weight"].view(torch.int32), bad.view(torch.int32))
     assert weightpack.verify(tmp_path / "n.wpk", against=src).ok

@@ -226,9 +226,9 @@ def test_q_tcq_on_the_real_model(tmp_path, minilm):
                                         "stages": [{"name": "quantize", "mode": mode, "sqnr": 22.8}]}]}
         wpk = tmp_path / f"{mode}.wpk"
         weightpack.pack(minilm, wpk, recipe=rec)
-        rows = [r for r in weightpack.inspect(wpk)["tensors"] if r["stages"] != ["lossless"]]
-        assert len(rows) == 6 and min(r["quality"]["sqnr_db"] for r in rows) >= 22.8
-        sizes[mode] = 8 * sum(r["bytes_after"] for r in rows) / sum(math.prod(r["shape"]) for r in rows)
+        rows = [r for r in weightpack.inspect(wpk).tensors if r.stages != ["lossless"]]
+        assert len(rows) == 6 and min(r.quality["sqnr_db"] for r in rows) >= 22.8
+        sizes[mode] = 8 * sum(r.bytes_after for r in rows) / sum(math.prod(r.shape) for r in rows)
         assert weightpack.verify(wpk, against=minilm, min_sqnr=22.8).ok
     assert sizes["tcq"] < sizes["ecsq"] - 0.1, sizes
 
@@ -249,28 +249,28 @@ def model(tmp_path_factory):
 @pytest.mark.parametrize("bits", [2.5, 4.0])
 def test_rate_control_meets_a_bit_budget(tmp_path, model, bits):
     res = weightpack.pack(model, tmp_path / "b.wpk", bits=bits)
-    a = res["allocation"]
-    assert bits * 0.96 <= a["bits_per_weight"] <= bits
-    rows = [r for r in weightpack.inspect(tmp_path / "b.wpk")["tensors"] if r["stages"] != ["lossless"]]
-    measured = 8 * sum(r["bytes_after"] for r in rows) / sum(math.prod(r["shape"]) for r in rows)
-    assert measured == pytest.approx(a["bits_per_weight"])
-    assert {t["name"] for t in a["tensors"]} == {"a.weight", "b.weight", "c.weight"}
+    a = res.allocation
+    assert bits * 0.96 <= a.bits_per_weight <= bits
+    rows = [r for r in weightpack.inspect(tmp_path / "b.wpk").tensors if r.stages != ["lossless"]]
+    measured = 8 * sum(r.bytes_after for r in rows) / sum(math.prod(r.shape) for r in rows)
+    assert measured == pytest.approx(a.bits_per_weight)
+    assert {t.name for t in a.tensors} == {"a.weight", "b.weight", "c.weight"}
     # one step for all: the smaller-scale tensor gets the lower SQNR (equal slope, least total error)
-    by = {t["name"]: t for t in a["tensors"]}
-    assert by["b.weight"]["sqnr_db"] < by["a.weight"]["sqnr_db"]
+    by = {t.name: t for t in a.tensors}
+    assert by["b.weight"].sqnr_db < by["a.weight"].sqnr_db
     back = weightpack.load(tmp_path / "b.wpk")
     assert torch.equal(back["norm.weight"], torch.ones(384)) and torch.equal(back["ids"], torch.arange(100))
 
 
 def test_relative_allocation_keeps_small_tensors_from_starving(tmp_path, model):
-    a = weightpack.pack(model, tmp_path / "a.wpk", bits=3.0)["allocation"]
-    r = weightpack.pack(model, tmp_path / "r.wpk", bits=3.0, allocate="relative")["allocation"]
-    assert r["allocate"] == "relative" and 2.85 <= r["bits_per_weight"] <= 3.0
-    spread = {k: max(t["sqnr_db"] for t in x["tensors"]) - min(t["sqnr_db"] for t in x["tensors"]) for k, x in
+    a = weightpack.pack(model, tmp_path / "a.wpk", bits=3.0).allocation
+    r = weightpack.pack(model, tmp_path / "r.wpk", bits=3.0, allocate="relative").allocation
+    assert r.allocate == "relative" and 2.85 <= r.bits_per_weight <= 3.0
+    spread = {k: max(t.sqnr_db for t in x.tensors) - min(t.sqnr_db for t in x.tensors) for k, x in
               (("absolute", a), ("relative", r))}
     assert spread["relative"] < 2 < spread["absolute"]  # equal relative steps: about equal SQNR
-    rows = weightpack.inspect(tmp_path / "r.wpk")["tensors"]
-    assert {x["stages"][0] for x in rows if x["stages"] != ["lossless"]} == {f"tcq-step{r['step']:.3g}rms"}
+    rows = weightpack.inspect(tmp_path / "r.wpk").tensors
+    assert {x.stages[0] for x in rows if x.stages != ["lossless"]} == {f"tcq-step{r.step:.3g}rms"}
     with pytest.raises(WeightpackError, match="allocate"):
         weightpack.pack(model, tmp_path / "x.wpk", bits=3.0, allocate="fair")
 
@@ -288,13 +288,13 @@ def test_tensor_allocation_counts_each_tensor_once(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "x each tensor's RMS x sqrt(its size / 2^20)" in r.stdout
-    rows = {x["name"]: x for x in weightpack.inspect(tmp_path / "t.wpk")["tensors"] if x["stages"] != ["lossless"]}
+    rows = {x.name: x for x in weightpack.inspect(tmp_path / "t.wpk").tensors if x.stages != ["lossless"]}
     assert set(rows) == {"big.weight", "small[0].weight"}
-    bpw = 8 * sum(x["bytes_after"] for x in rows.values()) / sum(math.prod(x["shape"]) for x in rows.values())
+    bpw = 8 * sum(x.bytes_after for x in rows.values()) / sum(math.prod(x.shape) for x in rows.values())
     assert 2.85 <= bpw <= 3.0
-    gap = rows["small[0].weight"]["quality"]["sqnr_db"] - rows["big.weight"]["quality"]["sqnr_db"]
+    gap = rows["small[0].weight"].quality["sqnr_db"] - rows["big.weight"].quality["sqnr_db"]
     assert 14 < gap < 22, gap
-    assert rows["big.weight"]["stages"][0] != rows["small[0].weight"]["stages"][0]  # each its own step
+    assert rows["big.weight"].stages[0] != rows["small[0].weight"].stages[0]  # each its own step
     back = weightpack.load(tmp_path / "t.wpk")
     assert torch.equal(back["norm.weight"], torch.ones(512))
 
@@ -355,11 +355,11 @@ def test_tcq_on_every_float_dtype_and_odd_shapes(tmp_path):
     rec = {"name": "all", "rules": [{"match": "*", "min_dims": 0, "stages": [
         {"name": "quantize", "mode": "tcq", "sqnr": 30.0}]}]}
     weightpack.pack(idx, tmp_path / "s.wpk", recipe=rec)
-    rows = {r["name"]: r for r in weightpack.inspect(tmp_path / "s.wpk")["tensors"]}
+    rows = {r.name: r for r in weightpack.inspect(tmp_path / "s.wpk").tensors}
     for name in ("f32", "f16", "bf16", "f64", "conv", "vec"):
-        assert rows[name]["stages"] == ["tcq30dB"] and rows[name]["quality"]["sqnr_db"] >= 30, name
-    assert rows["zeros"]["quality"]["sqnr_db"] is None  # exact: no error
-    assert rows["empty"]["stages"] == rows["ints"]["stages"] == ["lossless"]
+        assert rows[name].stages == ["tcq30dB"] and rows[name].quality["sqnr_db"] >= 30, name
+    assert rows["zeros"].quality["sqnr_db"] is None  # exact: no error
+    assert rows["empty"].stages == rows["ints"].stages == ["lossless"]
     assert weightpack.verify(tmp_path / "s.wpk", against=idx, min_sqnr=30).ok
     out = weightpack.unpack(tmp_path / "s.wpk", tmp_path / "out")
     back = weightpack.load(tmp_path / "s.wpk")
@@ -368,7 +368,7 @@ def test_tcq_on_every_float_dtype_and_odd_shapes(tmp_path):
     assert (out / "model.safetensors.index.json").exists()
     # rate control over a sharded checkpoint
     res = weightpack.pack(idx, tmp_path / "b.wpk", bits=3.0)
-    assert res["allocation"]["bits_per_weight"] <= 3.0
+    assert res.allocation.bits_per_weight <= 3.0
 
 
 def test_very_fine_steps_fall_back_to_plain_integer_coding(tmp_path):
@@ -377,8 +377,8 @@ def test_very_fine_steps_fall_back_to_plain_integer_coding(tmp_path):
     w[0, 0] = 3.0  # an outlier: at 50 dB the levels span far more values than a table holds
     save_file({"w": w}, str(tmp_path / "o.safetensors"))
     weightpack.pack(tmp_path / "o.safetensors", tmp_path / "o.wpk", min_sqnr=50)
-    rows = weightpack.inspect(tmp_path / "o.wpk")["tensors"]
-    assert rows[0]["quality"]["sqnr_db"] >= 50 and "trellis" not in rows[0]["codec"]
+    rows = weightpack.inspect(tmp_path / "o.wpk").tensors
+    assert rows[0].quality["sqnr_db"] >= 50 and "trellis" not in rows[0].codec
     assert weightpack.verify(tmp_path / "o.wpk", against=tmp_path / "o.safetensors", min_sqnr=50).ok
     r = subprocess.run(CLI + ["pack", str(tmp_path / "o.safetensors"), "-o", str(tmp_path / "p.wpk"), "--min-sqnr", "70"],
                        capture_output=True, text=True)  # beyond what int16 multiples can hold: a clear error
@@ -394,6 +394,6 @@ def test_size_budget_counts_a_folders_other_files(tmp_path):
     (folder / "tokenizer.json").write_bytes(np.random.default_rng(0).bytes(300_000))  # incompressible
     res = weightpack.pack(folder, tmp_path / "f.wpk", size=450_000)
     assert (tmp_path / "f.wpk").stat().st_size <= 450_000
-    assert res["allocation"]["bits_per_weight"] > 2  # the rest of the budget went to the matrix
+    assert res.allocation.bits_per_weight > 2  # the rest of the budget went to the matrix
     assert (weightpack.unpack(tmp_path / "f.wpk", tmp_path / "out") / "tokenizer.json").read_bytes() == \
         (folder / "tokenizer.json").read_bytes()

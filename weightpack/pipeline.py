@@ -28,7 +28,7 @@ from .coding.codecs.fields import codec as fields_codec
 from .coding.codecs.fields.layout import UINT
 from .coding.codecs.fields.plan import Reader
 from .coding.codecs.trellis import codec as trellis_codec
-from .container import ContainerReader, ContainerWriter
+from .container import VERSION, ContainerReader, ContainerWriter
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError
 from .parallel import Pool, Task
@@ -260,6 +260,25 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
     return records
 
 
+def pack_container(ckpt: Checkpoint, target: Path, recipe: Recipe, workers: Optional[int], force: bool,
+                   progress: bool, index_extra: Optional[dict] = None, pool: Optional[Callable] = None
+                   ) -> tuple[list[dict], int]:
+    """Pack `ckpt` into one container at `target` (written atomically): its tensors, its carried files and
+    the index; `index_extra` adds optional keys to the index (weightpack.torch: "tied"). Returns the tensor
+    records and the container's size."""
+    with ContainerWriter(target, force) as w, progress_bar(ckpt.total_bytes, "pack", progress) as bar:
+        tensors = pack_checkpoint(ckpt, w, recipe, workers, bar.update, pool=pool)
+        carried = [w.write_carried(name, path) for name, path in ckpt.carried]
+        index = {
+            "format": "weightpack", "version": list(VERSION),
+            "source": {"kind": ckpt.kind}, "recipe": recipe.to_json(),
+            "files": [{"name": f.rel, "header": f.header_text} for f in ckpt.files],
+            "carried": carried, "tensors": tensors,
+        }
+        index.update(index_extra or {})
+        return tensors, w.commit(index)
+
+
 # -- decode --------------------------------------------------------------------------------------
 
 def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str, tensor: str,
@@ -474,3 +493,11 @@ def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int
 
 def progress_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def progress_bar(total: int, desc: str, show: bool):
+    """A progress bar in bytes (tqdm; hidden unless `show`): its `update` is the pipelines' progress."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not show,
+                dynamic_ncols=True, leave=False)

@@ -61,8 +61,6 @@ _SIGNATURES = {
                              _arr(np.uint32), _I64, _I64, _arr(np.uint16)]),
     "wp_simd": (_I64, [_I64]),
     "wp_crc32": (ctypes.c_uint32, [ctypes.c_void_p, _I64, ctypes.c_uint32]),
-    "wp_simd": (_I64, [_I64]),
-    "wp_crc32": (ctypes.c_uint32, [ctypes.c_void_p, _I64, ctypes.c_uint32]),
     "wp_fields_join": (_I64, [_arr(np.uint16), _I64, _arr(np.uint64), _I64, _arr(np.uint8), _arr(np.uint8), _I64,
                               _I64, _I64, _arr(np.int64), ctypes.c_void_p, _I64, _I64, _I64, _I64, ctypes.c_void_p]),
     "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
