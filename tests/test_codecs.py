@@ -83,7 +83,7 @@ def test_the_layout_before_format_1_2_is_a_parameter():
     plan = fields.make_plan("F32", [64, 64], lambda a, c: u[a:a + c], 2, lane=0)
     assert "lane" not in plan.params()
     rec, payload = registry.encode_chunk(plan, 0, u)
-    assert rec["parts"][0][:2] == ["head", "ans"]
+    assert rec.parts[0][:2] == ("head", "ans")
     back = registry.plan_from_record("F32", u.size, plan.params(), plan.side(), "t")
     assert bytes(registry.decode_chunk(back, 0, rec, memoryview(payload), "t")) == u.tobytes()
     r = tcq.multiples(np.round(rng.laplace(0, 4, 8192)).astype(np.int64))

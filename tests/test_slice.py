@@ -122,7 +122,7 @@ def _count_chunks(monkeypatch):
 def test_get_slice_decodes_only_the_chunks_it_needs(big, monkeypatch):
     w, _, d = big
     with weightpack.open(d / "w.wpk") as f:
-        chunks = f._by_name["w"]["stream"]["chunks"]
+        chunks = f._by_name["w"].stream.chunks
         assert len(chunks) >= 4
         calls = _count_chunks(monkeypatch)
         assert torch.equal(f.get_slice("w")[:16], w[:16])
@@ -144,7 +144,7 @@ def test_get_slice_of_a_lossy_tensor(big, recipe, monkeypatch):
     _, x, d = big
     with weightpack.open(d / f"x-{recipe}.wpk") as f:
         t = f._by_name["w"]
-        assert t["stages"]
+        assert t.stages
         full = f.get_tensor("w")
         s = f.get_slice("w")
         assert s.get_shape() == [2048, 515] and s.get_dtype() == "F32"
@@ -152,8 +152,8 @@ def test_get_slice_of_a_lossy_tensor(big, recipe, monkeypatch):
                     (slice(1000, 1100), slice(128, 300))]:
             assert torch.equal(s[key], full[key])  # bit-identical to the whole decode
         assert (full - x).norm() / x.norm() < 0.1  # lossy, but close
-        q_chunks = len(t["parts"][0]["stream"]["chunks"])
-        others = sum(len(p["stream"]["chunks"]) for p in t["parts"][1:])
+        q_chunks = len(t.parts[0].stream.chunks)
+        others = sum(len(p.stream.chunks) for p in t.parts[1:])
         calls = _count_chunks(monkeypatch)
         s[:4]
         assert calls[0] == 0 and len(calls) == 1 + others  # one chunk of levels, the small parts whole

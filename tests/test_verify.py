@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import weightpack
 from weightpack import VerifyError
-from weightpack.container import ContainerReader, tensor_blob_refs
+from weightpack.container import ContainerReader
 from weightpack.results import VerifyReport
 from weightpack.verify import blob_problems, quality_problems, raise_on_problems
 
@@ -61,10 +61,10 @@ def test_damaged_blobs_are_problems_not_exceptions(src, tmp_path):
     wpk = tmp_path / "m.wpk"
     weightpack.pack(src, wpk, workers=1)
     with ContainerReader(wpk) as r:
-        _, ref = tensor_blob_refs(r.index["tensors"][0])[0]
-        name = r.index["tensors"][0]["name"]
+        _, ref = r.index.tensors[0].blob_refs()[0]
+        name = r.index.tensors[0].name
     data = bytearray(wpk.read_bytes())
-    data[ref["offset"]] ^= 0x40
+    data[ref.offset] ^= 0x40
     wpk.write_bytes(bytes(data))
     with ContainerReader(wpk) as r:
         assert blob_problems(r, "x: ") == [f"x: tensor {name!r} chunk 0: checksum mismatch"]

@@ -3,7 +3,6 @@ arguments checked, work handed to the module that does it, results typed (result
 
 from __future__ import annotations
 
-import math
 import os
 import struct
 import time
@@ -18,6 +17,7 @@ from .checkpoint import open_checkpoint, validate_header
 from .container import ContainerReader, OutputTree, carried_pieces, output_path, refuse_input_as_output
 from .distributed import executor as run_on
 from .errors import OutputError, UsageError
+from .index import TensorRecord
 from .lazy import WpkFile, WpkSet, container_paths
 from .metrics import stored_bytes
 from .packed import is_packed_folder, unpack_folder
@@ -128,19 +128,19 @@ def pack(src: PathLike, dst: Optional[PathLike] = None, *, recipe: "str | Recipe
     return PackResult(
         path=str(target), bytes_in=bytes_in, bytes_out=out_size, ratio=out_size / bytes_in if bytes_in else 0.0,
         seconds=time.perf_counter() - t0, tensors=len(tensors), allocation=allocation, shards=shard_names,
-        lowrank=[LowRankChoice(t["name"], t["lowrank"]["rank"]) for t in tensors if "lowrank" in t] or None,
+        lowrank=[LowRankChoice(t.name, t.lowrank["rank"]) for t in tensors if t.lowrank is not None] or None,
         lossy=_lossy_summary(tensors),
     )
 
 
-def _lossy_summary(tensors: list[dict]) -> Optional[LossySummary]:
+def _lossy_summary(tensors: list[TensorRecord]) -> Optional[LossySummary]:
     """How many tensors are lossy, their weights and bits per weight, the worst SQNR and its tensor."""
-    rows = [t for t in tensors if t["stages"]]
+    rows = [t for t in tensors if t.stages]
     if not rows:
         return None
-    sqnrs = [(t["quality"]["sqnr_db"], t["name"]) for t in rows if t["quality"]["sqnr_db"] is not None]
+    sqnrs = [(t.quality.sqnr_db, t.name) for t in rows if t.quality.sqnr_db is not None]
     worst = min(sqnrs) if sqnrs else (None, None)
-    weights = sum(math.prod(t["shape"]) for t in rows)
+    weights = sum(t.numel for t in rows)
     return LossySummary(tensors=len(rows), weights=weights,
                         bits_per_weight=8.0 * sum(stored_bytes(t) for t in rows) / weights,
                         worst_sqnr_db=worst[0], worst_tensor=worst[1])
@@ -193,16 +193,16 @@ def _unpack(src, dst, force: bool, workers, progress: bool, dev, pool) -> Path:
         return shards.unpack(src, dst, force, workers, progress, dev, pool=pool)
     with ContainerReader(src) as r:
         idx = r.index
-        single = (idx["source"]["kind"] == "file" and len(idx["files"]) == 1 and not idx["carried"]
-                  and "/" not in idx["files"][0]["name"])
+        single = (idx.source_kind == "file" and len(idx.files) == 1 and not idx.carried
+                  and "/" not in idx.files[0].name)
         srcp = Path(src)
         if single:
-            name = idx["files"][0]["name"]
+            name = idx.files[0].name
             target = srcp.parent / name if dst is None else output_path(dst, name, create=True)
         else:
             target = Path(dst) if dst is not None else srcp.with_name(srcp.name.removesuffix(".wpk") or "unpacked")
             if target.name.endswith(".safetensors") and not target.is_dir():
-                n = len(idx["files"]) + len(idx["carried"])
+                n = len(idx.files) + len(idx.carried)
                 raise OutputError(f"{target}: this container restores a folder ({n} files), not one .safetensors "
                                   f"file: give a folder to restore it into")
         refuse_input_as_output(target, [srcp])
@@ -212,25 +212,25 @@ def _unpack(src, dst, force: bool, workers, progress: bool, dev, pool) -> Path:
         try:
             targets = {}
             by_file: dict[int, list] = {}
-            for t in idx["tensors"]:
-                by_file.setdefault(t["file"], []).append(t)
-            for fi, f in enumerate(idx["files"]):
-                path = out.path(f["name"])
-                header = f["header"].encode("utf-8")
-                total = 8 + len(header) + sum(t["nbytes"] for t in by_file.get(fi, []))
-                _, entries = validate_header(f["header"], total - 8 - len(header), f["name"])
+            for t in idx.tensors:
+                by_file.setdefault(t.file, []).append(t)
+            for fi, f in enumerate(idx.files):
+                path = out.path(f.name)
+                header = f.header.encode("utf-8")
+                total = 8 + len(header) + sum(t.nbytes for t in by_file.get(fi, []))
+                _, entries = validate_header(f.header, total - 8 - len(header), f.name)
                 with open(path, "wb") as fh:
                     fh.write(struct.pack("<Q", len(header)) + header)
                     fh.truncate(total)
                 for e in entries:
                     targets[e.name] = (str(path), 8 + len(header) + e.begin)
-            with progress_bar(sum(t["nbytes"] for t in idx["tensors"]), "unpack", progress) as bar:
+            with progress_bar(idx.tensor_bytes(), "unpack", progress) as bar:
                 if dev is None:
                     decode_into_files(r, targets, workers, bar.update, pool=pool)
                 else:
                     write_from_device(r, dev, targets, bar.update)
-            for c in idx["carried"]:
-                with open(out.path(c["name"]), "wb") as fh:
+            for c in idx.carried:
+                with open(out.path(c.name), "wb") as fh:
                     for piece in carried_pieces(r, c):
                         fh.write(piece)
             out.commit()
@@ -259,13 +259,13 @@ def load(path: PathLike, device: "str | torch.device" = "cpu", workers: Optional
     if shards.is_set(path):  # a sharded set (its index or its folder): one dict over every shard
         return shards.load(path, dev, workers, decoder, progress)
     with ContainerReader(path) as r:
-        with progress_bar(sum(t["nbytes"] for t in r.index["tensors"]), "load", progress) as bar:
+        with progress_bar(r.index.tensor_bytes(), "load", progress) as bar:
             if use_device_decoder(dev, decoder):
                 from . import device as on_device
 
                 return dict(on_device.load(r, dev, bar.update))
-            return {t["name"]: to_tensor(t, pieces, dev)
-                    for t, pieces in decode_tensors(r, r.index["tensors"], workers, bar.update)}
+            return {t.name: to_tensor(t, pieces, dev)
+                    for t, pieces in decode_tensors(r, r.index.tensors, workers, bar.update)}
 
 
 def open_lazy(path: "PathLike | list[PathLike]", device: "str | torch.device" = "cpu", decoder: str = "auto"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import struct
@@ -24,21 +23,18 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import zstandard
 
-from .checkpoint import check_relative_name, is_text, pread_exact, validate_header
-from .coding.codecs.registry import check_params
+from .checkpoint import pread_exact
 from .coding.native import crc32
 from .coding.storage import compress_best
-from .stages.params import chain_parts, params_of
-from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
+from .index import VERSION, BlobRef, CarriedFile, Index
 from ._interrupt import output_committed, output_started
 
 MAGIC = b"\x89WPK\r\n\x1a\n"
-VERSION = (1, 3)  # 1.3: chunks' decoded-data checksums are bound to their stream (coding/binding.py)
 ALIGN = 64
 INDEX_SLOW_ZSTD = 1 << 18  # index JSON up to this size is compressed at zstd -19, longer at -12
 HEADER = struct.Struct("<8sHHI")
@@ -46,10 +42,6 @@ TRAILER = struct.Struct("<QQIHH8s")
 MAX_INDEX = 1 << 30
 SMALL_CARRIED = 64 << 20  # carried files up to this size are compressed whole, bigger ones streamed
 PIECE = 1 << 20  # carried files are read, compressed, decompressed and checked in pieces of this size
-
-
-def _ref(offset: int, length: int, crc: int) -> dict:
-    return {"offset": offset, "length": length, "crc32": crc}
 
 
 class ContainerWriter:
@@ -74,13 +66,13 @@ class ContainerWriter:
             raise OutputError(f"{self.target}: cannot write ({e.strerror or e})") from None
         self.pos += len(data)
 
-    def write_blob(self, data: bytes, crc: Optional[int] = None) -> dict:
+    def write_blob(self, data: bytes, crc: Optional[int] = None) -> BlobRef:
         """Write one blob; `crc` is its crc32 where the caller has it (computed by a worker)."""
         if crc is None:
             return self.write_blob_pieces([data])
         offset = self._align()
         self._write(data)
-        return _ref(offset, len(data), crc)
+        return BlobRef(offset, len(data), crc)
 
     def _align(self) -> int:
         pad = (-self.pos) % ALIGN
@@ -88,16 +80,16 @@ class ContainerWriter:
             self._write(b"\0" * pad)
         return self.pos
 
-    def write_blob_pieces(self, pieces: Iterable[bytes]) -> dict:
+    def write_blob_pieces(self, pieces: Iterable[bytes]) -> BlobRef:
         """Write a blob given in pieces (memory: one piece)."""
         offset, crc = self._align(), 0
         for piece in pieces:
             self._write(piece)
             crc = crc32(piece, crc)
-        return _ref(offset, self.pos - offset, crc)
+        return BlobRef(offset, self.pos - offset, crc)
 
-    def commit(self, index: dict) -> int:
-        text = json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    def commit(self, index: Index) -> int:
+        text = json.dumps(index.to_json(), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         # zstd -19 costs ~0.5 s per MB of index: a big model's index (a few MB) is compressed at a level
         # whose time stays small beside the pack's
         raw = zstandard.ZstdCompressor(level=19 if len(text) <= INDEX_SLOW_ZSTD else 12).compress(text)
@@ -119,7 +111,7 @@ class ContainerWriter:
         finally:
             self.out.abort()
 
-    def write_carried(self, name: str, path: Path) -> dict:
+    def write_carried(self, name: str, path: Path) -> CarriedFile:
         """Store a non-tensor file of the checkpoint (its record for the index's "carried"): small ones
         whole (zstd -19 or raw, whichever is smaller), big ones streamed through zstd -3 (memory: a piece)."""
         try:
@@ -127,8 +119,7 @@ class ContainerWriter:
             if size <= SMALL_CARRIED:
                 data = path.read_bytes()
                 codec, blob = compress_best(data, 19)
-                return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                        "codec": codec, "blob": self.write_blob(blob)}
+                return CarriedFile(name, len(data), hashlib.sha256(data).hexdigest(), codec, self.write_blob(blob))
             h = hashlib.sha256()
             with open(path, "rb") as f:
                 def pieces():
@@ -142,7 +133,7 @@ class ContainerWriter:
                         raise CheckpointError(f"{path}: changed while being read")
                     yield comp.flush()
                 blob = self.write_blob_pieces(pieces())
-            return {"name": name, "size": size, "sha256": h.hexdigest(), "codec": "zstd", "blob": blob}
+            return CarriedFile(name, size, h.hexdigest(), "zstd", blob)
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -342,7 +333,8 @@ def refuse_input_as_output(target: Path, inputs: list[Path]) -> None:
 
 
 class ContainerReader:
-    """A validated container: `index` is trusted only after __init__ returns."""
+    """A validated container: `index` (an index.Index, built by its validation) exists only once the whole
+    index has passed."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -356,8 +348,7 @@ class ContainerReader:
             raise FormatError(f"{self.path}: cannot read ({e.strerror})") from None
         try:
             self.size = os.fstat(self.f.fileno()).st_size
-            self.index = self._read_index()
-            validate_index(self.index, self.size)
+            self.index = Index.from_json(self._read_index(), self.size)
         except BaseException:
             self.f.close()
             raise
@@ -416,196 +407,25 @@ class ContainerReader:
         self.index_offset = t_off
         return index
 
-    def blob_intact(self, ref: dict) -> bool:
+    def blob_intact(self, ref: BlobRef) -> bool:
         """Whether a blob matches its crc32 (read in pieces: memory stays at one piece)."""
         crc = 0
         for piece in _iter_read(_BlobReader(self, ref)):
             crc = crc32(piece, crc)
-        return crc == ref["crc32"]
+        return crc == ref.crc32
 
-    def read_blob(self, ref: dict, what: str) -> bytes:
-        data = self._pread(ref["offset"], ref["length"])
-        if crc32(data) != ref["crc32"]:
+    def read_blob(self, ref: BlobRef, what: str) -> bytes:
+        data = self._pread(ref.offset, ref.length)
+        if crc32(data) != ref.crc32:
             raise FormatError(f"{self.path}: {what}: checksum mismatch (damaged data)")
         return data
-
-
-# -- index validation ----------------------------------------------------------------------------
-
-def _fail(where: str, what: str):
-    raise FormatError(f"index: {where}: {what}")
-
-
-def _get(d: Any, key: str, typ, where: str):
-    if not isinstance(d, dict) or key not in d:
-        _fail(where, f"missing {key!r}")
-    v = d[key]
-    ok = (type(v) is int) if typ is int else isinstance(v, typ)
-    if not ok:
-        _fail(where, f"{key!r} has the wrong type")
-    if typ is str and not is_text(v):
-        _fail(where, f"{key!r} is not valid UTF-8 text")
-    return v
-
-
-def _finite(v) -> bool:
-    """A JSON number that fits a float (JSON integers have no bound)."""
-    if type(v) is int:
-        return abs(v) < 1 << 1000
-    return type(v) is float and math.isfinite(v)
-
-
-def _check_ref(ref: Any, limit: int, where: str) -> None:
-    off = _get(ref, "offset", int, where)
-    ln = _get(ref, "length", int, where)
-    _get(ref, "crc32", int, where)
-    if off < HEADER.size or ln < 0 or off + ln > limit:
-        _fail(where, "offset or length outside the file")
-
-
-def _check_stream(stream: dict, dtype: str, numel: int, limit: int, w: str) -> None:
-    params = check_params(dtype, numel, _get(stream, "params", dict, w), w)
-    side = stream.get("side")
-    if (side is not None) != (params.codec in ("fields", "trellis")):
-        _fail(w, "side information missing or unexpected")
-    if side is not None:
-        _check_ref(side, limit, w + " side information")
-    chunks = _get(stream, "chunks", list, w)
-    n = numel if params.codec != "bytes" else DTYPES[dtype].nbytes(numel)
-    if len(chunks) != -(-n // params.chunk):
-        _fail(w, f"{len(chunks)} chunks recorded, {-(-n // params.chunk)} expected")
-    for k, ch in enumerate(chunks):
-        wk = f"{w} chunk {k}"
-        _check_ref(ch, limit, wk)
-        _get(ch, "raw_crc", int, wk)
-        if _get(ch, "codec", str, wk) not in ("fields", "bytes", "trellis"):
-            _fail(wk, "unknown codec")
-        parts = _get(ch, "parts", list, wk)
-        if not all(isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
-                   and type(p[2]) is int and p[2] >= 0 for p in parts) or sum(p[2] for p in parts) != ch["length"]:
-            _fail(wk, "malformed parts")
-
-
-def _output_name(entry: Any, seen: set[str], where: str) -> str:
-    """A file name unpack will write: safe (relative, no '..') and not listed before."""
-    name = _get(entry, "name", str, where)
-    try:
-        check_relative_name(name, "index")
-    except CheckpointError as e:
-        raise FormatError(str(e)) from None
-    if name in seen:
-        _fail(f"{where} {name}", "listed twice")
-    seen.add(name)
-    return name
-
-
-def validate_index(index: dict, file_size: int) -> None:
-    """Check every structural claim of the index against the file before anything is read."""
-    limit = file_size - TRAILER.size
-    if index.get("format") != "weightpack":
-        _fail("top", "not a weightpack index")
-    version = _get(index, "version", list, "top")
-    if len(version) != 2 or not all(type(v) is int for v in version) or version[0] != VERSION[0]:
-        _fail("top", "malformed version")
-    if _get(_get(index, "source", dict, "top"), "kind", str, "source") not in ("file", "sharded", "folder"):
-        _fail("source", "unknown kind")
-    recipe = _get(index, "recipe", dict, "top")
-    if "name" in recipe:
-        _get(recipe, "name", str, "recipe")
-    files = _get(index, "files", list, "top")
-    names_seen: set[str] = set()
-    for i, f in enumerate(files):
-        name = _output_name(f, names_seen, f"file {i}")
-        _get(f, "header", str, f"file {name}")
-    for c in _get(index, "carried", list, "top"):
-        name = _output_name(c, names_seen, "carried file")
-        size = _get(c, "size", int, name)
-        if size < 0 or size > 1 << 40:
-            _fail(name, "size out of range")
-        _get(c, "sha256", str, name)
-        if _get(c, "codec", str, name) not in ("raw", "zstd"):
-            _fail(name, "unknown codec")
-        _check_ref(_get(c, "blob", dict, name), limit, name)
-    tensor_names = set()
-    for t in _get(index, "tensors", list, "top"):
-        name = _get(t, "name", str, "tensor")
-        w = f"tensor {ascii(name)[1:-1]!r}" if not name.isprintable() else f"tensor {name!r}"
-        if name in tensor_names:
-            _fail(w, "listed twice")
-        tensor_names.add(name)
-        fi = _get(t, "file", int, w)
-        if not 0 <= fi < len(files):
-            _fail(w, "file number out of range")
-        dtype = _get(t, "dtype", str, w)
-        if dtype not in DTYPES:
-            _fail(w, f"unknown dtype {dtype!r}")
-        shape = _get(t, "shape", list, w)
-        if not all(type(d) is int and 0 <= d < 1 << 48 for d in shape) or len(shape) > 64:
-            _fail(w, "malformed shape")
-        numel = math.prod(shape)
-        nbytes = _get(t, "nbytes", int, w)
-        if nbytes != DTYPES[dtype].nbytes(numel) or nbytes > 1 << 48:
-            _fail(w, "nbytes does not match dtype and shape")
-        _get(t, "sha256", str, w)
-        if _get(t, "stages", list, w):
-            chain = params_of(t, w)
-            _get(t, "decoded_sha256", str, w)
-            q = _get(t, "quality", dict, w)
-            if set(q) != {"sqnr_db", "rel_error"} or not all(v is None or _finite(v) for v in q.values()):
-                _fail(w, "malformed quality")
-            specs = chain_parts(chain, shape)
-            parts = _get(t, "parts", list, w)
-            if [_get(x, "name", str, w) for x in parts] != list(specs):
-                _fail(w, "parts do not match the stages")
-            for x in parts:
-                pw = f"{w} part {x['name']!r}"
-                pdtype, pshape = specs[x["name"]]
-                got = _get(x, "shape", list, pw)
-                if _get(x, "dtype", str, pw) != pdtype or not all(type(d) is int for d in got) or got != pshape:
-                    _fail(pw, "dtype or shape does not match the stages")
-                _check_stream(_get(x, "stream", dict, pw), pdtype, math.prod(pshape), limit, pw)
-        else:
-            _check_stream(_get(t, "stream", dict, w), dtype, numel, limit, w)
-    # Each safetensors header must describe exactly the tensors recorded for its file.
-    by_file: dict[int, dict] = {}
-    for t in index["tensors"]:
-        by_file.setdefault(t["file"], {})[t["name"]] = t
-    for i, f in enumerate(files):
-        recs = by_file.get(i, {})
-        total = sum(r["nbytes"] for r in recs.values())
-        try:
-            _, entries = validate_header(f["header"], total, f"index: file {f['name']}")
-        except CheckpointError as e:
-            raise FormatError(str(e)) from None
-        if {e.name for e in entries} != set(recs) or any(
-            recs[e.name]["dtype"] != e.dtype or recs[e.name]["shape"] != e.shape for e in entries
-        ):
-            _fail(f"file {f['name']}", "header does not match the tensor records")
-
-
-def tensor_streams(t: dict) -> list[tuple[str, dict]]:
-    """The streams of a tensor record, labelled: its own, or one per part."""
-    if t["stages"]:
-        return [(f"part {x['name']!r}", x["stream"]) for x in t["parts"]]
-    return [("", t["stream"])]
-
-
-def tensor_blob_refs(t: dict) -> list[tuple[str, dict]]:
-    """Every blob of a tensor record, with a label: for checksum checks."""
-    out = []
-    for label, st in tensor_streams(t):
-        prefix = label + " " if label else ""
-        if st.get("side") is not None:
-            out.append((prefix + "side information", st["side"]))
-        out += [(f"{prefix}chunk {k}", ch) for k, ch in enumerate(st["chunks"])]
-    return out
 
 
 class _BlobReader:
     """A file-like view of one blob, read in pieces (for streaming decompression)."""
 
-    def __init__(self, reader: "ContainerReader", ref: dict):
-        self.r, self.pos, self.end = reader, ref["offset"], ref["offset"] + ref["length"]
+    def __init__(self, reader: "ContainerReader", ref: BlobRef):
+        self.r, self.pos, self.end = reader, ref.offset, ref.offset + ref.length
 
     def read(self, n: int = -1) -> bytes:
         n = self.end - self.pos if n < 0 else min(n, self.end - self.pos)
@@ -614,33 +434,33 @@ class _BlobReader:
         return data
 
 
-def carried_pieces(reader: "ContainerReader", c: dict) -> Iterator[bytes]:
+def carried_pieces(reader: "ContainerReader", c: CarriedFile) -> Iterator[bytes]:
     """The bytes of a carried file, in pieces, checked against its crc32, size and SHA-256 as they pass.
 
     Memory stays at one piece whatever size the index or a zstd frame claims."""
-    where = f"carried file {c['name']}"
-    if not reader.blob_intact(c["blob"]):
+    where = f"carried file {c.name}"
+    if not reader.blob_intact(c.blob):
         raise FormatError(f"{where}: checksum mismatch (damaged data)")
-    src = _BlobReader(reader, c["blob"])
-    if c["codec"] == "zstd":
+    src = _BlobReader(reader, c.blob)
+    if c.codec == "zstd":
         try:
-            declared = zstandard.frame_content_size(reader._pread(c["blob"]["offset"], min(18, c["blob"]["length"])))
+            declared = zstandard.frame_content_size(reader._pread(c.blob.offset, min(18, c.blob.length)))
         except zstandard.ZstdError:
             raise FormatError(f"{where}: damaged zstd data") from None
-        if declared != c["size"]:
-            raise FormatError(f"{where}: zstd data declares {declared} bytes, expected {c['size']}")
+        if declared != c.size:
+            raise FormatError(f"{where}: zstd data declares {declared} bytes, expected {c.size}")
         src = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=False)
     h, total = hashlib.sha256(), 0
     try:
         for piece in _iter_read(src):
             total += len(piece)
-            if total > c["size"]:
+            if total > c.size:
                 raise FormatError(f"{where}: more data than its recorded size")
             h.update(piece)
             yield piece
     except zstandard.ZstdError:
         raise FormatError(f"{where}: damaged zstd data") from None
-    if total != c["size"] or h.hexdigest() != c["sha256"]:
+    if total != c.size or h.hexdigest() != c.sha256:
         raise FormatError(f"{where}: size or SHA-256 mismatch")
 
 

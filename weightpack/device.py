@@ -35,6 +35,7 @@ from .coding.codecs.on_device import rebuilder
 from .container import ContainerReader
 from .dtypes import DTYPES, torch_dtype
 from .errors import FormatError, WeightpackError
+from .index import Chunk, Part, TensorRecord
 from .pipeline import stream_plan
 from .stages import lossy
 
@@ -80,17 +81,14 @@ class DeviceDecoder:
         except BufferError:  # views of it are still referenced (e.g. by an exception's frames): unmapped
             pass  # when the last one goes
 
-    def tensors(self, records: list[dict]) -> Iterator[tuple[str, "torch.Tensor"]]:
+    def tensors(self, records: list[TensorRecord]) -> Iterator[tuple[str, "torch.Tensor"]]:
         batch = _Batch()
         for t in records:
-            where = f"tensor {t['name']!r}"
-            if t["stages"]:
-                lossy.params_of(t, where)
-                streams_of = {part["name"]: self._prepare(batch, part["stream"], part["dtype"], part["shape"],
-                                                          f"{where} part {part['name']!r}", t["name"], part["name"])
-                              for part in t["parts"]}
+            if t.stages:
+                t.chain()
+                streams_of = {part.name: self._prepare(batch, t, part) for part in t.parts}
             else:
-                streams_of = {None: self._prepare(batch, t["stream"], t["dtype"], t["shape"], where, t["name"])}
+                streams_of = {None: self._prepare(batch, t)}
             batch.items.append((t, streams_of))
             if batch.lanes.nsymbols >= BATCH_SYMBOLS:
                 yield from self._finish(batch)
@@ -99,21 +97,24 @@ class DeviceDecoder:
         lockstep.check_pending(self.pending)
 
     # -- host side ------------------------------------------------------------------------------------
-    def _payloads(self, chunks: list, where: str) -> list:
+    def _payloads(self, chunks: tuple[Chunk, ...], where: str) -> list:
         """The chunks' coded bytes (views of the mapped file), their crc32 checked in threads."""
-        views = [memoryview(self.mm)[rec["offset"]:rec["offset"] + rec["length"]] for rec in chunks]
-        ok = list(self.threads.map(lambda v, rec: zlib.crc32(v) == rec["crc32"], views, chunks))
+        views = [memoryview(self.mm)[rec.offset:rec.offset + rec.length] for rec in chunks]
+        ok = list(self.threads.map(lambda v, rec: zlib.crc32(v) == rec.crc32, views, chunks))
         for i, good in enumerate(ok):
             if not good:
                 raise FormatError(f"{where} chunk {i}: checksum mismatch (damaged data)")
         return views
 
-    def _prepare(self, batch: _Batch, stream: dict, dtype: str, shape: list, where: str, tensor: str,
-                 part: Optional[str] = None) -> _Stream:
-        """A stream's chunks queued into the batch by its codec's rebuilder, or decoded on the host."""
-        plan = stream_plan(self.reader, stream, dtype, shape, where, tensor, part)
-        s = _Stream(plan, dtype, shape, where, rebuilder(plan, batch.lanes, self.device, where))
-        for i, (rec, payload) in enumerate(zip(stream["chunks"], self._payloads(stream["chunks"], where))):
+    def _prepare(self, batch: _Batch, t: TensorRecord, part: Optional[Part] = None) -> _Stream:
+        """The stream of `t` (or of its `part`): its chunks queued into the batch by its codec's rebuilder, or
+        decoded on the host."""
+        owner = part or t
+        where = t.where if part is None else f"{t.where} part {part.name!r}"
+        plan = stream_plan(self.reader, t, part)
+        s = _Stream(plan, owner.dtype, list(owner.shape), where, rebuilder(plan, batch.lanes, self.device, where))
+        chunks = owner.stream.chunks
+        for i, (rec, payload) in enumerate(zip(chunks, self._payloads(chunks, where))):
             w = f"{where} chunk {i}"
             if s.on_device is None or not s.on_device.add_chunk(batch.lanes, i, rec, payload, w):
                 s.host.append((plan.chunk_range(i)[0], registry.decode_chunk(plan, i, rec, payload, w)))
@@ -126,16 +127,15 @@ class DeviceDecoder:
         syms = lockstep.decode(batch.lanes, self.device, "lanes", self.pending) if batch.lanes.nsymbols else None
         rests = self._second_round(batch, syms)
         for t, streams_of in batch.items:
-            where = f"tensor {t['name']!r}"
-            if t["stages"]:
+            if t.stages:
                 parts = {name: self._rebuild(s, syms, rests) for name, s in streams_of.items()}
                 x = lossy.reconstruct(t, parts)
             else:
                 x = self._rebuild(streams_of[None], syms, rests)
-            if torch_dtype(t["dtype"]) is not None and list(x.shape) != list(t["shape"]):
-                raise FormatError(f"{where}: rebuilt with shape {list(x.shape)}")
-            self.progress(t["nbytes"])
-            yield t["name"], x
+            if torch_dtype(t.dtype) is not None and list(x.shape) != list(t.shape):
+                raise FormatError(f"{t.where}: rebuilt with shape {list(x.shape)}")
+            self.progress(t.nbytes)
+            yield t.name, x
 
     def _second_round(self, batch: _Batch, syms):
         """The symbols of a second lock-step decode of what the rebuilders queue once the first one's symbols
@@ -166,7 +166,7 @@ def load(reader: ContainerReader, device, progress: Callable[[int], None] = lamb
          names: Optional[list[str]] = None, raw: bool = False) -> Iterator[tuple[str, "torch.Tensor"]]:
     """(name, tensor on `device`) for every tensor of the container (or those named), in index order.
     With `raw`, tensors of dtypes torch lacks come as their bytes (uint8) instead of an error."""
-    records = reader.index["tensors"] if names is None else [t for t in reader.index["tensors"] if t["name"] in names]
+    records = reader.index.tensors if names is None else [t for t in reader.index.tensors if t.name in names]
     dec = DeviceDecoder(reader, device, progress, raw)
     try:
         yield from dec.tensors(records)

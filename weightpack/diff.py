@@ -39,10 +39,10 @@ class _Source:
             for c in containers:
                 r = ContainerReader(c)
                 self.readers.append(r)
-                for t in r.index["tensors"]:
-                    if t["name"] in self.records:
-                        raise CheckpointError(f"{self.path}: tensor {t['name']!r} is in two containers")
-                    self.records[t["name"]] = (t["dtype"], list(t["shape"]), (r, t))
+                for t in r.index.tensors:
+                    if t.name in self.records:
+                        raise CheckpointError(f"{self.path}: tensor {t.name!r} is in two containers")
+                    self.records[t.name] = (t.dtype, list(t.shape), (r, t))
             self.packed = True
         else:
             ck = open_checkpoint(self.path)
@@ -63,7 +63,7 @@ class _Source:
         _, _, h = self.records[name]
         if self.packed:
             t = h[1]
-            return t["decoded_sha256"] if t["stages"] else t["sha256"]
+            return t.decoded_sha256 if t.stages else t.sha256
         from .pipeline import tensor_sha256
 
         return tensor_sha256(h[0].path, h[1])
@@ -83,8 +83,7 @@ class _Source:
         if not self.packed:
             return None
         t = self.records[name][2][1]
-        n = math.prod(t["shape"])
-        return 8.0 * stored_bytes(t) / n if n else 0.0
+        return 8.0 * stored_bytes(t) / t.numel if t.numel else 0.0
 
     def close(self) -> None:
         for r in self.readers:

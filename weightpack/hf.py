@@ -122,9 +122,9 @@ class _Packed:
             self._tmp = Path(tempfile.mkdtemp(prefix="weightpack-hf-"))
             self.folder = self._tmp
             with ContainerReader(self.src) as r:
-                for c in r.index["carried"]:
-                    if not _is_weights_file(c["name"]):
-                        _write_pieces(self.folder / c["name"], carried_pieces(r, c))
+                for c in r.index.carried:
+                    if not _is_weights_file(c.name):
+                        _write_pieces(self.folder / c.name, carried_pieces(r, c))
         else:
             raise FormatError(f"{self.src}: no such file or folder")
 
@@ -146,11 +146,11 @@ class _Packed:
         transformer: Dense, ...) into the small-files folder, where their modules load them."""
         for path in self.containers:
             with ContainerReader(path) as r:
-                for fi, f in enumerate(r.index["files"]):
-                    if "/" in f["name"] and not (self.folder / f["name"]).exists():
+                for fi, f in enumerate(r.index.files):
+                    if "/" in f.name and not (self.folder / f.name).exists():
                         if self._tmp is None:  # a packed folder: do not write into it
                             self._copy_to_tmp()
-                        _write_source_file(r, fi, self.folder / f["name"])
+                        _write_source_file(r, fi, self.folder / f.name)
 
     def _copy_to_tmp(self) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="weightpack-hf-"))
@@ -175,17 +175,17 @@ def _write_source_file(r: ContainerReader, fi: int, path: Path) -> None:
     """Rebuild one safetensors file of a container byte for byte (its header, then each tensor in place)."""
     from .pipeline import decode_tensors
 
-    f = r.index["files"][fi]
-    recs = [t for t in r.index["tensors"] if t["file"] == fi]
-    header = f["header"].encode("utf-8")
-    _, entries = validate_header(f["header"], sum(t["nbytes"] for t in recs), f["name"])
+    f = r.index.files[fi]
+    recs = [t for t in r.index.tensors if t.file == fi]
+    header = f.header.encode("utf-8")
+    _, entries = validate_header(f.header, sum(t.nbytes for t in recs), f.name)
     where = {e.name: 8 + len(header) + e.begin for e in entries}
     path.parent.mkdir(parents=True, exist_ok=True)
     with builtins.open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(header)) + header)
-        fh.truncate(8 + len(header) + sum(t["nbytes"] for t in recs))
+        fh.truncate(8 + len(header) + sum(t.nbytes for t in recs))
         for t, pieces in decode_tensors(r, recs, workers=1):
-            fh.seek(where[t["name"]])
+            fh.seek(where[t.name])
             for p in pieces:
                 fh.write(p)
 
@@ -198,15 +198,14 @@ def _decoded(paths: list[Path], device, root_only: bool, decoder: str = "auto") 
     dev = resolve_device(device)
     for path in paths:
         with ContainerReader(path) as r:
-            recs = [t for t in r.index["tensors"]
-                    if not root_only or "/" not in r.index["files"][t["file"]]["name"]]
+            recs = [t for t in r.index.tensors if not root_only or "/" not in r.index.files[t.file].name]
             if use_device_decoder(dev, decoder):
                 from . import device as on_device
 
-                yield from on_device.load(r, dev, names=[t["name"] for t in recs])
+                yield from on_device.load(r, dev, names=[t.name for t in recs])
             else:
                 for t, pieces in decode_tensors(r, recs, None):
-                    yield t["name"], to_tensor(t, pieces, dev)
+                    yield t.name, to_tensor(t, pieces, dev)
 
 
 # -- build and fill --------------------------------------------------------------------------------

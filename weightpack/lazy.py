@@ -16,13 +16,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from .container import ContainerReader
 from .dtypes import DTYPES, torch_dtype
 from .errors import FormatError, UsageError
+from .index import Part, TensorRecord
 from .tensors import read_tensor, resolve_device, use_device_decoder
 
 if TYPE_CHECKING:
@@ -33,10 +34,10 @@ PathLike = Union[str, os.PathLike]
 MAX_RUNS = 1 << 24  # runs listed exactly up to this many; beyond, a slice decodes its bounding range
 
 
-def source_metadata(files: list) -> Optional[dict]:
-    """The `__metadata__` of the first source file (an index's "files") that has one."""
-    for f in files:
-        md = json.loads(f["header"]).get("__metadata__")
+def source_metadata(headers: Iterable[str]) -> Optional[dict]:
+    """The `__metadata__` of the first source file (by its header, from an index's "files") that has one."""
+    for header in headers:
+        md = json.loads(header).get("__metadata__")
         if md is not None:
             return md
     return None
@@ -50,7 +51,7 @@ class WpkFile:
         self.device = resolve_device(device)
         self._on_device = use_device_decoder(self.device, decoder)
         self._r = ContainerReader(path)
-        self._by_name = {t["name"]: t for t in self._r.index["tensors"]}
+        self._by_name = {t.name: t for t in self._r.index.tensors}
 
     @property
     def path(self) -> Path:
@@ -61,7 +62,7 @@ class WpkFile:
 
     def metadata(self) -> Optional[dict]:
         """The `__metadata__` of the (first) source file, as safetensors' safe_open gives it."""
-        return source_metadata(self._r.index["files"])
+        return source_metadata(f.header for f in self._r.index.files)
 
     def get_tensor(self, name: str) -> "torch.Tensor":
         t = self._by_name.get(name)
@@ -155,40 +156,40 @@ class TensorSlice:
         self._f, self._t = f, t
 
     def get_shape(self) -> list[int]:
-        return list(self._t["shape"])
+        return list(self._t.shape)
 
     def get_dtype(self) -> str:
         """The safetensors dtype name (as safetensors' get_slice gives it): "F32", "BF16", ..."""
-        return self._t["dtype"]
+        return self._t.dtype
 
     def __len__(self) -> int:
-        if not self._t["shape"]:
+        if not self._t.shape:
             raise TypeError("len() of a 0-d tensor")
-        return self._t["shape"][0]
+        return self._t.shape[0]
 
     def __getitem__(self, key) -> "torch.Tensor":
         t = self._t
-        shape = t["shape"]
+        shape = list(t.shape)
         dims, dropped, out_shape = parse_index(key, shape)
         final_shape = out_shape
-        dt = torch_dtype(t["dtype"])
+        dt = torch_dtype(t.dtype)
         if dt is None:
-            raise UsageError(f"tensor {t['name']!r}: torch has no dtype for {t['dtype']}")
-        bits = DTYPES[t["dtype"]].bits
-        if bits % 8 or math.prod(final_shape) == 0 or (t["stages"] and not elementwise(t)):
+            raise UsageError(f"{t.where}: torch has no dtype for {t.dtype}")
+        bits = DTYPES[t.dtype].bits
+        if bits % 8 or math.prod(final_shape) == 0 or (t.stages and not elementwise(t)):
             return self._whole(dims, dropped)
         try:
             starts, length = runs_of(dims, shape)
         except MemoryError:
             return self._whole(dims, dropped)
-        if t["stages"]:
+        if t.stages:
             x = decode_lossy_runs(self._f._r, t, starts, length).reshape(final_shape)
         else:
             x = _torch_view(decode_runs(self._f._r, t, starts, length), dt, final_shape)
         return x.to(self._f.device) if self._f.device.type != "cpu" else x
 
     def _whole(self, dims, dropped) -> "torch.Tensor":
-        x = self._f.get_tensor(self._t["name"])
+        x = self._f.get_tensor(self._t.name)
         idx = tuple(s if d in dropped else slice(s, s + step * c, step) if c else slice(0, 0)
                     for d, (s, step, c) in enumerate(dims))
         return x[idx].clone()
@@ -200,38 +201,41 @@ def _torch_view(a: np.ndarray, dt, shape: list[int]) -> "torch.Tensor":
     return torch.from_numpy(a).view(dt).reshape(shape)
 
 
-def chunks_of_stream(reader, t: dict, wanted: list[int]) -> Iterator[tuple[int, int, int, bytes]]:
-    """(chunk, first byte, end byte, decoded bytes) for the chunks `wanted` of a lossless tensor's stream.
+def chunks_of_stream(reader, t: TensorRecord, wanted: list[int], part: Optional[Part] = None
+                     ) -> Iterator[tuple[int, int, int, bytes]]:
+    """(chunk, first byte, end byte, decoded bytes) for the chunks `wanted` of a lossless tensor's stream (or
+    of the stream of its `part`).
 
     The one place that calls into the coder for partial decoding: the plan from the record, each chunk's
     coded bytes read and checked, then decoded (and its crc32 checked) on its own."""
     from .coding.codecs import registry
     from .pipeline import stream_plan
 
-    where = f"tensor {t['name']!r}"
-    plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where, *t.get("owner", (t["name"], None)))
+    where = t.where if part is None else f"{t.where} part {part.name!r}"
+    plan = stream_plan(reader, t, part)
     unit = plan.unit
+    chunks = (part or t).stream.chunks
     for i in wanted:
-        rec = t["stream"]["chunks"][i]
-        payload = reader.read_blob(rec, f"{where} chunk {i}")
+        rec = chunks[i]
+        payload = reader.read_blob(rec.blob, f"{where} chunk {i}")
         a, b = plan.chunk_range(i)
         yield i, a * unit, b * unit, registry.decode_chunk(plan, i, rec, memoryview(payload), f"{where} chunk {i}")
 
 
-def chunk_bounds(t: dict) -> np.ndarray:
-    """Byte offsets where the chunks of a lossless tensor's stream begin (plus the end)."""
-    p = t["stream"]["params"]
-    n = math.prod(t["shape"])
-    unit = DTYPES[t["dtype"]].bits // 8 if p["codec"] != "bytes" else 1
-    total = (n if p["codec"] != "bytes" else t["nbytes"]) * unit
-    step = p["chunk"] * unit
+def chunk_bounds(owner: TensorRecord | Part) -> np.ndarray:
+    """Byte offsets where the chunks of a lossless tensor's (or a part's) stream begin (plus the end)."""
+    stream = owner.stream
+    n = math.prod(owner.shape)
+    unit = DTYPES[owner.dtype].bits // 8 if stream.codec != "bytes" else 1
+    total = (n if stream.codec != "bytes" else owner.nbytes) * unit
+    step = stream.chunk * unit
     return np.append(np.arange(0, total, step, dtype=np.int64), total)
 
 
-def needed_chunks(t: dict, starts: np.ndarray, length: int) -> list[int]:
+def needed_chunks(owner: TensorRecord | Part, starts: np.ndarray, length: int) -> list[int]:
     """The chunks that hold any element of the runs (byte offsets: run starts x item size)."""
-    isz = DTYPES[t["dtype"]].bits // 8
-    bounds = chunk_bounds(t)
+    isz = DTYPES[owner.dtype].bits // 8
+    bounds = chunk_bounds(owner)
     first = np.searchsorted(bounds, starts * isz, side="right") - 1
     last = np.searchsorted(bounds, (starts + length) * isz - 1, side="right") - 1
     if not len(first):
@@ -245,14 +249,16 @@ def needed_chunks(t: dict, starts: np.ndarray, length: int) -> list[int]:
     return np.nonzero(np.cumsum(mark)[:-1] > 0)[0].tolist()
 
 
-def decode_runs(reader, t: dict, starts: np.ndarray, length: int) -> np.ndarray:
-    """The elements of the runs (starts[k] .. starts[k] + length), decoding only the chunks they touch."""
-    isz = DTYPES[t["dtype"]].bits // 8
+def decode_runs(reader, t: TensorRecord, starts: np.ndarray, length: int, part: Optional[Part] = None) -> np.ndarray:
+    """The elements of the runs (starts[k] .. starts[k] + length) of a tensor (or of its `part`), decoding only
+    the chunks they touch."""
+    owner = part or t
+    isz = DTYPES[owner.dtype].bits // 8
     out = np.empty(len(starts) * length * isz, dtype=np.uint8)
     bstart = starts * isz
     blen = length * isz
     bend = bstart + blen
-    for _, a, b, raw in chunks_of_stream(reader, t, needed_chunks(t, starts, length)):
+    for _, a, b, raw in chunks_of_stream(reader, t, needed_chunks(owner, starts, length), part):
         src = np.frombuffer(raw, dtype=np.uint8)
         lo = int(np.searchsorted(bend, a, side="right"))  # first run ending after a
         hi = int(np.searchsorted(bstart, b, side="left"))  # runs starting before b
@@ -274,51 +280,49 @@ def decode_runs(reader, t: dict, starts: np.ndarray, length: int) -> np.ndarray:
 
 # -- lossy tensors -------------------------------------------------------------------------------------
 
-def elementwise(t: dict) -> bool:
+def elementwise(t: TensorRecord) -> bool:
     """A chain whose reconstruction is element by element from the levels (quantize alone, or after prune):
     its slices decode only the level chunks they touch. Low rank needs its factors' product: decoded whole."""
-    from .stages.params import LowRankParams, params_of
+    from .stages.params import LowRankParams
 
-    return not any(isinstance(c, LowRankParams) for c in params_of(t, f"tensor {t['name']!r}"))
-
-
-def _part(t: dict, name: str) -> dict:
-    for x in t["parts"]:
-        if x["name"] == name:
-            return {**x, "name": f"{t['name']} part {name}", "stages": [], "owner": (t["name"], name)}
-    raise FormatError(f"tensor {t['name']!r}: no part {name!r}")
+    return not any(isinstance(c, LowRankParams) for c in t.chain())
 
 
-def _whole_part(reader, t: dict, name: str) -> "torch.Tensor":
+def _part(t: TensorRecord, name: str) -> Part:
+    for x in t.parts:
+        if x.name == name:
+            return x
+    raise FormatError(f"{t.where}: no part {name!r}")
+
+
+def _whole_part(reader, t: TensorRecord, name: str) -> "torch.Tensor":
     """A small part (a step, scales, zero points) decoded whole."""
     import torch
 
     part = _part(t, name)
-    chunks = list(range(len(part["stream"]["chunks"])))
-    raw = b"".join(r for _, _, _, r in chunks_of_stream(reader, part, chunks))
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(torch_dtype(part["dtype"])) if raw else \
-        torch.zeros(0, dtype=torch_dtype(part["dtype"]))
+    chunks = list(range(len(part.stream.chunks)))
+    raw = b"".join(r for _, _, _, r in chunks_of_stream(reader, t, chunks, part))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(torch_dtype(part.dtype)) if raw else \
+        torch.zeros(0, dtype=torch_dtype(part.dtype))
 
 
-def decode_lossy_runs(reader, t: dict, starts: np.ndarray, length: int) -> "torch.Tensor":
+def decode_lossy_runs(reader, t: TensorRecord, starts: np.ndarray, length: int) -> "torch.Tensor":
     """The runs of a lossy tensor whose chain is elementwise: the level part decoded only where the runs
     lie, the small parts whole, and the same float32 arithmetic as stages/quantize.py's decode, element by
     element (so the values are bit-identical to a whole decode; the reconstruction's SHA-256, which covers
     the whole tensor, is not checked here: each chunk's crc32 is)."""
     import torch
 
-    from .stages.params import params_of
-
-    p = params_of(t, f"tensor {t['name']!r}")[-1]
+    p = t.chain()[-1]
     qp = _part(t, "q")
-    q = torch.from_numpy(decode_runs(reader, qp, starts, length)).view(torch_dtype(qp["dtype"]))
+    q = torch.from_numpy(decode_runs(reader, t, starts, length, qp)).view(torch_dtype(qp.dtype))
     if p.mode == "tcq":
         x = q.to(torch.float32) * _whole_part(reader, t, "step").to(torch.float32)[0]
     elif p.mode == "ecsq":
         off = _whole_part(reader, t, "offset").to(torch.int64)[0]
         x = (q.to(torch.int64) + off).to(torch.float32) * _whole_part(reader, t, "step").to(torch.float32)[0]
     else:
-        shape = t["shape"]
+        shape = t.shape
         rows = shape[0] if len(shape) >= 2 else 1
         cols = math.prod(shape) // rows if rows else 0
         idx = (torch.from_numpy(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1)
@@ -330,12 +334,12 @@ def decode_lossy_runs(reader, t: dict, starts: np.ndarray, length: int) -> "torc
             g = min(p.group, cols)
             gid = (idx // cols) * (-(-cols // g)) + (idx % cols) // g
         scale = _whole_part(reader, t, "scale").to(torch.float32)
-        zero = (_whole_part(reader, t, "zero").to(torch.float32) if any(x["name"] == "zero" for x in t["parts"])
+        zero = (_whole_part(reader, t, "zero").to(torch.float32) if any(x.name == "zero" for x in t.parts)
                 else torch.zeros(len(scale)))
         if len(zero) != len(scale) or (len(gid) and int(gid.max()) >= len(scale)):
-            raise FormatError(f"tensor {t['name']!r}: scale or zero point count does not match the groups")
+            raise FormatError(f"{t.where}: scale or zero point count does not match the groups")
         x = (q.to(torch.float32) - zero[gid]) * scale[gid]
-    return x.to(torch_dtype(t["dtype"]))
+    return x.to(torch_dtype(t.dtype))
 
 
 # -- a set of containers -------------------------------------------------------------------------

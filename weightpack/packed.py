@@ -35,7 +35,7 @@ def unpack_folder(src: Path, dst: Optional[Path], force: bool, unpack: Callable[
             out = stage / "folder"
             out.mkdir()
             with ContainerReader(src / WEIGHTS) as r:
-                os.replace(single, out / r.index["files"][0]["name"])
+                os.replace(single, out / r.index.files[0].name)
         for p in sorted(src.rglob("*")):
             rel = p.relative_to(src)
             if p.is_dir():  # empty module folders too (sentence-transformers' 2_Normalize)

@@ -13,9 +13,9 @@ import math
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -28,9 +28,10 @@ from .coding.codecs.fields import codec as fields_codec
 from .coding.codecs.fields.layout import UINT
 from .coding.codecs.fields.plan import Reader
 from .coding.codecs.trellis import codec as trellis_codec
-from .container import VERSION, ContainerReader, ContainerWriter
+from .container import ContainerReader, ContainerWriter
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError
+from .index import VERSION, BlobRef, Chunk, Index, Part, Quality, SourceFile, Stream, TensorRecord
 from .parallel import Pool, Task
 from .recipe import Recipe
 from .stages import lossy
@@ -113,23 +114,28 @@ def _chunk_batches(plan: registry.Plan) -> Iterator[tuple[int, int]]:
 
 @dataclass
 class _TensorStart:
-    record: dict
+    """A tensor without stages begins: its record (without its stream) and its plan; its chunks follow."""
+
+    record: TensorRecord
     plan: registry.Plan
 
 
-def _open_stream(writer: ContainerWriter, owner: dict, params: dict, side: bytes) -> dict:
-    """Start the stream record of a tensor or part (its side information written); chunks follow."""
-    owner["stream"] = {"params": params, "side": writer.write_blob(side) if side else None, "chunks": []}
-    return owner["stream"]
+@dataclass
+class _PartStart:
+    """A part of a tensor coded in a worker: its name, dtype and shape (its stream follows)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
 
 
 @dataclass
 class _Coded:
-    """A tensor coded whole in a worker: its record and, per stream (the tensor's, or each part's), the
-    stream's parameters, side information and coded chunks."""
+    """A tensor coded whole in a worker: its record (without streams) and, per stream (the tensor's, or each
+    part's), the stream's parameters, side information and coded chunks."""
 
-    record: dict
-    streams: list[tuple[Optional[dict], dict, bytes, list]]  # (part record or None, params, side, chunks)
+    record: TensorRecord
+    streams: list[tuple[Optional[_PartStart], dict, bytes, list]]  # (part or None, params, side, chunks)
 
 
 PLAN_AHEAD = 2  # tensors planned and hashed ahead, per worker, while earlier tensors' chunks are coded
@@ -160,13 +166,12 @@ def _pack_items(ckpt: Checkpoint, recipe: Recipe, pool: Pool) -> Iterator:
 
     def submit_next() -> None:
         for fi, f, e in tensors:
-            record = {"name": e.name, "file": fi, "dtype": e.dtype, "shape": e.shape, "nbytes": e.nbytes}
             stages = recipe.stages_for(e.name, len(e.shape)) if lossy.can_apply(e.dtype, e.numel) else []
             if stages:
-                ahead.append((Task(_lossy_task, (str(f.path), e, record, stages, recipe.level)), None))
+                ahead.append((Task(_lossy_task, (str(f.path), fi, e, stages, recipe.level)), None))
             else:
-                ahead.append(((record, str(f.path), e), (pool.submit(_plan_task, str(f.path), e, recipe.level),
-                                                         pool.submit(_hash_task, str(f.path), e))))
+                ahead.append(((fi, str(f.path), e), (pool.submit(_plan_task, str(f.path), e, recipe.level),
+                                                     pool.submit(_hash_task, str(f.path), e))))
             return
 
     for _ in range(PLAN_AHEAD * pool.workers):
@@ -177,15 +182,19 @@ def _pack_items(ckpt: Checkpoint, recipe: Recipe, pool: Pool) -> Iterator:
         if futures is None:
             yield item
             continue
-        record, path, e = item
+        fi, path, e = item
         plan = futures[0].result()
-        record.update(sha256=futures[1].result(), stages=[])
-        yield _TensorStart(record, plan)
+        yield _TensorStart(_record(fi, e, futures[1].result()), plan)
         for first, last in _chunk_batches(plan):
             yield Task(_encode_task, (path, e.begin, plan.for_chunks(first, last), first, last))
 
 
-def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: int) -> _Coded:
+def _record(fi: int, e: TensorEntry, sha256: str, **lossy_fields) -> TensorRecord:
+    """A tensor's record, its streams not yet written."""
+    return TensorRecord(e.name, fi, e.dtype, tuple(e.shape), e.nbytes, sha256, **lossy_fields)
+
+
+def _lossy_task(path: str, fi: int, e: TensorEntry, stages: list, level: int) -> _Coded:
     """Apply a tensor's lossy stages and code their parts (in a worker: the stages are the slow part). A
     tensor holding NaN or infinity is coded losslessly instead."""
     raw = read_exact(Path(path), e.begin, e.nbytes)
@@ -193,12 +202,11 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
     if result is None:
         u = _elements_of(e.dtype, bytes(raw))
         plan = _bound(fields_codec.make_plan(e.dtype, e.shape, lambda a, c: u[a:a + c], level), e.name, None)
-        record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=[])
-        return _Coded(record, [(None, plan.params(), plan.side(), _encode_data_task(plan, 0, bytes(raw))[1])])
-    record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=result.stages,
-                  decoded_sha256=result.decoded_sha256, quality=result.quality, parts=[])
-    if result.lowrank is not None:  # what a low-rank stage decided (for information: inspect, pack's summary)
-        record["lowrank"] = result.lowrank
+        return _Coded(_record(fi, e, hashlib.sha256(raw).hexdigest()),
+                      [(None, plan.params(), plan.side(), _encode_data_task(plan, 0, bytes(raw))[1])])
+    # `lowrank`: what a low-rank stage decided (for information: inspect, pack's summary)
+    record = _record(fi, e, hashlib.sha256(raw).hexdigest(), stages=result.stages,
+                     decoded_sha256=result.decoded_sha256, quality=Quality(**result.quality), lowrank=result.lowrank)
     del raw
     quant = result.params[-1]
     coded = []
@@ -213,8 +221,7 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
         if plan is None:
             plan = fields_codec.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
         _bound(plan, e.name, name)
-        coded.append(({"name": name, "dtype": dtype, "shape": shape}, plan.params(), plan.side(),
-                      _encode_data_task(plan, 0, data)[1]))
+        coded.append((_PartStart(name, dtype, shape), plan.params(), plan.side(), _encode_data_task(plan, 0, data)[1]))
     return _Coded(record, coded)
 
 
@@ -224,16 +231,27 @@ def _elements_of(dtype: str, data: bytes) -> np.ndarray:
 
 
 def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, workers: Optional[int],
-                    progress: Progress = _noop, pool: Optional[Callable] = None) -> list[dict]:
+                    progress: Progress = _noop, pool: Optional[Callable] = None) -> list[TensorRecord]:
     """Code every tensor of `ckpt` into `writer`; returns the tensor records for the index. `pool` makes
     the worker pool (default: parallel.Pool; distributed.py's for a Ray cluster)."""
-    records: list[dict] = []
-    stream: Optional[dict] = None
+    records: list[TensorRecord] = []
+    open_tensor: Optional[tuple[TensorRecord, dict, Optional[BlobRef], list[Chunk]]] = None  # chunks to come
 
-    def write_chunks(chunks):
-        for rec, payload, *crc in chunks:
-            rec.update(writer.write_blob(payload, *crc))
-            stream["chunks"].append(rec)
+    def write_chunks(chunks, out: list[Chunk]) -> list[Chunk]:
+        for code, payload, *crc in chunks:
+            out.append(Chunk.placed(code, writer.write_blob(payload, *crc)))
+        return out
+
+    def write_stream(params: dict, side: bytes, chunks) -> Stream:
+        side_ref = writer.write_blob(side) if side else None
+        return Stream(params, side_ref, tuple(write_chunks(chunks, [])))
+
+    def close_tensor() -> None:
+        nonlocal open_tensor
+        if open_tensor is not None:
+            record, params, side_ref, chunks = open_tensor
+            records.append(replace(record, stream=Stream(params, side_ref, tuple(chunks))))
+            open_tensor = None
 
     # threads where the coding runs in the compiled kernels, zstd and hashlib (all release the GIL);
     # processes for lossy stages and for constriction (they hold it)
@@ -241,57 +259,57 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
         # a slow tensor (lossy stages on a big matrix) holds back the output: let the other workers run ahead
         for item in pool.ordered_map(_pack_items(ckpt, recipe, pool), inflight=PACK_INFLIGHT * pool.workers):
             if isinstance(item, _TensorStart):
-                records.append(item.record)
-                stream = _open_stream(writer, item.record, item.plan.params(), item.plan.side())
+                close_tensor()
+                side = item.plan.side()
+                open_tensor = (item.record, item.plan.params(), writer.write_blob(side) if side else None, [])
                 if item.plan.nchunks == 0:
-                    progress(item.record["nbytes"])
+                    progress(item.record.nbytes)
             elif isinstance(item, _Coded):
-                records.append(item.record)
-                for part, params, side, chunks in item.streams:
-                    if part is not None:
-                        item.record["parts"].append(part)
-                    stream = _open_stream(writer, part if part is not None else item.record, params, side)
-                    write_chunks(chunks)
-                progress(item.record["nbytes"])
+                close_tensor()
+                streams = [(part, write_stream(params, side, chunks)) for part, params, side, chunks in item.streams]
+                if item.record.stages:
+                    records.append(replace(item.record, parts=tuple(
+                        Part(p.name, p.dtype, tuple(p.shape), s) for p, s in streams)))
+                else:
+                    records.append(replace(item.record, stream=streams[0][1]))
+                progress(item.record.nbytes)
             else:
                 nbytes, chunks = item
-                write_chunks(chunks)
+                write_chunks(chunks, open_tensor[3])
                 progress(nbytes)
+        close_tensor()
     return records
 
 
 def pack_container(ckpt: Checkpoint, target: Path, recipe: Recipe, workers: Optional[int], force: bool,
                    progress: bool, index_extra: Optional[dict] = None, pool: Optional[Callable] = None
-                   ) -> tuple[list[dict], int]:
+                   ) -> tuple[list[TensorRecord], int]:
     """Pack `ckpt` into one container at `target` (written atomically): its tensors, its carried files and
     the index; `index_extra` adds optional keys to the index (weightpack.torch: "tied"). Returns the tensor
     records and the container's size."""
     with ContainerWriter(target, force) as w, progress_bar(ckpt.total_bytes, "pack", progress) as bar:
         tensors = pack_checkpoint(ckpt, w, recipe, workers, bar.update, pool=pool)
         carried = [w.write_carried(name, path) for name, path in ckpt.carried]
-        index = {
-            "format": "weightpack", "version": list(VERSION),
-            "source": {"kind": ckpt.kind}, "recipe": recipe.to_json(),
-            "files": [{"name": f.rel, "header": f.header_text} for f in ckpt.files],
-            "carried": carried, "tensors": tensors,
-        }
-        index.update(index_extra or {})
+        index = Index(VERSION, ckpt.kind, recipe.to_json(), tuple(SourceFile(f.rel, f.header_text) for f in ckpt.files),
+                      tuple(carried), tuple(tensors), dict(index_extra or {}))
         return tensors, w.commit(index)
 
 
 # -- decode --------------------------------------------------------------------------------------
 
-def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str, tensor: str,
-                part: Optional[str] = None) -> registry.Plan:
-    """The plan of the stream of `tensor` (or of its `part`): its side information read and checked (the chunk
+def stream_plan(reader: ContainerReader, t: TensorRecord, part: Optional[Part] = None) -> registry.Plan:
+    """The plan of the stream of `t` (or of its `part`): its side information read and checked (the chunk
     count was checked with the whole index when the container was opened), bound to its record from format
     1.3 on."""
-    side = reader.read_blob(stream["side"], where + " side information") if stream.get("side") else b""
-    plan = registry.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
-    return _bound(plan, tensor, part) if reader.version >= (1, 3) else plan
+    owner = part or t
+    where = t.where if part is None else f"{t.where} part {part.name!r}"
+    stream = owner.stream
+    side = reader.read_blob(stream.side, where + " side information") if stream.side is not None else b""
+    plan = registry.plan_from_record(owner.dtype, math.prod(owner.shape), stream.params, side, where)
+    return _bound(plan, t.name, part and part.name) if reader.version >= (1, 3) else plan
 
 
-def _decode_task(path: str, plan: registry.Plan, recs: list, first: int, what: str,
+def _decode_task(path: str, plan: registry.Plan, recs: list[Chunk], first: int, what: str,
                  out_path: Optional[str], out_offset: int, into: Optional[np.ndarray] = None) -> list:
     """Decode chunks first.. of a stream: write them into `out_path` at their place, or into the stream's
     buffer `into` (threads share it), or return them."""
@@ -303,8 +321,8 @@ def _decode_task(path: str, plan: registry.Plan, recs: list, first: int, what: s
             for k, rec in enumerate(recs):
                 i = first + k
                 where = f"{what} chunk {i}"
-                payload = _pread(f.fileno(), rec["offset"], rec["length"], where, FormatError)
-                if native.crc32(payload) != rec["crc32"]:
+                payload = _pread(f.fileno(), rec.offset, rec.length, where, FormatError)
+                if native.crc32(payload) != rec.crc32:
                     raise FormatError(f"{where}: checksum mismatch (damaged data)")
                 a, b = plan.chunk_range(i)
                 dest = into[a * unit:b * unit] if into is not None else None
@@ -326,7 +344,7 @@ def _decode_task(path: str, plan: registry.Plan, recs: list, first: int, what: s
 class _Mark:
     """In the ordered task stream: a tensor (or one of its parts) begins."""
 
-    record: dict
+    record: TensorRecord
     part: Optional[str] = None
     in_memory: bool = True
     whole: bool = False  # a lossy tensor decoded and rebuilt by one task: its result is the tensor's bytes
@@ -336,18 +354,17 @@ class _Mark:
 WHOLE_LOSSY_CHUNKS = 2  # a lossy tensor with at most this many chunks (all parts) is rebuilt in a worker
 
 
-def _decode_lossy_task(path: str, t: dict, parts: list[tuple[dict, registry.Plan]], where: str) -> list[bytes]:
+def _decode_lossy_task(path: str, t: TensorRecord, parts: list[tuple[Part, registry.Plan]], where: str) -> list[bytes]:
     """Decode every part of a lossy tensor and rebuild it (in a worker: the reconstruction and its hash
     check are then off the main process too)."""
     got = {}
     for part, plan in parts:
-        w = f"{where} part {part['name']!r}"
-        chunks = part["stream"]["chunks"]
-        got[part["name"]] = bytearray().join(_checked(part, _decode_task(path, plan, chunks, 0, w, None, 0), w))
+        w = f"{where} part {part.name!r}"
+        got[part.name] = bytearray().join(_checked(part, _decode_task(path, plan, part.stream.chunks, 0, w, None, 0), w))
     return [lossy.decode(t, got)]
 
 
-def _chunk_task_args(reader: ContainerReader, plan: registry.Plan, chunks: list, where: str,
+def _chunk_task_args(reader: ContainerReader, plan: registry.Plan, chunks: tuple[Chunk, ...], where: str,
                      target: Optional[tuple[str, int]], into: Optional[np.ndarray] = None) -> Iterator[tuple]:
     for first, last in _chunk_batches(plan):
         yield (str(reader.path), plan.for_chunks(first, last), chunks[first:last], first,
@@ -359,7 +376,7 @@ def _decode_batch(batch: list[tuple]) -> list:
     return [r for args in batch for r in _decode_task(*args)]
 
 
-def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dict] = None,
+def decode_items(reader: ContainerReader, tensors: Iterable[TensorRecord], out: Optional[dict] = None,
                  shared: bool = False) -> Iterator:
     """Tasks decoding `tensors`, each preceded by a mark; `out` maps names to (path, offset) for tensors
     whose chunks workers write straight into a file (tensors without stages). Small tensors written
@@ -375,64 +392,62 @@ def decode_items(reader: ContainerReader, tensors: list[dict], out: Optional[dic
         batch, batch_bytes = [], 0
 
     for t in tensors:
-        where = f"tensor {t['name']!r}"
-        if t["stages"]:
+        where = t.where
+        if t.stages:
             yield from flush()
-            lossy.params_of(t, where)
-            plans = [(part, stream_plan(reader, part["stream"], part["dtype"], part["shape"],
-                                        f"{where} part {part['name']!r}", t["name"], part["name"]))
-                     for part in t["parts"]]
+            t.chain()
+            plans = [(part, stream_plan(reader, t, part)) for part in t.parts]
             if sum(plan.nchunks for _, plan in plans) <= WHOLE_LOSSY_CHUNKS:
                 yield _Mark(t, whole=True)
                 yield Task(_decode_lossy_task, (str(reader.path), t, plans, where))
                 continue
             yield _Mark(t)
             for part, plan in plans:
-                w = f"{where} part {part['name']!r}"
-                yield _Mark(t, part["name"])
-                yield from (Task(_decode_task, a) for a in _chunk_task_args(reader, plan, part["stream"]["chunks"], w, None))
+                w = f"{where} part {part.name!r}"
+                yield _Mark(t, part.name)
+                yield from (Task(_decode_task, a) for a in _chunk_task_args(reader, plan, part.stream.chunks, w, None))
             continue
-        plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where, t["name"])
-        target = out.get(t["name"]) if out else None
-        args = list(_chunk_task_args(reader, plan, t["stream"]["chunks"], where, target))
-        if target is not None and t["nbytes"] < TASK_BYTES:
-            if batch_bytes + t["nbytes"] > TASK_BYTES:
+        plan = stream_plan(reader, t)
+        target = out.get(t.name) if out else None
+        args = list(_chunk_task_args(reader, plan, t.stream.chunks, where, target))
+        if target is not None and t.nbytes < TASK_BYTES:
+            if batch_bytes + t.nbytes > TASK_BYTES:
                 yield from flush()
             yield _Mark(t, in_memory=False)
             batch += args
-            batch_bytes += t["nbytes"]
+            batch_bytes += t.nbytes
             continue
         yield from flush()
-        if target is None and shared and t["nbytes"]:
-            buf = np.empty(t["nbytes"], np.uint8)
+        if target is None and shared and t.nbytes:
+            buf = np.empty(t.nbytes, np.uint8)
             yield _Mark(t, buffer=buf)
-            args = _chunk_task_args(reader, plan, t["stream"]["chunks"], where, None, buf)
+            args = _chunk_task_args(reader, plan, t.stream.chunks, where, None, buf)
         else:
             yield _Mark(t, in_memory=target is None)
         yield from (Task(_decode_task, a) for a in args)
     yield from flush()
 
 
-def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[bytes]]]:
+def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[TensorRecord, list[bytes]]]:
     """(record, decoded bytes in pieces) for each tensor decoded in memory, in order."""
     mark, parts, pieces = None, {}, []
 
     def finish():
         t = mark.record
         if mark.whole:
-            progress(t["nbytes"])
-            return t, _checked(t, pieces, f"tensor {t['name']!r}")
-        if t["stages"]:
+            progress(t.nbytes)
+            return t, _checked(t, pieces, t.where)
+        if t.stages:
             parts[mark.part] = bytearray().join(pieces)
-            for part in t["parts"]:
-                _checked(part, [parts[part["name"]]], f"tensor {t['name']!r} part {part['name']!r}")
-            progress(t["nbytes"])
+            for part in t.parts:
+                _checked(part, [parts[part.name]], f"{t.where} part {part.name!r}")
+            progress(t.nbytes)
             return t, [lossy.decode(t, parts)]
         if mark.buffer is not None:
             if sum(pieces) != len(mark.buffer):
-                raise FormatError(f"tensor {t['name']!r}: decoded {sum(pieces)} bytes, expected {len(mark.buffer)}")
+                raise FormatError(f"{t.where}: decoded {sum(pieces)} bytes, expected {len(mark.buffer)}")
             return t, [mark.buffer]
-        return t, _checked(t, pieces, f"tensor {t['name']!r}")
+        return t, _checked(t, pieces, t.where)
 
     for item in items:
         if isinstance(item, _Mark):
@@ -449,7 +464,7 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
             progress(sum(item))
         elif mark.in_memory:
             pieces.extend(item)
-            if not mark.record["stages"] and not mark.whole:
+            if not mark.record.stages and not mark.whole:
                 progress(sum(len(p) for p in item))
         else:
             progress(sum(item))
@@ -457,8 +472,9 @@ def _decoded(items: Iterator, progress: Progress) -> Iterator[tuple[dict, list[b
         yield finish()
 
 
-def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Optional[int],
-                   progress: Progress = _noop, pool: Optional[Callable] = None) -> Iterator[tuple[dict, list[bytes]]]:
+def decode_tensors(reader: ContainerReader, tensors: Iterable[TensorRecord], workers: Optional[int],
+                   progress: Progress = _noop, pool: Optional[Callable] = None
+                   ) -> Iterator[tuple[TensorRecord, list[bytes]]]:
     """Yield (record, decoded bytes in pieces) for each tensor, decoded by worker threads where the compiled
     kernels are built (they release the GIL), else by worker processes."""
     threads = native.backend() == "native"
@@ -466,8 +482,8 @@ def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Option
         yield from _decoded(p.ordered_map(decode_items(reader, tensors, shared=threads and pool is None)), progress)
 
 
-def _checked(t: dict, pieces: list[bytes], where: str) -> list[bytes]:
-    expected = DTYPES[t["dtype"]].nbytes(math.prod(t["shape"]))
+def _checked(t: TensorRecord | Part, pieces: list[bytes], where: str) -> list[bytes]:
+    expected = t.nbytes
     n = sum(len(p) for p in pieces)
     if n != expected:
         raise FormatError(f"{where}: decoded {n} bytes, expected {expected}")
@@ -479,9 +495,9 @@ def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int
     """Decode every tensor into its place in an output file: targets[name] = (path, offset). Workers write
     the chunks of plain tensors themselves; tensors with stages are rebuilt here and then written."""
     with (pool or Pool)(workers, threads=native.backend() == "native") as pool:
-        plain = {t["name"]: targets[t["name"]] for t in reader.index["tensors"] if not t["stages"]}
-        for t, pieces in _decoded(pool.ordered_map(decode_items(reader, reader.index["tensors"], plain)), progress):
-            path, offset = targets[t["name"]]
+        plain = {t.name: targets[t.name] for t in reader.index.tensors if not t.stages}
+        for t, pieces in _decoded(pool.ordered_map(decode_items(reader, reader.index.tensors, plain)), progress):
+            path, offset = targets[t.name]
             fd = os.open(path, os.O_WRONLY)
             try:
                 for p in pieces:

@@ -330,7 +330,7 @@ def pack_to_budget(ckpt: Checkpoint, recipe: Recipe, budget: Budget, pack: PackO
                 raise  # nothing written yet
             break  # the corrected aim is below every step: the budget cannot be met
         tensors, out_size = pack(with_step(recipe, step, budget.allocate, samples), attempt > 0)
-        lossy_rows = [t for t in tensors if t["stages"]]
+        lossy_rows = [t for t in tensors if t.stages]
         lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)
         reached = lossy_bits if bits is not None else 8.0 * out_size
         if reached <= goal:
@@ -345,7 +345,6 @@ def pack_to_budget(ckpt: Checkpoint, recipe: Recipe, budget: Budget, pack: PackO
     allocation = Allocation(
         step=step, allocate=budget.allocate, target=budget.target(), bits_per_weight=lossy_bits / lossy_weights,
         bytes=out_size,
-        tensors=[TensorAllocation(t["name"], 8.0 * stored_bytes(t) / math.prod(t["shape"]), t["quality"]["sqnr_db"])
-                 for t in lossy_rows],
+        tensors=[TensorAllocation(t.name, 8.0 * stored_bytes(t) / t.numel, t.quality.sqnr_db) for t in lossy_rows],
     )
     return tensors, out_size, allocation

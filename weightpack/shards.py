@@ -141,13 +141,13 @@ class ShardedPacker:
                 tensors, size = pack_container(sub, path, rec, workers, True, progress, index_extra, pool=pool)
                 records += tensors
                 for t in tensors:
-                    weight_map[t["name"]] = names[k]
+                    weight_map[t.name] = names[k]
                 shards.append({"name": names[k], "size": size, "sha256": file_sha256(path),
                                "index_crc32": _index_crc(path), "tensors": len(tensors)})
                 if k == 0:
                     with ContainerReader(path) as r:
-                        carried = [{"name": c["name"], "size": c["size"], "sha256": c["sha256"], "shard": names[0]}
-                                   for c in r.index["carried"]]
+                        carried = [{"name": c.name, "size": c.size, "sha256": c.sha256, "shard": names[0]}
+                                   for c in r.index.carried]
             index = {
                 "format": INDEX_FORMAT, "version": INDEX_VERSION, "source": {"kind": ckpt.kind},
                 "recipe": rec.to_json(), "shard_size": self.shard_size,
@@ -321,11 +321,11 @@ class ShardSet:
             if _index_crc(p) != s["index_crc32"]:
                 raise FormatError(f"shard {name}: not the shard the index lists (from another pack?)")
             held = set()
-            for t in r.index["tensors"]:
-                if t["name"] in owner:
-                    raise FormatError(f"tensor {t['name']!r} is claimed by shards {owner[t['name']]} and {name}")
-                owner[t["name"]] = name
-                held.add(t["name"])
+            for t in r.index.tensors:
+                if t.name in owner:
+                    raise FormatError(f"{t.where} is claimed by shards {owner[t.name]} and {name}")
+                owner[t.name] = name
+                held.add(t.name)
             if held != expected.get(name, set()):
                 odd = sorted(held ^ expected.get(name, set()))[0]
                 raise FormatError(f"shard {name}: holds other tensors than the index says (e.g. {odd!r})")
@@ -333,21 +333,20 @@ class ShardSet:
             if t not in owner:
                 raise FormatError(f"{w}: tensor {t!r} is in no shard")
         # every source file's header names exactly the tensors the shards hold for it, dtype and shape alike
-        records = {t["name"]: (t, r.index["files"][t["file"]]["name"]) for _, r in self.readers
-                   for t in r.index["tensors"]}
+        records = {t.name: (t, r.index.files[t.file].name) for _, r in self.readers for t in r.index.tensors}
         listed = {f["name"] for f in self.index["files"]}
         for t, fn in records.values():
             if fn not in listed:
-                raise FormatError(f"{w}: tensor {t['name']!r} belongs to file {fn}, which the index does not list")
+                raise FormatError(f"{w}: {t.where} belongs to file {fn}, which the index does not list")
         for f in self.index["files"]:
             try:
-                _, entries = validate_header(f["header"], sum(rec["nbytes"] for rec, fn in records.values()
+                _, entries = validate_header(f["header"], sum(rec.nbytes for rec, fn in records.values()
                                                               if fn == f["name"]), f["name"])
             except WeightpackError as e:
                 raise FormatError(f"{w}: file {f['name']}: {e}") from None
             for e in entries:
                 rec = records.get(e.name)
-                if rec is None or rec[1] != f["name"] or (rec[0]["dtype"], rec[0]["shape"]) != (e.dtype, e.shape):
+                if rec is None or rec[1] != f["name"] or (rec[0].dtype, list(rec[0].shape)) != (e.dtype, e.shape):
                     raise FormatError(f"{w}: file {f['name']}: tensor {e.name!r} does not match the shards")
 
     def close(self) -> None:
@@ -367,7 +366,7 @@ class ShardSet:
 
     def tensors(self):
         for name, r in self.readers:
-            for t in r.index["tensors"]:
+            for t in r.index.tensors:
                 yield name, r, t
 
 
@@ -382,7 +381,7 @@ def _named(shard: str, fn, *args, **kw):
 def decode_set(ss: ShardSet, workers, progress, pool=None):
     """(record, decoded pieces) for every tensor of the set, shard by shard."""
     for name, r in ss.readers:
-        it = decode_tensors(r, r.index["tensors"], workers, progress, pool=pool)
+        it = decode_tensors(r, r.index.tensors, workers, progress, pool=pool)
         while True:
             try:
                 item = next(it)
@@ -397,7 +396,7 @@ def decode_set(ss: ShardSet, workers, progress, pool=None):
 
 def load(path, dev, workers, decoder: str, progress: bool) -> dict:
     with ShardSet(path) as ss:
-        with progress_bar(sum(t["nbytes"] for _, _, t in ss.tensors()), "load", progress) as bar:
+        with progress_bar(sum(t.nbytes for _, _, t in ss.tensors()), "load", progress) as bar:
             if use_device_decoder(dev, decoder):
                 from . import device as on_device
 
@@ -405,7 +404,7 @@ def load(path, dev, workers, decoder: str, progress: bool) -> dict:
                 for name, r in ss.readers:
                     out.update(_named(name, lambda: dict(on_device.load(r, dev, bar.update))))
                 return out
-            return {t["name"]: to_tensor(t, pieces, dev) for t, pieces in decode_set(ss, workers, bar.update)}
+            return {t.name: to_tensor(t, pieces, dev) for t, pieces in decode_set(ss, workers, bar.update)}
 
 
 class ShardedWpkFile:
@@ -415,13 +414,13 @@ class ShardedWpkFile:
         self.device = resolve_device(device)
         self._on_device = use_device_decoder(self.device, decoder)
         self._set = ShardSet(path)
-        self._where = {t["name"]: (name, r, t) for name, r, t in self._set.tensors()}
+        self._where = {t.name: (name, r, t) for name, r, t in self._set.tensors()}
 
     def keys(self) -> list[str]:
         return list(self._where)
 
     def metadata(self) -> Optional[dict]:
-        return source_metadata(self._set.index["files"])
+        return source_metadata(f["header"] for f in self._set.index["files"])
 
     def get_tensor(self, name: str):
         hit = self._where.get(name)
@@ -469,21 +468,21 @@ def unpack(path, dst, force: bool, workers, progress: bool, dev, pool=None) -> P
             target = Path(dst) if dst is not None else ss.folder / (stem_of(ss.index_path) or "unpacked")
         out = OutputTree(target, force, folder=not single)
         try:
-            records = {t["name"]: t for _, _, t in ss.tensors()}
+            records = {t.name: t for _, _, t in ss.tensors()}
             targets = {}
             for f in idx["files"]:
                 p = out.path(f["name"])
                 header = f["header"].encode("utf-8")
-                _, entries = validate_header(f["header"], sum(records[e]["nbytes"] for e in _names(f["header"])),
+                _, entries = validate_header(f["header"], sum(records[e].nbytes for e in _names(f["header"])),
                                              f["name"])
                 with open(p, "wb") as fh:
                     fh.write(struct.pack("<Q", len(header)) + header)
                     fh.truncate(8 + len(header) + sum(e.nbytes for e in entries))
                 for e in entries:
                     targets[e.name] = (str(p), 8 + len(header) + e.begin)
-            with progress_bar(sum(t["nbytes"] for t in records.values()), "unpack", progress) as bar:
+            with progress_bar(sum(t.nbytes for t in records.values()), "unpack", progress) as bar:
                 for name, r in ss.readers:
-                    mine = {t["name"]: targets[t["name"]] for t in r.index["tensors"]}
+                    mine = {t.name: targets[t.name] for t in r.index.tensors}
                     if dev is None:
                         _named(name, decode_into_files, r, mine, workers, bar.update, pool=pool)
                     else:
@@ -491,8 +490,8 @@ def unpack(path, dst, force: bool, workers, progress: bool, dev, pool=None) -> P
             readers = dict(ss.readers)
             for c in idx["carried"]:
                 r = readers[c["shard"]]
-                held = {x["name"]: x for x in r.index["carried"]}.get(c["name"])
-                if held is None or (held["size"], held["sha256"]) != (c["size"], c["sha256"]):
+                held = {x.name: x for x in r.index.carried}.get(c["name"])
+                if held is None or (held.size, held.sha256) != (c["size"], c["sha256"]):
                     raise FormatError(f"shard {c['shard']}: does not hold carried file {c['name']} as the index says")
                 with open(out.path(c["name"]), "wb") as fh:
                     for piece in _named(c["shard"], lambda: list(carried_pieces(r, held))):

@@ -11,6 +11,7 @@ import numpy as np
 from .container import ContainerReader
 from .dtypes import torch_dtype
 from .errors import FormatError, UsageError
+from .index import TensorRecord
 from .pipeline import decode_tensors
 
 if TYPE_CHECKING:
@@ -42,34 +43,34 @@ def use_device_decoder(dev: "torch.device", decoder: str) -> bool:
     return decoder == "device" or (decoder == "auto" and dev.type != "cpu")
 
 
-def to_tensor(t: dict, pieces: list[bytes], device: "torch.device") -> "torch.Tensor":
+def to_tensor(t: TensorRecord, pieces: list[bytes], device: "torch.device") -> "torch.Tensor":
     """A decoded tensor (its record `t` and its bytes in pieces) as a torch tensor on `device`."""
     import torch
 
-    dt = torch_dtype(t["dtype"])
+    dt = torch_dtype(t.dtype)
     if dt is None:
-        raise UsageError(f"tensor {t['name']!r}: torch has no dtype for {t['dtype']}")
+        raise UsageError(f"{t.where}: torch has no dtype for {t.dtype}")
     if len(pieces) == 1 and isinstance(pieces[0], np.ndarray) and pieces[0].flags.writeable:
         buf = torch.from_numpy(pieces[0])  # a reconstruction: ours already, no copy
     else:
-        buf = torch.empty(t["nbytes"], dtype=torch.uint8)
+        buf = torch.empty(t.nbytes, dtype=torch.uint8)
         view, off = memoryview(buf.numpy()), 0
         for p in pieces:
             view[off:off + len(p)] = p
             off += len(p)
-    x = buf.view(dt).reshape(t["shape"])
+    x = buf.view(dt).reshape(t.shape)
     return x.to(device) if device.type != "cpu" else x
 
 
-def read_tensor(reader: ContainerReader, t: dict, device: "torch.device", on_device: bool) -> "torch.Tensor":
+def read_tensor(reader: ContainerReader, t: TensorRecord, device: "torch.device", on_device: bool) -> "torch.Tensor":
     """One tensor of an open container (its record `t`), decoded on the device or on the host."""
     if on_device:
         from . import device as on_device_decoder
 
-        return dict(on_device_decoder.load(reader, device, names=[t["name"]]))[t["name"]]  # to the end: its checks
+        return dict(on_device_decoder.load(reader, device, names=[t.name]))[t.name]  # to the end: its checks
     for rec, pieces in decode_tensors(reader, [t], workers=1):
         return to_tensor(rec, pieces, device)
-    raise FormatError(f"tensor {t['name']!r}: nothing decoded")
+    raise FormatError(f"{t.where}: nothing decoded")
 
 
 def write_from_device(r: ContainerReader, dev: "torch.device", targets: dict, progress) -> None:

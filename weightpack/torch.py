@@ -143,8 +143,8 @@ def container_ties(path: PathLike) -> dict[str, str]:
     stored: set[str] = set()
     for p in paths:
         with ContainerReader(p) as r:
-            stored |= {t["name"] for t in r.index["tensors"]}
-            tied = r.index.get("tied", {})
+            stored |= {t.name for t in r.index.tensors}
+            tied = r.index.extra.get("tied", {})
             if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                      for k, v in tied.items()):
                 raise FormatError(f"{p}: index: 'tied' must map names to names")

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .checkpoint import Checkpoint, file_sha256, open_checkpoint
-from .container import ContainerReader, carried_pieces, tensor_blob_refs
+from .container import ContainerReader, carried_pieces
 from .distributed import executor as run_on
 from .errors import FormatError, VerifyError
+from .index import TensorRecord
 from .pipeline import decode_tensors, progress_bar, tensor_sha256
 from .results import VerifyReport
 from .stages import lossy
@@ -64,12 +65,13 @@ def verify_container(path, against, min_sqnr: Optional[float], max_rel_error: Op
         problems += blob_problems(r) + carried_problems(r)
         decoded: dict[str, str] = {}
         if not problems:
-            with progress_bar(sum(t["nbytes"] for t in idx["tensors"]), "verify", progress) as bar:
-                checked = check_decoded(decode_tensors(r, idx["tensors"], workers, bar.update, pool=pool), src,
+            with progress_bar(idx.tensor_bytes(), "verify", progress) as bar:
+                checked = check_decoded(decode_tensors(r, idx.tensors, workers, bar.update, pool=pool), src,
                                         decoded, quality, problems)
         if ckpt is not None and not problems:
-            problems += compare_with_source({t["name"]: t for t in idx["tensors"]}, idx["files"], idx["carried"],
-                                            decoded, ckpt, src, "the container")
+            problems += compare_with_source({t.name: t for t in idx.tensors}, [(f.name, f.header) for f in idx.files],
+                                            [(c.name, c.sha256) for c in idx.carried], decoded, ckpt, src,
+                                            "the container")
     problems += quality_problems(quality, min_sqnr, max_rel_error)
     return VerifyReport(not problems, checked, problems, quality)
 
@@ -93,12 +95,14 @@ def verify_set(path, against, min_sqnr: Optional[float], max_rel_error: Optional
             problems += blob_problems(r, f"shard {name}: ") + carried_problems(r, f"shard {name}: ")
         decoded: dict[str, str] = {}
         if not problems:
-            with progress_bar(sum(t["nbytes"] for _, _, t in ss.tensors()), "verify", progress) as bar:
+            with progress_bar(sum(t.nbytes for _, _, t in ss.tensors()), "verify", progress) as bar:
                 checked = check_decoded(decode_set(ss, workers, bar.update, pool=pool), src, decoded, quality,
                                         problems)
         if ckpt is not None and not problems:
-            problems += compare_with_source({t["name"]: t for _, _, t in ss.tensors()}, idx["files"],
-                                            idx["carried"], decoded, ckpt, src, "the set")
+            problems += compare_with_source({t.name: t for _, _, t in ss.tensors()},
+                                            [(f["name"], f["header"]) for f in idx["files"]],
+                                            [(c["name"], c["sha256"]) for c in idx["carried"]], decoded, ckpt, src,
+                                            "the set")
     problems += quality_problems(quality, min_sqnr, max_rel_error)
     return VerifyReport(not problems, checked, problems, quality)
 
@@ -119,14 +123,14 @@ def source_tensors(ckpt: Optional[Checkpoint]) -> dict:
 
 def blob_problems(r: ContainerReader, prefix: str = "") -> list[str]:
     """Every blob of every tensor against its crc32 (memory: one piece at a time)."""
-    return [f"{prefix}tensor {t['name']!r} {label}: checksum mismatch"
-            for t in r.index["tensors"] for label, ref in tensor_blob_refs(t) if not r.blob_intact(ref)]
+    return [f"{prefix}{t.where} {label}: checksum mismatch"
+            for t in r.index.tensors for label, ref in t.blob_refs() if not r.blob_intact(ref)]
 
 
 def carried_problems(r: ContainerReader, prefix: str = "") -> list[str]:
     """Every carried file read through (its crc32, size and SHA-256 checked on the way)."""
     problems = []
-    for c in r.index["carried"]:
+    for c in r.index.carried:
         try:
             for _ in carried_pieces(r, c):
                 pass
@@ -144,28 +148,28 @@ def check_decoded(items: Iterable, src: dict, decoded: dict, quality: dict, prob
     try:
         for t, pieces in items:
             checked += 1
-            if t["stages"]:
-                quality[t["name"]] = lossy_quality(t, pieces, src.get(t["name"]))
+            if t.stages:
+                quality[t.name] = lossy_quality(t, pieces, src.get(t.name))
                 continue
             hasher = hashlib.sha256()
             for p in pieces:
                 hasher.update(p)
-            decoded[t["name"]] = hasher.hexdigest()
-            if decoded[t["name"]] != t["sha256"]:
-                problems.append(f"tensor {t['name']!r}: decoded data differs from the packed source")
+            decoded[t.name] = hasher.hexdigest()
+            if decoded[t.name] != t.sha256:
+                problems.append(f"{t.where}: decoded data differs from the packed source")
     except FormatError as e:
         problems.append(str(e))
     return checked
 
 
-def lossy_quality(t: dict, pieces: list[bytes], source) -> dict:
+def lossy_quality(t: TensorRecord, pieces: list[bytes], source) -> dict:
     """A lossy tensor's quality: measured against the source's tensor (`source`: (file, entry)) when it
     has the same dtype and shape, else as recorded at pack time."""
     if source is None:
-        return dict(t["quality"], measured="at pack time")
+        return dict(t.quality.to_json(), measured="at pack time")
     f, e = source
-    if (e.dtype, e.shape) != (t["dtype"], t["shape"]):
-        return dict(t["quality"], measured="at pack time")  # reported as a mismatch by compare_with_source
+    if (e.dtype, e.shape) != (t.dtype, list(t.shape)):
+        return dict(t.quality.to_json(), measured="at pack time")  # reported as a mismatch by compare_with_source
     return dict(lossy.quality_against(t, b"".join(pieces), f.read(e)), measured="against the source")
 
 
@@ -180,11 +184,11 @@ def quality_problems(quality: dict[str, dict], min_sqnr: Optional[float], max_re
     return out
 
 
-def compare_with_source(packed: dict[str, dict], files: list[dict], carried: list[dict], decoded: dict[str, str],
-                        ckpt: Checkpoint, src: dict, holder: str) -> list[str]:
-    """What differs between what was packed (tensor records by name, the index's files and carried files;
-    `decoded`: the SHA-256 of each plain tensor as decoded) and the source checkpoint. `holder` names the
-    packed side in the messages ("the container", "the set")."""
+def compare_with_source(packed: dict[str, TensorRecord], files: list[tuple[str, str]], carried: list[tuple[str, str]],
+                        decoded: dict[str, str], ckpt: Checkpoint, src: dict, holder: str) -> list[str]:
+    """What differs between what was packed (tensor records by name, the index's files as (name, header) and
+    carried files as (name, SHA-256); `decoded`: the SHA-256 of each plain tensor as decoded) and the source
+    checkpoint. `holder` names the packed side in the messages ("the container", "the set")."""
     problems = []
     for name in sorted(set(src) - set(packed)):
         problems.append(f"tensor {name!r} is in the source but not in {holder}")
@@ -193,22 +197,22 @@ def compare_with_source(packed: dict[str, dict], files: list[dict], carried: lis
     for name in sorted(set(src) & set(packed)):
         f, e = src[name]
         t = packed[name]
-        if (e.dtype, e.shape) != (t["dtype"], t["shape"]):
-            problems.append(f"tensor {name!r}: dtype/shape {t['dtype']}{t['shape']} differs from the source's {e.dtype}{e.shape}")
+        if (e.dtype, e.shape) != (t.dtype, list(t.shape)):
+            problems.append(f"tensor {name!r}: dtype/shape {t.dtype}{list(t.shape)} differs from the source's {e.dtype}{e.shape}")
             continue
         source_hash = tensor_sha256(f.path, e)
-        if source_hash != t["sha256"]:  # lossy or not: the container records the SHA-256 of what it packed
+        if source_hash != t.sha256:  # lossy or not: the container records the SHA-256 of what it packed
             problems.append(f"tensor {name!r}: differs from the packed source (SHA-256)")
-        elif not t["stages"] and source_hash != decoded.get(name):
+        elif not t.stages and source_hash != decoded.get(name):
             problems.append(f"tensor {name!r}: decoded data differs from the source")
     src_meta = {f.rel: f.metadata for f in ckpt.files}
-    for f in files:
-        md = json.loads(f["header"]).get("__metadata__")
-        if f["name"] in src_meta and src_meta[f["name"]] != md:
-            problems.append(f"file {f['name']}: __metadata__ differs from the source")
+    for name, header in files:
+        md = json.loads(header).get("__metadata__")
+        if name in src_meta and src_meta[name] != md:
+            problems.append(f"file {name}: __metadata__ differs from the source")
     carried_src: dict[str, Path] = dict(ckpt.carried)
-    for c in carried:
-        p = carried_src.get(c["name"])
-        if p is not None and file_sha256(p) != c["sha256"]:
-            problems.append(f"file {c['name']}: differs from the source")
+    for name, sha256 in carried:
+        p = carried_src.get(name)
+        if p is not None and file_sha256(p) != sha256:
+            problems.append(f"file {name}: differs from the source")
     return problems

@@ -1,10 +1,12 @@
-"""What every codec's chunk record holds, read and written the same way: named parts laid end to end in the
-chunk's payload (`parts`: [name, part codec, length]), the crc32 of the coded payload, and the crc32 of the
-decoded bytes, seeded with the stream's binding from format 1.3 (binding.py)."""
+"""What every codec's chunk record holds, read and written the same way (ChunkCode): named parts laid end to
+end in the chunk's payload (`parts`: ChunkPart name, part codec, length), and the crc32 of the decoded bytes,
+seeded with the stream's binding from format 1.3 (binding.py); the container adds the crc32 of the coded
+payload and its place (index.Chunk)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import FormatError
 from .binding import chunk_seed
@@ -34,8 +36,29 @@ def raw_crc(raw, seed: int, i: int) -> int:
     return crc32(raw, chunk_seed(seed, i))
 
 
-def check_decoded(raw, seed: int, i: int, rec: dict, where: str) -> None:
-    if raw_crc(raw, seed, i) != rec.get("raw_crc"):
+class ChunkPart(NamedTuple):
+    """One named part of a chunk's payload (the parts lie back to back in the order listed)."""
+
+    name: str
+    codec: str  # the part's own coding: raw, zstd, ans, lanes, const
+    length: int
+
+    def to_json(self) -> list:
+        return [self.name, self.codec, self.length]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkCode:
+    """A chunk as its codec codes it, before it has a place in the file: its codec, the crc32 of its decoded
+    bytes and the parts of its payload. In the index it is an index.Chunk (which adds the blob)."""
+
+    codec: str
+    raw_crc: int
+    parts: tuple[ChunkPart, ...]
+
+
+def check_decoded(raw, seed: int, i: int, rec: ChunkCode, where: str) -> None:
+    if raw_crc(raw, seed, i) != rec.raw_crc:
         raise FormatError(f"{where}: decoded data fails its checksum")
 
 
@@ -44,22 +67,18 @@ def payload_crc(payload) -> int:
     return crc32(payload)
 
 
-def with_parts(rec: dict, parts: list) -> tuple[dict, bytes]:
-    """The chunk record with its parts [(name, part codec, data)] described, and its payload."""
-    rec["parts"] = [[name, codec, len(data)] for name, codec, data in parts]
-    return rec, b"".join(data for _, _, data in parts)
+def with_parts(codec: str, crc: int, parts: list) -> tuple[ChunkCode, bytes]:
+    """The chunk's record with its parts [(name, part codec, data)] described, and its payload."""
+    return (ChunkCode(codec, crc, tuple(ChunkPart(name, c, len(data)) for name, c, data in parts)),
+            b"".join(data for _, _, data in parts))
 
 
-def chunk_views(rec: dict, payload, where: str) -> dict:
+def chunk_views(rec: ChunkCode, payload, where: str) -> dict:
     """The named parts of a chunk: name -> (part codec, bytes), checked against the payload's length."""
-    parts = rec.get("parts")
-    if not isinstance(parts, list) or not all(
-        isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and isinstance(p[1], str)
-        and type(p[2]) is int and p[2] >= 0 for p in parts
-    ) or sum(p[2] for p in parts) != len(payload):
+    if sum(p.length for p in rec.parts) != len(payload):
         raise FormatError(f"{where}: malformed chunk parts")
     views, off = {}, 0
-    for name, codec, ln in parts:
+    for name, codec, ln in rec.parts:
         views[name] = (codec, payload[off:off + ln])
         off += ln
     return views

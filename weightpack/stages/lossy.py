@@ -12,11 +12,14 @@ import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..dtypes import torch_dtype, torch_view
 from ..errors import FormatError, RecipeError
-from .params import LOSSY_DTYPES, LowRankParams, chain_parts, params_of
+from .params import LOSSY_DTYPES, LowRankParams, chain_parts
+
+if TYPE_CHECKING:
+    from ..index import TensorRecord
 
 
 @dataclass
@@ -122,40 +125,38 @@ def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encod
     )
 
 
-def decode(t: dict, parts: dict[str, bytes | bytearray]) -> "np.ndarray":
+def decode(t: "TensorRecord", parts: dict[str, bytes | bytearray]) -> "np.ndarray":
     """The reconstructed raw bytes of a tensor (a uint8 array) from its decoded parts; checks the recorded
     SHA-256."""
-    where = f"tensor {t['name']!r}"
-    tensors = {part["name"]: torch_view(_writable(parts[part["name"]]), part["dtype"], part["shape"])
-               for part in t["parts"]}
+    tensors = {part.name: torch_view(_writable(parts[part.name]), part.dtype, list(part.shape)) for part in t.parts}
     with _one_torch_thread():
         raw = reconstruct(t, tensors).contiguous().reshape(-1).view(torch_dtype("U8")).numpy()
-    if hashlib.sha256(raw).hexdigest() != t["decoded_sha256"]:
-        raise FormatError(f"{where}: reconstruction does not match its recorded hash")
+    if hashlib.sha256(raw).hexdigest() != t.decoded_sha256:
+        raise FormatError(f"{t.where}: reconstruction does not match its recorded hash")
     return raw
 
 
-def reconstruct(t: dict, tensors: dict) -> "torch.Tensor":
+def reconstruct(t: "TensorRecord", tensors: dict) -> "torch.Tensor":
     """The tensor (in its dtype and shape, on its parts' device) from its parts as torch tensors."""
     from . import lowrank, quantize
 
-    where = f"tensor {t['name']!r}"
-    chain = params_of(t, where)
+    chain = t.chain()
+    shape = list(t.shape)
     try:
-        x = quantize.decode(tensors, chain[-1], t["shape"])
+        x = quantize.decode(tensors, chain[-1], shape)
         if isinstance(chain[0], LowRankParams):
-            x = lowrank.product(tensors, t["shape"]) + x
+            x = lowrank.product(tensors, shape) + x
     except ValueError as e:
-        raise FormatError(f"{where}: {e}") from None
-    return x.to(torch_dtype(t["dtype"]))
+        raise FormatError(f"{t.where}: {e}") from None
+    return x.to(torch_dtype(t.dtype))
 
 
-def quality_against(t: dict, decoded: bytes, source: bytes) -> dict:
+def quality_against(t: "TensorRecord", decoded: bytes, source: bytes) -> dict:
     """SQNR and relative error of a decoded tensor against the source's bytes."""
     import torch
 
-    a = torch_view(bytearray(source), t["dtype"], t["shape"]).to(torch.float64).numpy()
-    b = torch_view(bytearray(decoded), t["dtype"], t["shape"]).to(torch.float64).numpy()
+    a = torch_view(bytearray(source), t.dtype, list(t.shape)).to(torch.float64).numpy()
+    b = torch_view(bytearray(decoded), t.dtype, list(t.shape)).to(torch.float64).numpy()
     return quality(a, b)
 
 

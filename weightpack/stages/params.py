@@ -183,20 +183,20 @@ def parse_chain(stages: list, where: str) -> list:
     return out
 
 
-def params_of(t: dict, where: str) -> list:
-    """The stage chain of a container's tensor record, validated: [quantize] or [prune, quantize]."""
+def params_of(stages: list, dtype: str, shape, where: str) -> list:
+    """The stage chain of a container's tensor record (its stages, dtype and shape), validated: [quantize],
+    [prune, quantize] or [lowrank, quantize]."""
     try:
-        chain = parse_chain(t["stages"], where)
+        chain = parse_chain(stages, where)
     except (RecipeError, TypeError) as e:
         raise FormatError(f"{where}: malformed stages ({e})") from None
     if not chain:
         raise FormatError(f"{where}: unknown stages")
     if isinstance(chain[0], LowRankParams):
-        shape = t.get("shape")
-        ok = isinstance(shape, list) and len(shape) >= 2 and all(type(d) is int and d > 0 for d in shape)
+        ok = isinstance(shape, (list, tuple)) and len(shape) >= 2 and all(type(d) is int and d > 0 for d in shape)
         rows = shape[0] if ok else 0
         if not ok or not 1 <= chain[0].rank <= min(rows, math.prod(shape) // rows):
             raise FormatError(f"{where}: malformed stages (rank out of range)")
-    if t["dtype"] not in LOSSY_DTYPES:
-        raise FormatError(f"{where}: stages on a {t['dtype']} tensor")
+    if dtype not in LOSSY_DTYPES:
+        raise FormatError(f"{where}: stages on a {dtype} tensor")
     return chain

@@ -5,8 +5,9 @@ A codec is a module with (the `Codec` protocol):
     NAME                                   its name in the container's stream parameters and chunk records
     check_params(dtype, numel, params, where) -> StreamParams    validate a stream's parameters (the reader)
     plan_from_record(dtype, numel, params, side, where) -> plan  the plan a stream's record describes
-    encode_chunk(plan, i, elements) -> (chunk record, payload)
+    encode_chunk(plan, i, elements) -> (ChunkCode, payload)
     decode_chunk(plan, i, rec, payload, where, into=None) -> the chunk's raw bytes, checksum checked
+                                           (rec: the chunk's ChunkCode, or the index.Chunk that holds one)
 and a plan with `codec`, `n`, `chunk`, `nchunks`, `chunk_range(i)`, `unit` (bytes per element),
 `itemsize_bits`, `seed`, `params()`, `side()` and `for_chunks(first, last)`. How a plan is made is the
 codec's own (fields.codec.make_plan for raw tensors, which may choose bytes; trellis.codec.make_plan for tcq
@@ -20,7 +21,7 @@ from typing import Optional, Protocol, Union
 import numpy as np
 
 from ...errors import FormatError
-from ..chunks import StreamParams
+from ..chunks import ChunkCode, StreamParams
 from .bytes import codec as bytes_codec
 from .fields import codec as fields_codec
 from .trellis import codec as trellis_codec
@@ -33,9 +34,9 @@ class Codec(Protocol):
 
     def plan_from_record(self, dtype: str, numel: int, params: dict, side: bytes, where: str): ...
 
-    def encode_chunk(self, plan, i: int, u: np.ndarray) -> tuple[dict, bytes]: ...
+    def encode_chunk(self, plan, i: int, u: np.ndarray) -> tuple[ChunkCode, bytes]: ...
 
-    def decode_chunk(self, plan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray] = None): ...
+    def decode_chunk(self, plan, i: int, rec: ChunkCode, payload, where: str, into: Optional[np.ndarray] = None): ...
 
 
 Plan = Union[fields_codec.Plan, bytes_codec.Plan, trellis_codec.LevelPlan]
@@ -58,12 +59,12 @@ def plan_from_record(dtype: str, numel: int, params, side: bytes, where: str):
     return _codec(params, where).plan_from_record(dtype, numel, params, side, where)
 
 
-def encode_chunk(plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
+def encode_chunk(plan, i: int, u: np.ndarray) -> tuple[ChunkCode, bytes]:
     """Code chunk `i` of a stream (its elements as a raw uint array: bytes for the bytes codec)."""
     return CODECS[plan.codec].encode_chunk(plan, i, u)
 
 
-def decode_chunk(plan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray] = None):
+def decode_chunk(plan, i: int, rec: ChunkCode, payload, where: str, into: Optional[np.ndarray] = None):
     """Decode one chunk's payload back to its raw bytes (bytes-like), checking its checksum; into `into` (a
     uint8 array of the chunk's size) when given, which is then returned."""
     raw = CODECS[plan.codec].decode_chunk(plan, i, rec, payload, where, into)

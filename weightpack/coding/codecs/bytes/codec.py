@@ -13,7 +13,7 @@ import numpy as np
 
 from ....dtypes import DTYPES
 from ....errors import FormatError
-from ...chunks import StreamParams, check_decoded, chunk_size, chunk_views, raw_crc, with_parts
+from ...chunks import ChunkCode, StreamParams, check_decoded, chunk_size, chunk_views, raw_crc, with_parts
 from ...storage import compress_best, unstore
 
 NAME = "bytes"
@@ -90,29 +90,28 @@ def encode_planes(raw, nplanes: int, level: int, beat: Optional[int] = None) -> 
     return [("data", codec, data)]
 
 
-def decode_planes(parts, payload, nbytes: int, nplanes: int, where: str) -> bytes:
+def decode_planes(parts: tuple, payload, nbytes: int, nplanes: int, where: str) -> bytes:
     """Inverse of encode_planes: the chunk's `nbytes` bytes."""
-    if len(parts) != 1 or parts[0][0] != "data":
+    if len(parts) != 1 or parts[0].name != "data":
         raise FormatError(f"{where}: malformed parts for the bytes codec")
-    raw = unstore(parts[0][1], payload, nbytes, where)
+    raw = unstore(parts[0].codec, payload, nbytes, where)
     if nplanes > 1:
         a = np.frombuffer(raw, dtype=np.uint8).reshape(nplanes, -1)
         return np.ascontiguousarray(a.T).tobytes()
     return bytes(raw)
 
 
-def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
+def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[ChunkCode, bytes]:
     """Code chunk `i` (its bytes, as a uint8 array); returns record and payload."""
-    rec = {"codec": NAME, "raw_crc": raw_crc(u, plan.seed, i)}
-    return with_parts(rec, encode_planes(u, planes(plan.itemsize_bits), plan.zstd_level))
+    return with_parts(NAME, raw_crc(u, plan.seed, i), encode_planes(u, planes(plan.itemsize_bits), plan.zstd_level))
 
 
-def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray] = None):
+def decode_chunk(plan: Plan, i: int, rec: ChunkCode, payload, where: str, into: Optional[np.ndarray] = None):
     """Chunk i's bytes, checked against their checksum."""
     chunk_views(rec, payload, where)
-    if rec.get("codec") != NAME:
-        raise FormatError(f"{where}: unknown chunk codec {rec.get('codec')!r}")
+    if rec.codec != NAME:
+        raise FormatError(f"{where}: unknown chunk codec {rec.codec!r}")
     a, b = plan.chunk_range(i)
-    raw = decode_planes(rec.get("parts"), payload, b - a, planes(plan.itemsize_bits), where)
+    raw = decode_planes(rec.parts, payload, b - a, planes(plan.itemsize_bits), where)
     check_decoded(raw, plan.seed, i, rec, where)
     return raw

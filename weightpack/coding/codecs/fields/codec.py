@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ....errors import FormatError
-from ...chunks import check_decoded, chunk_views, raw_crc, with_parts
+from ...chunks import ChunkCode, check_decoded, chunk_views, raw_crc, with_parts
 from ...storage import may_win
 from ..bytes import codec as bytes_codec
 from .blocks import part_names
@@ -25,29 +25,29 @@ from .plan import NAME, Plan, backend, check_params, make_plan, plan_from_record
 __all__ = ["NAME", "Plan", "check_params", "make_plan", "plan_from_record", "encode_chunk", "decode_chunk"]
 
 
-def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
+def encode_chunk(plan: Plan, i: int, u: np.ndarray) -> tuple[ChunkCode, bytes]:
     """Code chunk `i` (elements as a raw uint array); returns record and payload."""
     raw = u.view(np.uint8)  # the chunk's bytes, not copied
-    rec = {"codec": NAME, "raw_crc": raw_crc(raw, plan.seed, i)}
+    codec = NAME
     planes = bytes_codec.planes(plan.itemsize_bits)
     parts = backend().encode(plan, *plan.chunk_blocks(i, len(u)), u)
     size = sum(len(p[2]) for p in parts)
     if plan.try_bytes and may_win(raw, planes, size):
         alt = bytes_codec.encode_planes(raw, planes, plan.zstd_level, beat=size)
         if len(alt[0][2]) < size:
-            rec["codec"], parts = bytes_codec.NAME, alt
-    return with_parts(rec, parts)
+            codec, parts = bytes_codec.NAME, alt
+    return with_parts(codec, raw_crc(raw, plan.seed, i), parts)
 
 
-def decode_chunk(plan: Plan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray] = None):
+def decode_chunk(plan: Plan, i: int, rec: ChunkCode, payload, where: str, into: Optional[np.ndarray] = None):
     """Chunk i's raw bytes (bytes-like), checked against their checksum; decoded into `into` (a uint8 array
     of the chunk's size) where the compiled kernels decode it."""
     a, b = plan.chunk_range(i)
     m = b - a
     views = chunk_views(rec, payload, where)
-    codec = rec.get("codec")
+    codec = rec.codec
     if codec == bytes_codec.NAME:
-        raw = bytes_codec.decode_planes(rec.get("parts"), payload, m * plan.unit,
+        raw = bytes_codec.decode_planes(rec.parts, payload, m * plan.unit,
                                         bytes_codec.planes(plan.itemsize_bits), where)
     elif codec == NAME:
         out = None

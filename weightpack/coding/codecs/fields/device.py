@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ....errors import FormatError
-from ...chunks import chunk_views
+from ...chunks import ChunkCode, chunk_views
 from ...lockstep import LaneSet, upload
 from ...storage import unstore
 from .blocks import BlockGroups, part_names
@@ -40,10 +40,10 @@ class FieldsOnDevice:
         self.tail_bytes: list = []
         self.tail_size = 0
 
-    def add_chunk(self, lanes: LaneSet, i: int, rec: dict, payload, where: str) -> bool:
+    def add_chunk(self, lanes: LaneSet, i: int, rec: ChunkCode, payload, where: str) -> bool:
         """Queue chunk i's heads into `lanes` and keep its tails; False for a chunk stored as byte planes (the
         host decodes it)."""
-        if rec.get("codec") != NAME:
+        if rec.codec != NAME:
             return False
         plan = self.plan
         lay, L = plan.layout, plan.block

@@ -14,7 +14,7 @@ import numpy as np
 from ....errors import FormatError
 from ....stages.tcq import paths, reconstruct, walk
 from ... import native
-from ...chunks import check_decoded, chunk_views
+from ...chunks import ChunkCode, check_decoded, chunk_views
 from . import cpu, native as compiled
 from .encode import encode_chunk
 from .plan import NAME, LevelPlan, check_params, make_plan, plan_from_record, split_row_classes
@@ -41,26 +41,25 @@ def split_parts(plan: LevelPlan, views: dict, where: str):
     return pdata, rdata
 
 
-def decode_chunk(plan: LevelPlan, i: int, rec: dict, payload, where: str, into: Optional[np.ndarray] = None) -> bytes:
+def decode_chunk(plan: LevelPlan, i: int, rec: ChunkCode, payload, where: str, into: Optional[np.ndarray] = None) -> bytes:
     """Decode chunk i back to the raw bytes of its multiples (int16), checking its checksum."""
-    if rec.get("codec") != NAME:
-        raise FormatError(f"{where}: unknown chunk codec {rec.get('codec')!r}")
+    if rec.codec != NAME:
+        raise FormatError(f"{where}: unknown chunk codec {rec.codec!r}")
     a, b = plan.chunk_range(i)
     m = b - a
-    parts = rec.get("parts")
+    parts = rec.parts
     if plan.ans_lane and plan.alphabet > 1:
         pdata, rdata = split_parts(plan, chunk_views(rec, payload, where), where)
         out = backend().decode_split(plan, m, pdata, rdata, split_row_classes(plan, a, m), where)
-    elif not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], list) or len(parts[0]) != 3 \
-            or parts[0][0] != "levels" or parts[0][2] != len(payload):
+    elif len(parts) != 1 or parts[0].name != "levels" or parts[0].length != len(payload):
         raise FormatError(f"{where}: malformed chunk parts")
     elif plan.alphabet == 1:
-        if parts[0][1] != "const" or len(payload):
+        if parts[0].codec != "const" or len(payload):
             raise FormatError(f"{where}: malformed level part")
         k = np.full(paths(np.zeros(m)).shape, plan.lo, dtype=np.int64)
         out = reconstruct(k, walk(k)).reshape(-1)[:m].astype("<i2")
     else:
-        if parts[0][1] != "ans" or len(payload) % 4:  # (an ANS stream of symbol 0 only is empty)
+        if parts[0].codec != "ans" or len(payload) % 4:  # (an ANS stream of symbol 0 only is empty)
             raise FormatError(f"{where}: malformed level part")
         out = backend().decode_step_major(plan, a, m, np.frombuffer(payload, dtype="<u4"), where)
     raw = out.tobytes()

@@ -10,7 +10,7 @@ import numpy as np
 
 from ....errors import FormatError
 from ....stages.tcq import GROUP, PATH, PQGROUP, PSKIP
-from ...chunks import chunk_views
+from ...chunks import ChunkCode, chunk_views
 from ...lockstep import LaneSet, upload
 from .codec import split_parts
 from .plan import NAME, LevelPlan, split_row_classes
@@ -32,13 +32,13 @@ class TrellisOnDevice:
         self.rest_base = 0  # its first rest in the second decode's output
         self.walked = None  # (parities, quantizers, rest keys) between the two decodes
 
-    def add_chunk(self, lanes: LaneSet, i: int, rec: dict, payload, where: str) -> bool:
+    def add_chunk(self, lanes: LaneSet, i: int, rec: ChunkCode, payload, where: str) -> bool:
         """Chunk i's parities join the first decode; its rests wait for the second (their contexts need the
         quantizers, which need the parities)."""
         plan = self.plan
         a, b = plan.chunk_range(i)
-        if rec.get("codec") != NAME:
-            raise FormatError(f"{where}: unknown chunk codec {rec.get('codec')!r}")
+        if rec.codec != NAME:
+            raise FormatError(f"{where}: unknown chunk codec {rec.codec!r}")
         pdata, rdata = split_parts(plan, chunk_views(rec, payload, where), where)
         rc = np.bincount(split_row_classes(plan, a, b - a), minlength=plan.classes)
         lanes.add(pdata, rc.tolist(), self.row, plan.ans_lane, where)

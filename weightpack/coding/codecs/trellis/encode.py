@@ -11,22 +11,20 @@ import numpy as np
 
 from ....stages.tcq import PATH, levels_of
 from ... import entropy
-from ...chunks import raw_crc, with_parts
+from ...chunks import ChunkCode, ChunkPart, raw_crc, with_parts
 from .plan import NAME, LevelPlan, element_contexts, order_by_context, rest_contexts, split_row_classes
 
 
-def encode_chunk(plan: LevelPlan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
+def encode_chunk(plan: LevelPlan, i: int, u: np.ndarray) -> tuple[ChunkCode, bytes]:
     """Code chunk i of the multiples (int16 elements as uint16)."""
-    raw = u.tobytes()
-    rec = {"codec": NAME, "raw_crc": raw_crc(raw, plan.seed, i)}
+    crc = raw_crc(u.tobytes(), plan.seed, i)
     if plan.alphabet == 1:
-        rec["parts"] = [["levels", "const", 0]]
-        return rec, b""
+        return ChunkCode(NAME, crc, (ChunkPart("levels", "const", 0),)), b""
     a, _ = plan.chunk_range(i)
     m = len(u)
     lv, q = levels_of(u.view(np.int16))
     if plan.ans_lane:
-        return with_parts(rec, _encode_split(plan, a, m, lv, q))
+        return with_parts(NAME, crc, _encode_split(plan, a, m, lv, q))
     prev, rows = element_contexts(lv, a, plan.row)
     rc = plan.rcls[np.minimum(rows, len(plan.rcls) - 1)].astype(np.int64)
     ctx = plan.contexts_of(prev, q, rc)
@@ -43,8 +41,7 @@ def encode_chunk(plan: LevelPlan, i: int, u: np.ndarray) -> tuple[dict, bytes]:
             groups.append((s[off:off + counts[c]], models[c]))
             off += counts[c]
     words = entropy.ans_encode(groups).astype("<u4").tobytes()
-    rec["parts"] = [["levels", "ans", len(words)]]
-    return rec, words
+    return ChunkCode(NAME, crc, (ChunkPart("levels", "ans", len(words)),)), words
 
 
 def _encode_split(plan: LevelPlan, a: int, m: int, lv: np.ndarray, q: np.ndarray) -> list:
