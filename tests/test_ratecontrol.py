@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 import weightpack
 from weightpack import BudgetError, UsageError
 from weightpack.checkpoint import open_checkpoint
+from weightpack.coding.chunks import ChunkPart
+from weightpack.index import Chunk, Part, Quality, Stream, TensorRecord
 from weightpack.ratecontrol import Budget, check_targets, pack_to_budget, parse_size
 from weightpack.recipe import load_recipe
 from weightpack.results import Allocation, BudgetTarget
@@ -47,6 +49,14 @@ def test_targets_become_a_budget():
     assert parse_size("2G") == 2 * 10**9 and parse_size("1KiB") == 1024
 
 
+def _lossy_record(stored: int) -> TensorRecord:
+    """What pack returns for a lossy 128 x 256 tensor whose one stream stores `stored` bytes."""
+    chunk = Chunk("trellis", 0, (ChunkPart("levels", "ans", stored),), 64, stored, 0)
+    stream = Stream({"codec": "trellis"}, None, (chunk,))
+    return TensorRecord("a.weight", 0, "F32", (128, 256), 4 * 128 * 256, "", stages=[{}],
+                        quality=Quality(20.0, 0.1), parts=(Part("q", "I16", (128, 256), stream),))
+
+
 def test_the_loop_repacks_until_the_result_fits(src, tmp_path):
     ckpt = open_checkpoint(src)
     calls = []
@@ -57,8 +67,7 @@ def test_the_loop_repacks_until_the_result_fits(src, tmp_path):
         weights = 128 * 256
         # the first try comes out 10% over the budget; the loop aims lower and fits
         bits = 3.0 * weights * (1.1 if len(calls) == 1 else 0.99)
-        rec = {"name": "a.weight", "shape": [128, 256], "stages": [{}], "quality": {"sqnr_db": 20.0},
-               "parts": [{"name": "levels", "stream": {"chunks": [{"offset": 64, "length": math.ceil(bits / 8)}]}}]}
+        rec = _lossy_record(math.ceil(bits / 8))
         assert len(steps) == 1
         return [rec], 1000
 
@@ -73,8 +82,7 @@ def test_a_budget_never_met_is_discarded(src):
     discarded = []
 
     def pack(recipe, overwrite):
-        rec = {"name": "a.weight", "shape": [128, 256], "stages": [{}], "quality": {"sqnr_db": 20.0},
-               "parts": [{"name": "levels", "stream": {"chunks": [{"offset": 64, "length": 10**6}]}}]}
+        rec = _lossy_record(10**6)
         return [rec], 10**6
 
     with pytest.raises(BudgetError, match="could not meet 3.0 bits per weight"):

@@ -26,7 +26,9 @@ from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError
 from .stages.params import chain_parts, params_of
 
-VERSION = (1, 3)  # written by this writer; read: any 1.x. 1.3: chunks' decoded-data checksums are bound to their stream (coding/binding.py)
+# the format this writer writes (a reader reads any 1.x); 1.3: chunks' decoded-data checksums are bound to their
+# stream (coding/binding.py)
+VERSION = (1, 3)
 FIRST_BLOB = 16  # no blob starts before the end of the container's 16-byte header (container.HEADER)
 TRAILER_BYTES = 32  # the container's trailer (container.TRAILER), after the last blob and the index
 CHUNK_CODECS = ("fields", "bytes", "trellis")

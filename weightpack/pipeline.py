@@ -121,12 +121,26 @@ class _TensorStart:
 
 
 @dataclass
-class _PartStart:
-    """A part of a tensor coded in a worker: its name, dtype and shape (its stream follows)."""
+class _PartSpec:
+    """A part of a tensor coded in a worker: its name, dtype and shape (its stream is beside it)."""
 
     name: str
     dtype: str
     shape: list[int]
+
+
+@dataclass
+class _OpenStream:
+    """The tensor being written (no stages): its record so far, its stream's parameters and side
+    information, and its chunks as they are written."""
+
+    record: TensorRecord
+    params: dict
+    side: Optional[BlobRef]
+    chunks: list[Chunk]
+
+    def close(self) -> TensorRecord:
+        return replace(self.record, stream=Stream(self.params, self.side, tuple(self.chunks)))
 
 
 @dataclass
@@ -135,7 +149,7 @@ class _Coded:
     part's), the stream's parameters, side information and coded chunks."""
 
     record: TensorRecord
-    streams: list[tuple[Optional[_PartStart], dict, bytes, list]]  # (part or None, params, side, chunks)
+    streams: list[tuple[Optional[_PartSpec], dict, bytes, list]]  # (part or None, params, side, chunks)
 
 
 PLAN_AHEAD = 2  # tensors planned and hashed ahead, per worker, while earlier tensors' chunks are coded
@@ -221,7 +235,7 @@ def _lossy_task(path: str, fi: int, e: TensorEntry, stages: list, level: int) ->
         if plan is None:
             plan = fields_codec.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
         _bound(plan, e.name, name)
-        coded.append((_PartStart(name, dtype, shape), plan.params(), plan.side(), _encode_data_task(plan, 0, data)[1]))
+        coded.append((_PartSpec(name, dtype, shape), plan.params(), plan.side(), _encode_data_task(plan, 0, data)[1]))
     return _Coded(record, coded)
 
 
@@ -235,7 +249,7 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
     """Code every tensor of `ckpt` into `writer`; returns the tensor records for the index. `pool` makes
     the worker pool (default: parallel.Pool; distributed.py's for a Ray cluster)."""
     records: list[TensorRecord] = []
-    open_tensor: Optional[tuple[TensorRecord, dict, Optional[BlobRef], list[Chunk]]] = None  # chunks to come
+    open_tensor: Optional[_OpenStream] = None
 
     def write_chunks(chunks, out: list[Chunk]) -> list[Chunk]:
         for code, payload, *crc in chunks:
@@ -249,8 +263,7 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
     def close_tensor() -> None:
         nonlocal open_tensor
         if open_tensor is not None:
-            record, params, side_ref, chunks = open_tensor
-            records.append(replace(record, stream=Stream(params, side_ref, tuple(chunks))))
+            records.append(open_tensor.close())
             open_tensor = None
 
     # threads where the coding runs in the compiled kernels, zstd and hashlib (all release the GIL);
@@ -261,7 +274,8 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
             if isinstance(item, _TensorStart):
                 close_tensor()
                 side = item.plan.side()
-                open_tensor = (item.record, item.plan.params(), writer.write_blob(side) if side else None, [])
+                side_ref = writer.write_blob(side) if side else None
+                open_tensor = _OpenStream(item.record, item.plan.params(), side_ref, [])
                 if item.plan.nchunks == 0:
                     progress(item.record.nbytes)
             elif isinstance(item, _Coded):
@@ -275,7 +289,7 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
                 progress(item.record.nbytes)
             else:
                 nbytes, chunks = item
-                write_chunks(chunks, open_tensor[3])
+                write_chunks(chunks, open_tensor.chunks)
                 progress(nbytes)
         close_tensor()
     return records
@@ -360,7 +374,8 @@ def _decode_lossy_task(path: str, t: TensorRecord, parts: list[tuple[Part, regis
     got = {}
     for part, plan in parts:
         w = f"{where} part {part.name!r}"
-        got[part.name] = bytearray().join(_checked(part, _decode_task(path, plan, part.stream.chunks, 0, w, None, 0), w))
+        pieces = _decode_task(path, plan, part.stream.chunks, 0, w, None, 0)
+        got[part.name] = bytearray().join(_checked(part, pieces, w))
     return [lossy.decode(t, got)]
 
 

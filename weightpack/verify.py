@@ -198,7 +198,8 @@ def compare_with_source(packed: dict[str, TensorRecord], files: list[tuple[str, 
         f, e = src[name]
         t = packed[name]
         if (e.dtype, e.shape) != (t.dtype, list(t.shape)):
-            problems.append(f"tensor {name!r}: dtype/shape {t.dtype}{list(t.shape)} differs from the source's {e.dtype}{e.shape}")
+            problems.append(f"tensor {name!r}: dtype/shape {t.dtype}{list(t.shape)} differs from the source's "
+                            f"{e.dtype}{e.shape}")
             continue
         source_hash = tensor_sha256(f.path, e)
         if source_hash != t.sha256:  # lossy or not: the container records the SHA-256 of what it packed

@@ -41,7 +41,8 @@ def split_parts(plan: LevelPlan, views: dict, where: str):
     return pdata, rdata
 
 
-def decode_chunk(plan: LevelPlan, i: int, rec: ChunkCode, payload, where: str, into: Optional[np.ndarray] = None) -> bytes:
+def decode_chunk(plan: LevelPlan, i: int, rec: ChunkCode, payload, where: str,
+                 into: Optional[np.ndarray] = None) -> bytes:
     """Decode chunk i back to the raw bytes of its multiples (int16), checking its checksum."""
     if rec.codec != NAME:
         raise FormatError(f"{where}: unknown chunk codec {rec.codec!r}")
