@@ -218,3 +218,68 @@ def test_compiled_planning_and_chunk_coding_write_the_same_bytes(dtype, level):
             got = run()
         assert got[0] == want[0] and got[1] == want[1]
         assert got[2] == want[2]
+
+
+# -- vector kernels: the same symbols as the portable loops and constriction ---------------------------
+
+SIMD_LEVELS = [0, 1]
+
+
+@needs_native
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_fast_lanes_decode_constrictions_streams_at_each_vector_level(level):
+    """Fields heads' lanes (wp_lanes_fast) on random tables, contexts (boundaries anywhere, also inside a
+    step of eight lanes), lane sizes and counts (1 to 80 lanes, the last ones a symbol shorter): the
+    symbols constriction encoded, with the vector kernel (level 1, where the CPU has it) and without."""
+    rng = np.random.default_rng(17 + level)
+    with native.simd(level):
+        for trial in range(150):
+            A = int(rng.integers(2, 700 if trial % 5 else 4096))
+            C = int(rng.integers(1, 9))
+            tables = [entropy.quantize_counts((rng.random(A) ** (1 + 4 * rng.random() * 3) * 1000).astype(np.int64) + 1)
+                      for _ in range(C)]
+            lane = int(rng.choice([16, 64, 128, 1 << 14]))
+            n = int(rng.integers(0, 80 * lane if lane < 1 << 14 else 40000))
+            cuts = np.sort(rng.integers(0, n + 1, C - 1))
+            counts = np.diff(np.concatenate([[0], cuts, [n]])).astype(np.int64)
+            syms = np.concatenate([rng.choice(A, size=int(c), p=t / t.sum()) for c, t in zip(counts, tables)]
+                                  ).astype(np.int32) if n else np.zeros(0, np.int32)
+            if trial % 9 == 0:
+                syms[:] = 0
+            tabs = entropy.Tables(tables)
+            payload = entropy.lanes_encode(syms, [(int(c), m) for c, m in zip(counts, tabs.models())], lane)
+            words, wc = entropy.lane_words(payload, n, lane, "t")
+            got = native.lanes_fast(words, wc, counts, lane, tabs.fast(), "t")
+            assert np.array_equal(got, syms.astype(np.uint16)), trial
+            if len(words):  # a damaged word: an error or symbols inside the alphabet, never a crash
+                bad = words.copy()
+                bad[int(rng.integers(len(bad)))] ^= np.uint32(1 << int(rng.integers(32)))
+                try:
+                    out = native.lanes_fast(bad, wc, counts, lane, tabs.fast(), "t")
+                except FormatError:
+                    continue
+                assert int(out.max(initial=0)) < A
+
+
+@needs_native
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64", "U8", "F8_E4M3"])
+def test_fields_chunks_decode_alike_at_each_vector_level(level, dtype):
+    """Fields chunks of every tail width (byte planes and 4-, 2-, 1-bit planes, groups starting at odd
+    places) decoded by the compiled kernels at each vector level give the bytes numpy and constriction give."""
+    from weightpack.coding import streams
+
+    rng = np.random.default_rng(hash((dtype, level, "join")) % 2**32)
+    with native.simd(level):
+        for lvl in (1, 2, 3):
+            for shape in ([1000, 300], [3, 7777], [333], [2, 1 << 17]):
+                n = int(np.prod(shape))
+                u = _random_tensor(rng, dtype, n)
+                plan = streams.make_plan(dtype, shape, lambda a, c: u[a:a + c], lvl)
+                for i in range(plan.nchunks):
+                    a, b = plan.chunk_range(i)
+                    rec, payload = streams.encode_chunk(plan, i, u[a:b])
+                    with native.enabled(False):
+                        want = bytes(streams.decode_chunk(plan, i, rec, payload, "t"))
+                    got = bytes(streams.decode_chunk(plan, i, rec, payload, "t"))
+                    assert got == want == u[a:b].tobytes(), (lvl, shape, i)

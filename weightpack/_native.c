@@ -307,6 +307,98 @@ static inline int64_t ctx_of(const int64_t *bounds, int64_t C, int64_t i) {
     return c;
 }
 
+/* The SIMD kernels are compiled for x86-64 with AVX-512 (F, DQ, BW, VL) and chosen at run time, once
+ * (wp_simd); elsewhere, and where the CPU lacks them, the portable loops run. Both give the same symbols. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define WP_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+static int simd_on = -1; /* -1: not asked yet; 0: portable loops; 1: AVX-512 */
+static int simd_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+#else
+static int simd_on = 0;
+static int simd_avx512(void) { return 0; }
+#endif
+
+/* want < 0: the level in use; 0: portable loops only; 1: the best the CPU has. Returns the level in use
+ * (0 portable, 1 AVX-512). Tests run both on the same bytes. */
+int64_t wp_simd(int64_t want) {
+    if (want >= 0 || simd_on < 0)
+        simd_on = want == 0 ? 0 : simd_avx512();
+    return simd_on;
+}
+
+#ifdef WP_AVX512
+/* G groups of eight lanes (lanes j0 .. j0 + 8G - 1, all with at least `steps` symbols) decoded together for
+ * their first `steps` steps, one lane per 64-bit element of a vector: the symbol found with a gather from
+ * the slot table (as 32-bit words, the halfword picked by the slot's parity, so no read passes the table's
+ * end), its frequency and cumulative frequency with a second gather, the state updated with a 64-bit
+ * multiply, and the next word gathered ahead of need (masked to lanes with words left) and taken where the
+ * state fell below 2**32. The G groups' chains overlap. States and word positions in and out through x, p. */
+static inline __attribute__((always_inline)) WP_AVX512 void
+lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t steps, const int64_t *bounds,
+               int64_t C, const uint16_t *dslot, const uint32_t *fc, int64_t A, uint16_t *out, uint64_t *x,
+               int64_t *p, const int64_t *lo) {
+    __m512i X[4], P[4], LO[4];
+    const __m512i m24 = _mm512_set1_epi64(0xFFFFFF), one = _mm512_set1_epi64(1), two32 = _mm512_set1_epi64((int64_t)1 << 32);
+    const __m256i m16 = _mm256_set1_epi32(0xFFFF);
+    const __m512i m16w = _mm512_set1_epi64(0xFFFF);
+    for (int g = 0; g < G; g++) {
+        X[g] = _mm512_loadu_si512(x + 8 * g);
+        P[g] = _mm512_loadu_si512(p + 8 * g);
+        LO[g] = _mm512_loadu_si512(lo + 8 * g);
+    }
+    int64_t c = 0, cctx[32];
+    for (int64_t t = 0; t < steps; t++) {
+        const int64_t base = t * nl + j0;
+        while (bounds[c + 1] <= base)
+            c++;
+        const int uniform = base + 8 * G - 1 < bounds[c + 1];
+        if (!uniform)
+            for (int k = 0; k < 8 * G; k++)
+                cctx[k] = ctx_of(bounds, C, base + k);
+        for (int g = 0; g < G; g++) {
+            __m512i cv = uniform ? _mm512_set1_epi64(c) : _mm512_loadu_si512(cctx + 8 * g);
+            __m512i q = _mm512_and_si512(X[g], m24);
+            __m512i slot = _mm512_srli_epi64(q, 9);
+            __m512i idx = _mm512_add_epi64(_mm512_slli_epi64(cv, 15), slot);
+            __mmask8 more = _mm512_cmpgt_epi64_mask(P[g], LO[g]);
+            __m256i w = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), more, _mm512_sub_epi64(P[g], one), ws, 4);
+            __m256i pair = _mm512_i64gather_epi32(_mm512_srli_epi64(idx, 1), dslot, 4);
+            __m256i par = _mm512_cvtepi64_epi32(_mm512_and_si512(idx, one));
+            __m256i s = _mm256_and_si256(_mm256_srlv_epi32(pair, _mm256_slli_epi32(par, 4)), m16);
+            __m256i fidx = _mm256_add_epi32(s, _mm512_cvtepi64_epi32(_mm512_mullo_epi64(cv, _mm512_set1_epi64(A))));
+            __m512i e = _mm512_cvtepu32_epi64(_mm256_i32gather_epi32((const int *)fc, fidx, 4));
+            __m512i f = _mm512_slli_epi64(_mm512_and_si512(e, m16w), 9);
+            __m512i cdf = _mm512_slli_epi64(_mm512_srli_epi64(e, 16), 9);
+            __m512i nx = _mm512_sub_epi64(_mm512_add_epi64(_mm512_mullo_epi64(_mm512_srli_epi64(X[g], 24), f), q), cdf);
+            __mmask8 take = _mm512_mask_cmplt_epu64_mask(more, nx, two32);
+            X[g] = _mm512_mask_mov_epi64(nx, take, _mm512_or_si512(_mm512_slli_epi64(nx, 32), _mm512_cvtepu32_epi64(w)));
+            P[g] = _mm512_mask_sub_epi64(P[g], take, P[g], one);
+            _mm_storeu_si128((__m128i *)(out + base + 8 * g), _mm256_cvtepi32_epi16(s));
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        _mm512_storeu_si512(x + 8 * g, X[g]);
+        _mm512_storeu_si512(p + 8 * g, P[g]);
+    }
+}
+
+static WP_AVX512 void lanes_avx512(const uint32_t *ws, int64_t j0, int G, int64_t nl, int64_t steps,
+                                   const int64_t *bounds, int64_t C, const uint16_t *dslot, const uint32_t *fc,
+                                   int64_t A, uint16_t *out, uint64_t *x, int64_t *p, const int64_t *lo) {
+    switch (G) {
+    case 4: lanes_avx512_g(ws, j0, 4, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo); break;
+    case 3: lanes_avx512_g(ws, j0, 3, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo); break;
+    case 2: lanes_avx512_g(ws, j0, 2, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo); break;
+    default: lanes_avx512_g(ws, j0, 1, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo); break;
+    }
+}
+#endif
+
 int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
                       const int64_t *restrict ccount, int64_t C, const uint16_t *restrict dslot,
                       const uint32_t *restrict fc, int64_t A, int64_t n, uint16_t *restrict out) {
@@ -322,10 +414,13 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
     bounds[C] = acc;
     if (acc != n)
         return 0;
-    for (int64_t j0 = 0; j0 < nl; j0 += 8) {
-        int64_t lo[8], cnt[8], pp[8];
-        uint64_t xx[8];
-        for (int k = 0; k < 8; k++) {
+    const int simd = wp_simd(-1);
+    for (int64_t j0 = 0; j0 < nl;) {
+        /* a group: up to 32 lanes for the vector kernel, else 8 */
+        int64_t G = simd && nl - j0 >= 8 ? ((nl - j0) / 8 < 4 ? (nl - j0) / 8 : 4) : 0, width = G ? 8 * G : 8;
+        int64_t lo[32], cnt[32], pp[32];
+        uint64_t xx[32];
+        for (int k = 0; k < width; k++) {
             int64_t j = j0 + k;
             lo[k] = pp[k] = wbase, xx[k] = 0, cnt[k] = 0;
             if (j < nl) {
@@ -335,7 +430,14 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
                 cnt[k] = (n - 1 - j) / nl + 1; /* non-increasing in k, by at most one in all */
             }
         }
-        if (j0 + 8 <= nl && cnt[7] == cnt[0]) { /* the common case: eight full lanes, registers */
+        int64_t done = 0; /* steps every lane of the group has taken */
+#ifdef WP_AVX512
+        if (G) {
+            done = cnt[width - 1];
+            lanes_avx512(ws, j0, (int)G, nl, done, bounds, C, dslot, fc, A, out, xx, pp, lo);
+        }
+#endif
+        if (!G && j0 + 8 <= nl && cnt[7] == cnt[0]) { /* eight full lanes, states in registers */
             uint64_t x0 = xx[0], x1 = xx[1], x2 = xx[2], x3 = xx[3], x4 = xx[4], x5 = xx[5], x6 = xx[6], x7 = xx[7];
             int64_t p0 = pp[0], p1 = pp[1], p2 = pp[2], p3 = pp[3], p4 = pp[4], p5 = pp[5], p6 = pp[6], p7 = pp[7];
             int64_t c = 0;
@@ -355,21 +457,23 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
             }
             xx[0] = x0, xx[1] = x1, xx[2] = x2, xx[3] = x3, xx[4] = x4, xx[5] = x5, xx[6] = x6, xx[7] = x7;
             pp[0] = p0, pp[1] = p1, pp[2] = p2, pp[3] = p3, pp[4] = p4, pp[5] = p5, pp[6] = p6, pp[7] = p7;
-        } else { /* the last lanes, or lanes of unequal length: one at a time */
-            for (int k = 0; k < 8 && j0 + k < nl; k++) {
-                uint64_t x0 = xx[k];
-                int64_t p0 = pp[k];
-                const int64_t *lok = lo + k;
-                for (int64_t t = 0; t < cnt[k]; t++) {
-                    const int64_t base = t * nl + j0 + k, *lo = lok; /* DSTEP's lo[0] and out[base + 0] */
-                    DSTEP(0, ctx_of(bounds, C, base));
-                }
-                xx[k] = x0, pp[k] = p0;
-            }
+            done = cnt[0];
         }
-        for (int k = 0; k < 8 && j0 + k < nl; k++)
+        /* what is left (the last lanes, lanes of unequal length, a group's last step): one lane at a time */
+        for (int k = 0; k < width && j0 + k < nl; k++) {
+            uint64_t x0 = xx[k];
+            int64_t p0 = pp[k];
+            const int64_t *lok = lo + k;
+            for (int64_t t = done; t < cnt[k]; t++) {
+                const int64_t base = t * nl + j0 + k, *lo = lok; /* DSTEP's lo[0] and out[base + 0] */
+                DSTEP(0, ctx_of(bounds, C, base));
+            }
+            xx[k] = x0, pp[k] = p0;
+        }
+        for (int k = 0; k < width && j0 + k < nl; k++)
             if (pp[k] != lo[k] || xx[k] != 0)
                 return j0 + k + 1;
+        j0 += width;
     }
     return -1;
 }
@@ -383,6 +487,52 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
  * straight from the planes at its place in its group. out: W/8 bytes per element. Returns 0, or -1 on any
  * inconsistency (nothing is read or written out of bounds then). */
 #define JPIECE 2048 /* elements of a block joined at a time (their tails gathered in a stack buffer) */
+
+/* The k values (j0 ... j0 + k - 1) of a plane of 4-, 2- or 1-bit values (fields.pack_bits: value j in bits
+ * (j % per) * w of byte j / per, per = 8 / w) as bytes. Eight values at a time are spread from the bytes that
+ * hold them with shifts and masks, reading no byte outside those of the k values. */
+static inline uint64_t spread4(uint32_t v) { /* 8 nibbles -> 8 bytes */
+    uint64_t t = v;
+    t = (t | (t << 16)) & 0x0000FFFF0000FFFFull;
+    t = (t | (t << 8)) & 0x00FF00FF00FF00FFull;
+    return (t | (t << 4)) & 0x0F0F0F0F0F0F0F0Full;
+}
+static inline uint64_t spread2(uint32_t v) { /* 8 two-bit fields -> 8 bytes */
+    uint64_t t = v;
+    t = (t | (t << 24)) & 0x000000FF000000FFull;
+    t = (t | (t << 12)) & 0x000F000F000F000Full;
+    return (t | (t << 6)) & 0x0303030303030303ull;
+}
+static inline uint64_t spread1(uint32_t v) { /* 8 bits -> 8 bytes */
+    uint64_t t = v;
+    t = (t | (t << 28)) & 0x0000000F0000000Full;
+    t = (t | (t << 14)) & 0x0003000300030003ull;
+    return (t | (t << 7)) & 0x0101010101010101ull;
+}
+static void unpack_plane(const uint8_t *restrict p, int64_t w, int64_t j0, int64_t k, uint8_t *restrict dst) {
+    const int64_t per = 8 / w, mask = (1 << w) - 1;
+    int64_t i = 0;
+    for (; i < k && (j0 + i) % per; i++) { /* up to the next byte boundary */
+        int64_t j = j0 + i;
+        dst[i] = (p[j / per] >> ((j % per) * w)) & mask;
+    }
+    for (; i + 8 <= k; i += 8) {
+        const uint8_t *b = p + (j0 + i) / per; /* w bytes hold these 8 values */
+        uint64_t v;
+        if (w == 4)
+            v = spread4((uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24);
+        else if (w == 2)
+            v = spread2((uint32_t)b[0] | (uint32_t)b[1] << 8);
+        else
+            v = spread1(b[0]);
+        memcpy(dst + i, &v, 8);
+    }
+    for (; i < k; i++) {
+        int64_t j = j0 + i;
+        dst[i] = (p[j / per] >> ((j % per) * w)) & mask;
+    }
+}
+
 #define JOIN(NAME, U, W)                                                                                    \
     static int64_t NAME(const uint16_t *restrict syms, int64_t m, const uint64_t *restrict alphabet,      \
                         int64_t A, const uint8_t *restrict bcls, const uint8_t *restrict btz, int64_t nb,   \
@@ -391,7 +541,8 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
                         const int64_t *restrict tcount, int64_t S, int64_t T, U *restrict out) {           \
         int64_t tdone[65] = {0};                                                                            \
         U head[4096];                                                                                       \
-        uint64_t xs[JPIECE];                                                                                \
+        U xs[JPIECE];                                                                                       \
+        uint8_t sub[JPIECE];                                                                                \
         if (A > 4096)                                                                                       \
             return -1;                                                                                      \
         for (int64_t s = 0; s < A; s++)                                                                     \
@@ -413,7 +564,7 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
             if (T + S == 0)                                                                                 \
                 continue;                                                                                   \
             int64_t t = T - tz, width = t + S, n = tcount[tz], nbytes = width / 8, r = width % 8;           \
-            uint64_t mask = t ? ((((uint64_t)1) << t) - 1) : 0;                                             \
+            U mask = t ? (U)((((uint64_t)1) << t) - 1) : 0;                                                 \
             const uint8_t *pb = tail + tpos[tz];                                                            \
             const uint8_t *p4 = pb + nbytes * n;                                                            \
             const uint8_t *p2 = p4 + ((r & 4) ? (n * 4 + 7) / 8 : 0);                                       \
@@ -425,34 +576,23 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
                 for (int64_t q = 0; q < nbytes; q++, shift += 8) {                                          \
                     const uint8_t *p = pb + q * n + j0;                                                     \
                     for (int64_t i = 0; i < k; i++)                                                         \
-                        xs[i] |= (uint64_t)p[i] << shift;                                                   \
+                        xs[i] |= (U)((U)p[i] << shift);                                                     \
                 }                                                                                           \
-                if (r & 4) {                                                                                \
-                    for (int64_t i = 0; i < k; i++) {                                                       \
-                        int64_t j = j0 + i;                                                                 \
-                        xs[i] |= (uint64_t)((p4[j >> 1] >> ((j & 1) << 2)) & 15) << shift;                  \
-                    }                                                                                       \
-                    shift += 4;                                                                             \
+                for (int64_t w = 4; w >= 1; w >>= 1) {                                                      \
+                    if (!(r & w))                                                                           \
+                        continue;                                                                           \
+                    unpack_plane(w == 4 ? p4 : w == 2 ? p2 : p1, w, j0, k, sub);                            \
+                    for (int64_t i = 0; i < k; i++)                                                         \
+                        xs[i] |= (U)((U)sub[i] << shift);                                                   \
+                    shift += w;                                                                             \
                 }                                                                                           \
-                if (r & 2) {                                                                                \
-                    for (int64_t i = 0; i < k; i++) {                                                       \
-                        int64_t j = j0 + i;                                                                 \
-                        xs[i] |= (uint64_t)((p2[j >> 2] >> ((j & 3) << 1)) & 3) << shift;                   \
-                    }                                                                                       \
-                    shift += 2;                                                                             \
-                }                                                                                           \
-                if (r & 1)                                                                                  \
-                    for (int64_t i = 0; i < k; i++) {                                                       \
-                        int64_t j = j0 + i;                                                                 \
-                        xs[i] |= (uint64_t)((p1[j >> 3] >> (j & 7)) & 1) << shift;                          \
-                    }                                                                                       \
                 U *oo = o + i0;                                                                             \
                 if (S)                                                                                      \
                     for (int64_t i = 0; i < k; i++)                                                         \
-                        oo[i] |= (U)(((xs[i] & mask) << tz) | ((xs[i] >> t) << (W - 1)));                   \
+                        oo[i] |= (U)(((U)(xs[i] & mask) << tz) | ((U)(xs[i] >> t) << (W - 1)));             \
                 else                                                                                        \
                     for (int64_t i = 0; i < k; i++)                                                         \
-                        oo[i] |= (U)((xs[i] & mask) << tz);                                                 \
+                        oo[i] |= (U)((U)(xs[i] & mask) << tz);                                              \
             }                                                                                               \
             tdone[tz] += len;                                                                               \
         }                                                                                                   \

@@ -59,6 +59,7 @@ _SIGNATURES = {
                                _arr(np.uint64)]),
     "wp_lanes_fast": (_I64, [ctypes.c_void_p, _I64, _arr(np.int64), _I64, _arr(np.int64), _I64, _arr(np.uint16),
                              _arr(np.uint32), _I64, _I64, _arr(np.uint16)]),
+    "wp_simd": (_I64, [_I64]),
     "wp_fields_join": (_I64, [_arr(np.uint16), _I64, _arr(np.uint64), _I64, _arr(np.uint8), _arr(np.uint8), _I64,
                               _I64, _I64, _arr(np.int64), ctypes.c_void_p, _I64, _I64, _I64, _I64, ctypes.c_void_p]),
     "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
@@ -104,6 +105,21 @@ def enabled(flag: bool) -> Iterator[None]:
         yield
     finally:
         _use = saved
+
+
+@contextmanager
+def simd(level: int) -> Iterator[int]:
+    """Inside the block the kernels use vector instructions (level 1: AVX-512 where the CPU has it) or only
+    their portable loops (0); yields the level in use. Both give the same results (tests run both). The
+    kernels choose the best level once, at first use, by themselves. Not thread-safe."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the compiled kernels are not built")
+    saved = lib.wp_simd(-1)
+    try:
+        yield lib.wp_simd(level)
+    finally:
+        lib.wp_simd(saved)
 
 
 def slot_tables(tables) -> tuple[np.ndarray, np.ndarray]:
