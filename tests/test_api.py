@@ -130,7 +130,6 @@ def test_missing_input_api(tmp_path):
 
 # == devices =======================================================================================
 
-
 def test_cuda_without_gpu(base):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is available here")
@@ -156,7 +155,6 @@ def test_open_unknown_tensor(base):
 
 
 # == verify ========================================================================================
-
 
 def test_verify_catches_a_different_source(tmp_path, minilm):
     weightpack.pack(minilm, tmp_path / "m.wpk")

@@ -154,7 +154,6 @@ def test_pack_a_folder_with_a_file_name_that_is_not_utf8(tmp_path):
 
 # -- sharded sets ----------------------------------------------------------------------------------
 
-
 def _shard_cases(folder: Path, outside: Path) -> dict:
     idx = json.loads((folder / "model.safetensors.index.json").read_text())
     wm = idx["weight_map"]

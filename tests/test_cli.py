@@ -23,7 +23,6 @@ from conftest import ENV, WP, assert_error, assert_no_traceback, assert_unchange
 
 # == usage =========================================================================================
 
-
 def test_no_arguments_is_a_one_line_usage_error():
     res = cli()
     assert_error(res, 2, ())
@@ -71,7 +70,6 @@ def test_quiet_everywhere_and_inspect_help(ck):
 
 # == missing / wrong input =========================================================================
 
-
 @pytest.mark.parametrize("cmd", ["pack", "unpack", "inspect", "verify"])
 def test_missing_input(tmp_path, outdir, cmd):
     before = craft.tree(outdir)
@@ -107,7 +105,6 @@ def test_pack_a_wpk_and_unpack_a_safetensors(base, outdir):
 
 
 # == verify's exit codes ===========================================================================
-
 
 def test_verify_against_missing_source(base):
     res = cli("verify", base["single_wpk"], "--against", base["dir"] / "nope.safetensors")
@@ -185,7 +182,6 @@ def test_verify_many_failures_are_summarised(tmp_path):
 
 # == reports and messages ==========================================================================
 
-
 def test_pack_lossy_reports_worst_sqnr_and_bits(ck, tmp_path):
     res = cli("pack", ck["src"], "-r", "q-tcq", "-o", tmp_path / "q.wpk", "-j", "1")
     assert res.returncode == 0, res.stderr
@@ -250,7 +246,6 @@ def test_closed_stdout_ends_quietly(ck):
 
 
 # == the README, as written ========================================================================
-
 
 def _readme_commands() -> list[str]:
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()

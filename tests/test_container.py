@@ -33,7 +33,6 @@ from conftest import sha256 as sha
 
 # == truncated containers ==========================================================================
 
-
 def _truncation_positions(path: Path, data_samples: int, seed: int) -> list[int]:
     c = craft.read_container(path)
     size = c.size
@@ -115,7 +114,6 @@ def test_wpk_with_bytes_appended(base, tmp_path, outdir):
 
 
 # == flipped bits ==================================================================================
-
 
 def _restored_equal(restored: Path, original_folder: Path) -> bool:
     return craft.tree(restored) == craft.tree(original_folder)
@@ -298,7 +296,6 @@ def test_corrupt_payload_with_valid_crc(base, tmp_path, outdir):
 
 
 # == crafted indexes (valid crc) ===================================================================
-
 
 def tensor(idx: dict, name: str) -> dict:
     return next(t for t in idx["tensors"] if t["name"] == name)
@@ -628,7 +625,6 @@ def test_carried_zstd_frame_declaring_a_huge_size(base, tmp_path, outdir):
 
 # -- cases the fuzzer found (tests/fuzz.py, docs/FUZZ.md) ------------------------------------------
 
-
 def _edit_header(idx, fn):
     h = json.loads(idx["files"][0]["header"])
     fn(h)
@@ -709,7 +705,6 @@ def test_file_names_too_long_for_a_file_system(bases, tmp_path, name):
 
 
 # == hostile names =================================================================================
-
 
 HOSTILE = ["../evil.json", "../../evil.json", "sub/../../evil.json", "..", ".", "", "/ABS/evil.json",
            "a\\..\\..\\evil.json", "..\\evil.json", "C:\\evil.json", "a//b.json", "a/./b.json", "./a.json",
@@ -804,7 +799,6 @@ def test_name_collisions_between_files_and_folders(base, tmp_path, outdir):
 
 # == symlinks in the output location ===============================================================
 
-
 def test_existing_symlink_at_single_file_target(base, tmp_path):
     out = tmp_path / "out"
     outside = tmp_path / "outside"
@@ -891,7 +885,6 @@ def test_pack_output_is_a_symlink(base, tmp_path):
 
 
 # == existing and unwritable outputs ===============================================================
-
 
 def test_pack_output_exists(base, tmp_path):
     out = tmp_path / "m.wpk"
@@ -1069,7 +1062,6 @@ def test_writing_over_the_input_is_refused(ck, tmp_path):
 
 
 # == outputs like any other file ===================================================================
-
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_outputs_follow_the_umask(ck, tmp_path, mask):

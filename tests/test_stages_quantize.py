@@ -96,7 +96,6 @@ def test_ecsq_and_min_sqnr_reach_their_quality_with_the_fewest_bits(tmp_path, mi
 
 # -- trellis-coded quantization (the search: coding/trellis.py) ------------------------------------
 
-
 def test_tcq_stage_reaches_its_quality_with_fewer_bits_than_ecsq():
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(7)) * 0.02
     for db in (12.0, 22.8, 34.4):
