@@ -36,7 +36,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import weightpack  # noqa: E402
-from weightpack.coding import entropy, lockstep, native, streams, trellis  # noqa: E402
+from weightpack.coding import entropy, entropy_native, lockstep, native  # noqa: E402
+from weightpack.coding.chunks import chunk_views  # noqa: E402
+from weightpack.coding.codecs.fields.blocks import BlockGroups  # noqa: E402
+from weightpack.coding.codecs.trellis import codec as trellis  # noqa: E402
 from weightpack.container import ContainerReader  # noqa: E402
 from weightpack.pipeline import stream_plan  # noqa: E402
 
@@ -78,8 +81,8 @@ def head_lanes(pk: Path, limit: int = 1 << 62):
         if len(plan.alphabet) < 2 or not plan.lane or lanes.nsymbols >= limit:
             continue
         a, b = plan.chunk_range(i)
-        g = streams.BlockGroups(streams.chunk_blocks(plan, i, b - a)[0], plan.tables.shape[0], plan.block, b - a)
-        head = streams.chunk_views(rec, payload, "bench")["head"][1]
+        g = BlockGroups(plan.chunk_blocks(i, b - a)[0], plan.tables.shape[0], plan.block, b - a)
+        head = chunk_views(rec, payload, "bench")["head"][1]
         jobs.append((plan, head, g.counts))
         lanes.add(head, g.counts, lanes.add_tables(plan.tables), plan.lane, "bench")
     return jobs, lanes
@@ -95,10 +98,12 @@ def cpu_lanes(pk: Path, runs: int) -> dict:
     heads, lanes = head_lanes(pk)
     n = lanes.nsymbols
     res = {"symbols": n}
+    decoders = {"native": lambda h, counts, plan: entropy_native.lanes_decode(h, counts, plan.coding_tables().slots(),
+                                                                               plan.lane, "bench"),
+                "numpy": lambda h, counts, plan: entropy.lanes_decode(h, counts, plan.coding_tables(), plan.lane, "bench")}
     for name in cpu_decoders():
-        with native.enabled(name == "native"):
-            t = best(runs, lambda: [entropy.lanes_decode(h, counts, plan.coding_tables(), plan.lane, "bench")
-                                    for plan, h, counts in heads])
+        decode = decoders[name]
+        t = best(runs, lambda: [decode(h, counts, plan) for plan, h, counts in heads])
         res[f"{name}_s"], res[f"{name}_msym_s"] = t, n / t / 1e6
     with _one_thread():
         d = lanes.to("cpu")

@@ -195,8 +195,8 @@ def bench_weightpack(src: Path, out: Path, level: int, workers: int, runs: int, 
         res = weightpack.pack(src, wpk, recipe="lossless", level=level, workers=workers, force=True)
         pack_times.append(time.perf_counter() - t)
         on_disk = wpk.stat().st_size
-        if res["bytes_out"] != on_disk or res["bytes_in"] != nbytes:
-            raise BenchFailure(f"weightpack L{level} w{workers}: summary says {res['bytes_in']} -> {res['bytes_out']} "
+        if res.bytes_out != on_disk or res.bytes_in != nbytes:
+            raise BenchFailure(f"weightpack L{level} w{workers}: summary says {res.bytes_in} -> {res.bytes_out} "
                                f"bytes, files are {nbytes} -> {on_disk}")
         sizes.add(on_disk)
         hashes.add(sha256(wpk.read_bytes()))

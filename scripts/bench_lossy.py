@@ -267,22 +267,22 @@ def run_weightpack(label: str, family: str, src: Path, work: Path, scorer: Score
     wpk = work / f"{label}.wpk"
     enc, enc_others, _ = best_of(runs, lambda: weightpack.pack(src, wpk, force=True, **pack_kw))
     dec, dec_others, tensors = best_of(max(runs + 1, decode_runs), lambda: weightpack.load(wpk))
-    rows = weightpack.inspect(wpk)["tensors"]
-    lossy = [r for r in rows if r["stages"] != ["lossless"]]
-    names = {r["name"] for r in lossy}
+    rows = weightpack.inspect(wpk).tensors
+    lossy = [r for r in rows if r.stages != ["lossless"]]
+    names = {r.name for r in lossy}
     if names != set(scorer.mats):
         raise BenchFailure(f"{label}: lossy rows {len(names)} != the 40 matrices "
                            f"(extra {sorted(names - set(scorer.mats))[:3]}, missing {sorted(set(scorer.mats) - names)[:3]})")
-    nbytes = sum(r["bytes_after"] for r in lossy)
-    weights = sum(math.prod(r["shape"]) for r in lossy)
+    nbytes = sum(r.bytes_after for r in lossy)
+    weights = sum(math.prod(r.shape) for r in lossy)
     # the whole file but the lossless tensors' coded bytes: the container's header, index and trailer count
     # against the lossy matrices too (the carried files of a folder are not there: a single file is packed)
-    all_in = wpk.stat().st_size - sum(r["bytes_after"] for r in rows if r["stages"] == ["lossless"])
+    all_in = wpk.stat().st_size - sum(r.bytes_after for r in rows if r.stages == ["lossless"])
     decoded = {k: tensors[k].to(torch.float32).numpy() for k in scorer.mats}
     sq = scorer.sqnr(decoded)
     # Per-tensor SQNR recorded at pack time, against ours: a consistency check.
-    recorded = [r["quality"]["sqnr_db"] for r in lossy if r.get("quality") and r["quality"].get("sqnr_db") is not None]
-    stages = sorted({r["stages"][0] for r in lossy})
+    recorded = [r.quality["sqnr_db"] for r in lossy if r.quality and r.quality.get("sqnr_db") is not None]
+    stages = sorted({r.stages[0] for r in lossy})
     return {"family": family, "method": label, "bpw": 8 * nbytes / weights, "bpw_all_in": 8 * all_in / weights,
             "sqnr_db": sq, "encode_s": enc,
             "decode_s": dec, "encode_others": enc_others, "decode_others": dec_others, "bytes": nbytes,

@@ -140,7 +140,7 @@ def driver_pass(src: Path) -> dict:
     """Per lossless tensor, timed alone in one process: the SHA-256 of the source bytes and the planning
     pass (tensor_sha256, make_plan: tasks of their own in the pipeline, once run by the driver itself)."""
     from weightpack.checkpoint import open_checkpoint
-    from weightpack.coding import streams
+    from weightpack.coding.codecs.fields import codec as fields
     from weightpack.pipeline import _reader, tensor_sha256
 
     ck = open_checkpoint(src)
@@ -149,7 +149,7 @@ def driver_pass(src: Path) -> dict:
         t0 = time.perf_counter()
         tensor_sha256(f.path, e)
         t1 = time.perf_counter()
-        streams.make_plan(e.dtype, e.shape, _reader(f.path, e))
+        fields.make_plan(e.dtype, e.shape, _reader(f.path, e))
         hash_s += t1 - t0
         plan_s += time.perf_counter() - t1
     return {"bytes": ck.total_bytes, "hash_s": hash_s, "plan_s": plan_s,

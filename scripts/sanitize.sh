@@ -21,7 +21,7 @@ from weightpack.coding import native
 assert native.available(), "the sanitized build did not load"
 PY
 exec python -m pytest -q -p no:cacheprovider tests/test_coding_native.py tests/test_fuzz.py tests/test_compat.py \
-    tests/test_coding_fields.py tests/test_coding_entropy.py tests/test_coding_streams.py tests/test_coding_binding.py \
+    tests/test_codecs_fields.py tests/test_codecs_bytes.py tests/test_coding_entropy.py tests/test_coding_binding.py \
     tests/test_container.py::test_stored_header_dtype_is_an_object tests/test_container.py::test_part_shape_of_floats \
     tests/test_container.py::test_lone_surrogate_names tests/test_container.py::test_file_names_too_long_for_a_file_system \
     tests/test_checkpoint.py::test_pack_rejects_a_safetensors_header_with_bad_types "$@"

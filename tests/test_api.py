@@ -31,7 +31,7 @@ def test_real_model_round_trips_bit_exactly(tmp_path, minilm_cast, dtype):
     src = minilm_cast[dtype]
     res = weightpack.pack(src, tmp_path / "m.wpk")
     bars = {"F32": 0.816, "BF16": 0.66, "F16": 0.85}  # loose guards; docs/BENCHMARKS.md has the measured figures
-    assert res["ratio"] < bars[dtype]
+    assert res.ratio < bars[dtype]
     out = weightpack.unpack(tmp_path / "m.wpk", tmp_path / "out.safetensors")
     assert sha256(out) == sha256(src)  # the whole file, header and metadata included
     assert weightpack.verify(tmp_path / "m.wpk", against=src).ok
@@ -55,11 +55,11 @@ def test_load_open_and_inspect(tmp_path, minilm):
         with pytest.raises(KeyError):
             f.get_tensor("nope")
     rep = weightpack.inspect(wpk)
-    assert rep["totals"]["tensors"] == len(ref)
-    row = next(r for r in rep["tensors"] if r["name"] == "embeddings.word_embeddings.weight")
-    assert row["shape"] == [30522, 384] and row["codec"] in ("ctx", "order0") and 20 < row["bits_per_weight"] < 28
+    assert rep.totals.tensors == len(ref)
+    row = next(r for r in rep.tensors if r.name == "embeddings.word_embeddings.weight")
+    assert row.shape == [30522, 384] and row.codec in ("ctx", "order0") and 20 < row.bits_per_weight < 28
     r = cli("inspect", wpk, "--json")
-    assert json.loads(r.stdout)["totals"]["bytes_before"] == rep["totals"]["bytes_before"]
+    assert json.loads(r.stdout)["totals"]["bytes_before"] == rep.totals.bytes_before
     r = cli("inspect", wpk)
     assert "word_embeddings" in r.stdout and "bits per weight" in r.stdout
 
@@ -87,7 +87,7 @@ def test_levels_round_trip_and_order_by_size(tmp_path, minilm_cast, level):
     src = minilm_cast["BF16"]
     res = weightpack.pack(src, tmp_path / f"l{level}.wpk", level=level)
     assert weightpack.verify(tmp_path / f"l{level}.wpk", against=src).ok
-    assert res["ratio"] < {1: 0.67, 2: 0.66, 3: 0.66}[level]
+    assert res.ratio < {1: 0.67, 2: 0.66, 3: 0.66}[level]
 
 
 def test_sharded_checkpoint(tmp_path, minilm):
@@ -106,7 +106,7 @@ def test_model_folder_carries_its_other_files(tmp_path):
     src = copy_tree(minilm_dir(), tmp_path / "minilm")
     cli("pack", src, "-o", tmp_path / "f.wpk")
     rep = weightpack.inspect(tmp_path / "f.wpk")
-    assert "tokenizer.json" in rep["carried"] and "1_Pooling/config.json" in rep["carried"]
+    assert "tokenizer.json" in rep.carried and "1_Pooling/config.json" in rep.carried
     cli("unpack", tmp_path / "f.wpk", "-o", tmp_path / "back")
     before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
     after = sorted(p.relative_to(tmp_path / "back").as_posix() for p in (tmp_path / "back").rglob("*") if p.is_file())

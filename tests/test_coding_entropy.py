@@ -1,5 +1,5 @@
 """ANS coding with stored integer tables (coding/entropy.py): the tables are exactly what constriction codes
-with (an independent reference decoder reads its streams), and lanes deal symbols round-robin."""
+with (an independent reference decoder reads its streams)."""
 
 import numpy as np
 
@@ -48,19 +48,3 @@ def test_stored_integer_tables_are_exactly_what_constriction_codes_with():
         f16 = entropy.quantize_counts(np.bincount(syms, minlength=A))
         words = entropy.ans_encode([(syms, entropy.make_model(f16))])
         assert _reference_ans_decode(words, entropy.widen_table(f16), len(syms)) == syms.tolist()
-
-
-def test_lane_layout_is_round_robin():
-    """Symbol i is in lane i % nl: each lane, decoded alone, holds every nl-th symbol."""
-    syms = (np.arange(1000) % 7).astype(np.int32)
-    f = entropy.quantize_counts(np.bincount(syms))
-    m = entropy.make_model(f)
-    payload = entropy.lanes_encode(syms, [(1000, m)], 256)
-    nl = entropy.lane_count(1000, 256)
-    words, counts = entropy.lane_words(payload, 1000, 256, "t")
-    assert nl == 4 and len(counts) == 4
-    end = 0
-    for j in range(nl):
-        mine = entropy.ans_decode(words[end:end + counts[j]], [(len(syms[j::nl]), m)], "t")[0]
-        end += counts[j]
-        assert np.array_equal(mine, syms[j::nl])

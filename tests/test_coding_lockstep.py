@@ -88,7 +88,7 @@ def test_streams_of_symbol_zero_only_are_empty_and_decode(tmp_path):
         entropy_lane = entropy.LANE
         entropy.LANE = lane
         try:
-            pk = weightpack.pack(src, tmp_path / f"z{lane}.wpk", recipe="lossless-fast", force=True)["path"]
+            pk = weightpack.pack(src, tmp_path / f"z{lane}.wpk", recipe="lossless-fast", force=True).path
         finally:
             entropy.LANE = entropy_lane
         assert torch.equal(weightpack.load(pk)["w"], x)

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 import weightpack
-from weightpack.coding import entropy, native
-from weightpack.coding import trellis as T
+from weightpack.coding import entropy, entropy_native, native
+from weightpack.coding.codecs.fields import native as fields_native
+from weightpack.coding.codecs.trellis import codec as TC
+from weightpack.coding.codecs.trellis import native as trellis_native
+from weightpack.stages import tcq as T
 from weightpack.errors import FormatError
 
 from conftest import CPU_DECODERS, cpu_decoder, under_every_cpu_decoder
@@ -35,10 +38,10 @@ def test_kernels_are_built_where_a_compiler_is():
 def test_ungroup_refuses_keys_that_disagree_with_their_counts():
     keys = np.array([0, 1, 1, 2, 0], dtype=np.uint8)
     grouped = np.arange(5, dtype=np.int32)
-    assert native.ungroup(grouped, keys, np.array([2, 2, 1]), np.int32).tolist() == [0, 2, 3, 4, 1]
+    assert trellis_native.ungroup(grouped, keys, np.array([2, 2, 1]), np.int32).tolist() == [0, 2, 3, 4, 1]
     for counts in ([3, 1, 1], [2, 2], [2, 2, 2], [5, 0, 0]):
         with pytest.raises(ValueError):
-            native.ungroup(grouped, keys, np.array(counts), np.int32)
+            trellis_native.ungroup(grouped, keys, np.array(counts), np.int32)
 
 
 @needs_native
@@ -60,7 +63,7 @@ def test_lanes_on_hostile_payloads_never_crash():
             words[:] = 0
         payload = wc.tobytes() + words.tobytes()
         try:
-            got = entropy.lanes_decode(payload, counts, entropy.Tables(tables), lane, "t")
+            got = entropy_native.lanes_decode(payload, counts, entropy.Tables(tables).slots(), lane, "t")
         except FormatError:
             continue
         assert len(got) == n and (n == 0 or (got.min() >= 0 and got.max() < A))
@@ -74,19 +77,18 @@ def _ar_levels(n, rho, rng):
     return np.round(x * 1.5).astype(np.int64)
 
 
-def test_step_major_with_previous_level_contexts(monkeypatch):
+def test_step_major_with_previous_level_contexts():
     """Levels whose sign follows the previous one's: the step-major coder takes the previous-level context,
     and every CPU decoder decodes it to the same multiples."""
-    monkeypatch.setattr(entropy, "LANE", 0)
     rng = np.random.default_rng(5)
     r = T.multiples(_ar_levels(64 * 256 * 3, 0.95, rng))
-    plan = T.make_plan(r, [192, 256])
+    plan = TC.make_plan(r, [192, 256], lane=0)
     assert plan.prev == 1 and plan.ans_lane == 0
     u = r.view(np.uint16)
-    coded = [T.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
-    back = T.plan_from_record(r.size, plan.params(), plan.side(), "t")
+    coded = [TC.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
+    back = TC.plan_from_record("I16", r.size, plan.params(), plan.side(), "t")
     out = under_every_cpu_decoder(
-        lambda: b"".join(T.decode_chunk(back, i, rec, memoryview(p), "t") for i, (rec, p) in enumerate(coded)))
+        lambda: b"".join(TC.decode_chunk(back, i, rec, memoryview(p), "t") for i, (rec, p) in enumerate(coded)))
     assert out == r.tobytes()
 
 
@@ -97,7 +99,7 @@ def test_real_model_loads_the_same_with_each_cpu_decoder(tmp_path, minilm, recip
     lossless one is the source."""
     from safetensors.torch import load_file
 
-    pk = weightpack.pack(minilm, tmp_path / f"{recipe}.wpk", recipe=recipe)["path"]
+    pk = weightpack.pack(minilm, tmp_path / f"{recipe}.wpk", recipe=recipe).path
     got = {}
     for name in CPU_DECODERS:
         for workers in (1, 2):
@@ -124,18 +126,18 @@ def test_fields_kernel_refuses_inconsistent_side_information():
     bcls = (np.arange(10) % 2).astype(np.uint8)
     btz = np.zeros(10, np.uint8)
     good = dict(ccount=np.array([500, 500]), tail=bytes(1000), bits=16, sign=0, tail_bits=8)
-    out = native.fields_join(syms, alphabet, bcls, btz, L, m, where="t", **good)
+    out = fields_native.fields_join(syms, alphabet, bcls, btz, L, m, where="t", **good)
     assert np.array_equal(out >> 8, alphabet[syms[np.argsort(np.repeat(bcls, L), kind="stable").argsort()]])
     bad_cases = [dict(good, ccount=np.array([400, 500])), dict(good, ccount=np.array([600, 400])),
                  dict(good, tail=bytes(999)), dict(good, tail=bytes(1001))]
     for kw in bad_cases:
         with pytest.raises(FormatError):
-            native.fields_join(syms, alphabet, bcls, btz, L, m, where="t", **kw)
+            fields_native.fields_join(syms, alphabet, bcls, btz, L, m, where="t", **kw)
     for b, z in ((np.full(10, 2, np.uint8), btz), (bcls, np.full(10, 9, np.uint8))):
         with pytest.raises(FormatError):
-            native.fields_join(syms, alphabet, b, z, L, m, where="t", **good)
+            fields_native.fields_join(syms, alphabet, b, z, L, m, where="t", **good)
     with pytest.raises(FormatError):
-        native.fields_join(np.full(m, 4, np.uint16), alphabet, bcls, btz, L, m, where="t", **good)
+        fields_native.fields_join(np.full(m, 4, np.uint16), alphabet, bcls, btz, L, m, where="t", **good)
 
 
 # -- the compiled encoders write what constriction and numpy write -------------------------------------
@@ -160,21 +162,20 @@ def test_lanes_encoder_writes_constrictions_bytes_and_both_decoders_read_them():
         lane = int(rng.choice([64, 128, 1024, 1 << 14]))
         tabs = entropy.Tables(tables)
         ctx = np.repeat(np.arange(C, dtype=np.uint8), counts)
-        got = native.lanes_encode(syms.astype(np.uint16), ctx, lane, tabs.encoder()).tobytes()
+        got = entropy_native.lanes_encode(syms.astype(np.uint16), ctx, lane, tabs.encoder()).tobytes()
         want = entropy.lanes_encode(syms, [(c, m) for c, m in zip(counts, tabs.models())], lane)
         assert got == want, trial
-        for flag in (False, True):
-            with native.enabled(flag):
-                assert np.array_equal(entropy.lanes_decode(got, counts, tabs, lane, "t"), syms)
+        assert np.array_equal(entropy.lanes_decode(got, counts, tabs, lane, "t"), syms)
+        assert np.array_equal(entropy_native.lanes_decode(got, counts, tabs.slots(), lane, "t"), syms)
 
 
 @needs_native
 def test_lanes_encoder_refuses_symbols_outside_their_tables():
     tabs = entropy.Tables([entropy.quantize_counts(np.array([3, 1, 1]))])
     with pytest.raises(ValueError):
-        native.lanes_encode(np.array([0, 3], np.uint16), np.zeros(2, np.uint8), 64, tabs.encoder())
+        entropy_native.lanes_encode(np.array([0, 3], np.uint16), np.zeros(2, np.uint8), 64, tabs.encoder())
     with pytest.raises(ValueError):
-        native.lanes_encode(np.array([0, 1], np.uint16), np.array([0, 1], np.uint8), 64, tabs.encoder())
+        entropy_native.lanes_encode(np.array([0, 1], np.uint16), np.array([0, 1], np.uint8), 64, tabs.encoder())
 
 
 def _random_tensor(rng, dtype: str, n: int) -> np.ndarray:
@@ -198,7 +199,8 @@ def _random_tensor(rng, dtype: str, n: int) -> np.ndarray:
 def test_compiled_planning_and_chunk_coding_write_the_same_bytes(dtype, level):
     """make_plan and encode_chunk with the compiled kernels and with numpy + constriction: the same plan and
     byte-identical chunks, on shapes whose blocks and chunks do not divide evenly."""
-    from weightpack.coding import streams
+    from weightpack.coding.codecs import registry
+    from weightpack.coding.codecs.fields import codec as fields
 
     rng = np.random.default_rng(hash((dtype, level)) % 2**32)
     for shape in ([1000, 300], [3, 77777], [5000], [1], [2, 1 << 17]):
@@ -208,8 +210,8 @@ def test_compiled_planning_and_chunk_coding_write_the_same_bytes(dtype, level):
             u = (rng.integers(-40, 40, n).astype(np.int16)).view(np.uint16)
 
         def run():
-            plan = streams.make_plan(dtype, shape, lambda a, c: u[a:a + c], level)
-            chunks = [streams.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
+            plan = fields.make_plan(dtype, shape, lambda a, c: u[a:a + c], level)
+            chunks = [registry.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
             return plan.params(), plan.side(), chunks
 
         with native.enabled(False):
@@ -249,13 +251,13 @@ def test_fast_lanes_decode_constrictions_streams_at_each_vector_level(level):
             tabs = entropy.Tables(tables)
             payload = entropy.lanes_encode(syms, [(int(c), m) for c, m in zip(counts, tabs.models())], lane)
             words, wc = entropy.lane_words(payload, n, lane, "t")
-            got = native.lanes_fast(words, wc, counts, lane, tabs.fast(), "t")
+            got = entropy_native.lanes_fast(words, wc, counts, lane, tabs.fast(), "t")
             assert np.array_equal(got, syms.astype(np.uint16)), trial
             if len(words):  # a damaged word: an error or symbols inside the alphabet, never a crash
                 bad = words.copy()
                 bad[int(rng.integers(len(bad)))] ^= np.uint32(1 << int(rng.integers(32)))
                 try:
-                    out = native.lanes_fast(bad, wc, counts, lane, tabs.fast(), "t")
+                    out = entropy_native.lanes_fast(bad, wc, counts, lane, tabs.fast(), "t")
                 except FormatError:
                     continue
                 assert int(out.max(initial=0)) < A
@@ -267,7 +269,8 @@ def test_fast_lanes_decode_constrictions_streams_at_each_vector_level(level):
 def test_fields_chunks_decode_alike_at_each_vector_level(level, dtype):
     """Fields chunks of every tail width (byte planes and 4-, 2-, 1-bit planes, groups starting at odd
     places) decoded by the compiled kernels at each vector level give the bytes numpy and constriction give."""
-    from weightpack.coding import streams
+    from weightpack.coding.codecs import registry
+    from weightpack.coding.codecs.fields import codec as fields
 
     rng = np.random.default_rng(hash((dtype, level, "join")) % 2**32)
     with native.simd(level):
@@ -275,11 +278,30 @@ def test_fields_chunks_decode_alike_at_each_vector_level(level, dtype):
             for shape in ([1000, 300], [3, 7777], [333], [2, 1 << 17]):
                 n = int(np.prod(shape))
                 u = _random_tensor(rng, dtype, n)
-                plan = streams.make_plan(dtype, shape, lambda a, c: u[a:a + c], lvl)
+                plan = fields.make_plan(dtype, shape, lambda a, c: u[a:a + c], lvl)
                 for i in range(plan.nchunks):
                     a, b = plan.chunk_range(i)
-                    rec, payload = streams.encode_chunk(plan, i, u[a:b])
+                    rec, payload = registry.encode_chunk(plan, i, u[a:b])
                     with native.enabled(False):
-                        want = bytes(streams.decode_chunk(plan, i, rec, payload, "t"))
-                    got = bytes(streams.decode_chunk(plan, i, rec, payload, "t"))
+                        want = bytes(registry.decode_chunk(plan, i, rec, payload, "t"))
+                    got = bytes(registry.decode_chunk(plan, i, rec, payload, "t"))
                     assert got == want == u[a:b].tobytes(), (lvl, shape, i)
+
+
+@needs_native
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_crc32_is_zlibs(level):
+    """The kernels' crc32 (carry-less multiplication, 16- and 64-byte folds, byte table for the rest) is
+    zlib.crc32 on every length around the fold sizes, any start value and misaligned starts."""
+    import zlib
+
+    rng = np.random.default_rng(3)
+    buf = rng.integers(0, 256, 70000, dtype=np.uint8)
+    with native.simd(level):
+        for n in list(range(0, 600)) + [1023, 1024, 1025, 4096, 65536, 69990]:
+            off = int(rng.integers(0, 8))
+            v = int(rng.integers(0, 2**32))
+            d = buf[off:off + n]
+            assert native.crc32(d, v) == zlib.crc32(d.tobytes(), v), n
+            assert native.crc32(d.tobytes(), v) == zlib.crc32(d.tobytes(), v), n
+            assert native.crc32(memoryview(d.tobytes())) == zlib.crc32(d.tobytes()), n

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 import weightpack
-from weightpack.coding import entropy, streams, trellis
+from weightpack.coding import entropy
+from weightpack.coding.codecs.fields import plan as fields_plan
+from weightpack.coding.codecs.trellis import plan as trellis_plan
 from weightpack.errors import FormatError, WeightpackError
 
 import craft
@@ -30,9 +32,9 @@ HAVE_CUDA = torch.cuda.is_available()
 def small_lanes(monkeypatch):
     """Short lanes and chunks, so the lock-step decoder on the CPU takes few steps and tensors many chunks."""
     monkeypatch.setattr(entropy, "LANE", 64)
-    monkeypatch.setattr(streams, "CHUNK_TARGET", 4096)
-    monkeypatch.setattr(trellis, "CHUNK_TARGET", 8192)
-    monkeypatch.setattr(trellis, "SPLIT_TOLERANCE", float("inf"))  # trellis levels in lanes wherever possible
+    monkeypatch.setattr(fields_plan, "CHUNK_TARGET", 4096)
+    monkeypatch.setattr(trellis_plan, "CHUNK_TARGET", 8192)
+    monkeypatch.setattr(trellis_plan, "SPLIT_TOLERANCE", float("inf"))  # trellis levels in lanes wherever possible
 
 
 def _same(a: dict, b: dict) -> None:
@@ -43,7 +45,7 @@ def _same(a: dict, b: dict) -> None:
 
 
 def _patterns(dtype: str, n: int, rng) -> bytes:
-    from test_coding_streams import _bit_patterns
+    from test_codecs_fields import _bit_patterns
 
     return _bit_patterns(dtype, n, rng).tobytes()
 
@@ -76,7 +78,7 @@ def _every_dtype_checkpoint(path: Path) -> Path:
 def test_device_decoder_matches_host_for_every_dtype(tmp_path, small_lanes):
     src = _every_dtype_checkpoint(tmp_path / "all.safetensors")
     for recipe in ("lossless", "lossless-fast", "lossless-max"):
-        pk = weightpack.pack(src, tmp_path / f"{recipe}.wpk", recipe=recipe)["path"]
+        pk = weightpack.pack(src, tmp_path / f"{recipe}.wpk", recipe=recipe).path
         host = weightpack.load(pk)
         _same(host, weightpack.load(pk, decoder="device"))
         with weightpack.open(pk, decoder="device") as f:
@@ -94,11 +96,11 @@ def test_device_decoder_matches_host_for_lossy_recipes(tmp_path, small_lanes):
     src = craft.save_checkpoint(tmp_path / "m.safetensors", tensors)
     tcq = {"name": "t", "rules": [{"match": "*", "min_dims": 2, "stages": [{"name": "quantize", "mode": "tcq", "sqnr": 9}]}]}
     for recipe in ("int8", "int4", "int3", "ecsq", "q-tcq", "prune50-int4", "2of4-int4", "lowrank-auto", tcq):
-        pk = weightpack.pack(src, tmp_path / "r.wpk", recipe=recipe, force=True)["path"]
+        pk = weightpack.pack(src, tmp_path / "r.wpk", recipe=recipe, force=True).path
         if recipe in ("q-tcq", tcq):  # trellis levels in the lanes layout (several chunks): decoded on the device
             params = [p["stream"]["params"] for t in craft.read_container(pk).index["tensors"]
                       for p in t.get("parts", []) if p["name"] == "q"]
-            assert len(params) == 5 and all(p.get("ans_lane") == trellis.LANES_PER_ANS * 64 for p in params)
+            assert len(params) == 5 and all(p.get("ans_lane") == trellis_plan.LANES_PER_ANS * 64 for p in params)
             assert max(p["classes"] for p in params) >= 4  # 16+ rest contexts: many runs per lane
         _same(weightpack.load(pk), weightpack.load(pk, decoder="device"))
 
@@ -107,7 +109,7 @@ def test_device_decoder_on_the_real_model(minilm, tmp_path):
     """all-MiniLM-L6-v2 as shipped (F32), default lanes: bit-identical to the CPU path and the source."""
     from safetensors.torch import load_file
 
-    pk = weightpack.pack(minilm, tmp_path / "m.wpk", recipe="lossless")["path"]
+    pk = weightpack.pack(minilm, tmp_path / "m.wpk", recipe="lossless").path
     got = weightpack.load(pk, decoder="device")
     src = load_file(str(minilm / "model.safetensors") if minilm.is_dir() else str(minilm))
     _same(dict(sorted(src.items(), key=lambda kv: list(got).index(kv[0]))), got)
@@ -120,7 +122,7 @@ def test_streams_before_format_1_2_still_decode(tmp_path, monkeypatch):
     """Heads written as one ANS stream per chunk (formats 1.0/1.1: no "lane" parameter) decode on both paths."""
     monkeypatch.setattr(entropy, "LANE", 0)
     src = craft.save_checkpoint(tmp_path / "m.safetensors")
-    pk = weightpack.pack(src, tmp_path / "m.wpk")["path"]
+    pk = weightpack.pack(src, tmp_path / "m.wpk").path
     idx = craft.read_container(pk).index
     assert all("lane" not in t["stream"]["params"] for t in idx["tensors"])
     assert any(p[1] == "ans" for t in idx["tensors"] for c in t["stream"]["chunks"] for p in c.get("parts", []))
@@ -135,7 +137,7 @@ def test_unpack_from_the_device_is_byte_identical(tmp_path, small_lanes):
     """unpack with the device decoder (here on the CPU) and `--device` (cpu: worker processes) restore
     the same files."""
     src = craft.make_sharded(tmp_path / "src", shards=2).parent
-    pk = weightpack.pack(src / "model.safetensors.index.json", tmp_path / "m.wpk")["path"]
+    pk = weightpack.pack(src / "model.safetensors.index.json", tmp_path / "m.wpk").path
     out = weightpack.unpack(pk, tmp_path / "out", device="cpu", decoder="device")
     assert craft.tree(out) == craft.tree(src)
     r = subprocess.run([sys.executable, "-m", "weightpack", "unpack", str(pk), "-o", str(tmp_path / "out2"),
@@ -146,7 +148,7 @@ def test_unpack_from_the_device_is_byte_identical(tmp_path, small_lanes):
 
 def test_device_decoder_errors(tmp_path, small_lanes):
     src = craft.save_checkpoint(tmp_path / "m.safetensors")
-    pk = weightpack.pack(src, tmp_path / "m.wpk")["path"]
+    pk = weightpack.pack(src, tmp_path / "m.wpk").path
 
     def emb(idx):
         return next(t for t in idx["tensors"] if t["name"] == "embed.weight")["stream"]["chunks"][0]
@@ -177,7 +179,7 @@ def test_every_crafted_lane_damage_is_an_error_or_exact(tmp_path, small_lanes):
     either refused with a FormatError or, where the flip left a valid stream, the CPU path's checksums
     catch it; the device path never crashes."""
     src = craft.save_checkpoint(tmp_path / "m.safetensors")
-    pk = weightpack.pack(src, tmp_path / "m.wpk")["path"]
+    pk = weightpack.pack(src, tmp_path / "m.wpk").path
     ref = weightpack.load(pk)
     rng = np.random.default_rng(4)
 
@@ -200,7 +202,7 @@ def test_every_crafted_lane_damage_is_an_error_or_exact(tmp_path, small_lanes):
 @pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU")
 def test_gpu_decode_matches_host(tmp_path, minilm):
     for recipe in ("lossless", "int4", "q-tcq"):
-        pk = weightpack.pack(minilm, tmp_path / f"{recipe}.wpk", recipe=recipe)["path"]
+        pk = weightpack.pack(minilm, tmp_path / f"{recipe}.wpk", recipe=recipe).path
         host = weightpack.load(pk)
         got = weightpack.load(pk, device="cuda")
         assert all(x.is_cuda for x in got.values())

@@ -64,13 +64,13 @@ def test_lossless_on_ray_is_byte_identical(cluster, ckpt, tmp_path, shard_size):
     loc = weightpack.pack(ckpt, tmp_path / "local" / "m.wpk", workers=2, shard_size=shard_size)
     rem = weightpack.pack(ckpt, tmp_path / "ray" / "m.wpk", executor="ray", shard_size=shard_size)
     if shard_size is None:
-        assert sha256(loc["path"]) == sha256(rem["path"])
+        assert sha256(loc.path) == sha256(rem.path)
     else:
-        assert len(rem["shards"]) >= 3 and rem["shards"] == loc["shards"]
+        assert len(rem.shards) >= 3 and rem.shards == loc.shards
         _same_set(tmp_path / "local" / "m.wpk.index.json", tmp_path / "ray" / "m.wpk.index.json")
-    rep = weightpack.verify(rem["path"], against=ckpt, executor="ray")
+    rep = weightpack.verify(rem.path, against=ckpt, executor="ray")
     assert rep.ok, rep.problems
-    out = weightpack.unpack(rem["path"], tmp_path / "back.safetensors", executor="ray")
+    out = weightpack.unpack(rem.path, tmp_path / "back.safetensors", executor="ray")
     assert sha256(out) == sha256(ckpt)
 
 
@@ -80,12 +80,12 @@ def test_lossy_rate_control_on_ray_is_byte_identical(cluster, ckpt, tmp_path):
     kw = dict(recipe="q-tcq", bits=3.0, shard_size="3MB")
     loc = weightpack.pack(ckpt, tmp_path / "local" / "q.wpk", workers=2, **kw)
     rem = weightpack.pack(ckpt, tmp_path / "ray" / "q.wpk", executor="ray", **kw)
-    assert loc["allocation"] == rem["allocation"] and len(rem["shards"]) >= 2
+    assert loc.allocation == rem.allocation and len(rem.shards) >= 2
     _same_set(tmp_path / "local" / "q.wpk.index.json", tmp_path / "ray" / "q.wpk.index.json")
-    rep = weightpack.verify(rem["path"], against=ckpt, executor="ray", min_sqnr=5)
+    rep = weightpack.verify(rem.path, against=ckpt, executor="ray", min_sqnr=5)
     assert rep.ok and rep.quality, rep.problems
-    a = weightpack.unpack(loc["path"], tmp_path / "a.safetensors")
-    b = weightpack.unpack(rem["path"], tmp_path / "b.safetensors", executor="ray")
+    a = weightpack.unpack(loc.path, tmp_path / "a.safetensors")
+    b = weightpack.unpack(rem.path, tmp_path / "b.safetensors", executor="ray")
     assert sha256(a) == sha256(b)
 
 

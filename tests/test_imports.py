@@ -15,9 +15,9 @@ Two rules:
   Dunder names (`__version__`) are public; a module's own names, and package modules whose names start with
   an underscore (`_interrupt`, `_native`), are fine.
 
-KNOWN lists what the code did when this test was written (issue 11), so that the suite stays green while the
-refactor that removes them is under way. The test also fails on a KNOWN entry that no longer occurs: when the
-last fix lands, KNOWN is empty and stays so.
+KNOWN lists the cases let stand, each with a comment saying why. It is empty: the cycles and underscore
+names there were when this test was written were removed in issue 11. The test also fails on a KNOWN entry
+that no longer occurs.
 """
 
 from __future__ import annotations
@@ -28,29 +28,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "weightpack"
 
-KNOWN: set[str] = {
-    "cycle: api, hf, lazy, shards",
-    "cycle: coding.streams, coding.trellis",
-    "private: api -> container.ContainerReader._pread",
-    "private: api -> container._temp_prefix",
-    "private: device -> coding.fields._subplanes",
-    "private: hf -> api._device",
-    "private: hf -> api._to_tensor",
-    "private: hf -> api._use_device_decoder",
-    "private: lazy -> api.WpkFile._by_name",
-    "private: lazy -> api.WpkFile._r",
-    "private: ratecontrol -> stages.lossy._tensor",
-    "private: shards -> api._OutputTree",
-    "private: shards -> api._bar",
-    "private: shards -> api._device",
-    "private: shards -> api._output_path",
-    "private: shards -> api._pack_once",
-    "private: shards -> api._quality_problems",
-    "private: shards -> api._to_tensor",
-    "private: shards -> api._use_device_decoder",
-    "private: shards -> api._write_from_device",
-    "private: shards -> container.ContainerReader._pread",
-}
+KNOWN: set[str] = set()
 
 
 # -- reading the package ---------------------------------------------------------------------------------

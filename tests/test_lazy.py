@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import weightpack
-from weightpack.coding import streams
+from weightpack.coding.codecs import registry
 from weightpack.errors import WeightpackError
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
@@ -109,13 +109,13 @@ def big(tmp_path_factory):
 
 def _count_chunks(monkeypatch):
     calls = []
-    real = streams.decode_chunk
+    real = registry.decode_chunk
 
     def counting(plan, i, *args):
         calls.append(i)
         return real(plan, i, *args)
 
-    monkeypatch.setattr(streams, "decode_chunk", counting)
+    monkeypatch.setattr(registry, "decode_chunk", counting)
     return calls
 
 

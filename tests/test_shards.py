@@ -46,15 +46,15 @@ def packed(tmp_path):
 def test_sharded_pack_round_trips_and_each_shard_stands_alone(packed, tmp_path):
     src, tensors, out, res = packed
     index = out / "model.wpk.index.json"
-    assert res["path"] == str(index)
-    n = len(res["shards"])
+    assert res.path == str(index)
+    n = len(res.shards)
     assert n == 5  # the norm; the 2 MiB embedding alone; the 512 KiB matrices two by two
-    assert _files(out) == sorted(res["shards"] + ["model.wpk.index.json"])
-    assert res["shards"][0] == f"model-00001-of-{n:05d}.wpk"
+    assert _files(out) == sorted(res.shards + ["model.wpk.index.json"])
+    assert res.shards[0] == f"model-00001-of-{n:05d}.wpk"
     idx = json.loads(index.read_text())
     assert set(idx["weight_map"]) == set(tensors) and len(idx["shards"]) == n
     assert all(s["sha256"] == sha256(out / s["name"]) for s in idx["shards"])
-    assert res["bytes_out"] == sum((out / s).stat().st_size for s in res["shards"]) + index.stat().st_size
+    assert res.bytes_out == sum((out / s).stat().st_size for s in res.shards) + index.stat().st_size
 
     for where in (index, out):  # the index or the folder
         got = weightpack.load(where)
@@ -63,16 +63,16 @@ def test_sharded_pack_round_trips_and_each_shard_stands_alone(packed, tmp_path):
         assert sorted(f.keys()) == sorted(tensors) and f.metadata() == {"format": "pt"}
         assert torch.equal(f.get_tensor("embed"), tensors["embed"])
     rep = weightpack.inspect(index)
-    assert rep["totals"]["tensors"] == len(tensors) and len(rep["shards"]) == n
+    assert rep.totals.tensors == len(tensors) and len(rep.shards) == n
     assert weightpack.verify(index, against=src).ok
     restored = weightpack.unpack(index, tmp_path / "restored.safetensors")
     assert sha256(restored) == sha256(src)
 
     seen = {}
-    for name in res["shards"]:  # each shard on its own: a valid container of its tensors
+    for name in res.shards:  # each shard on its own: a valid container of its tensors
         assert weightpack.verify(out / name).ok
         part = weightpack.load(out / name)
-        assert weightpack.inspect(out / name)["totals"]["tensors"] == len(part)
+        assert weightpack.inspect(out / name).totals.tensors == len(part)
         seen.update(part)
         one = weightpack.unpack(out / name, tmp_path / f"{name}.safetensors")
         assert set(load_file(str(one))) == set(part)
@@ -86,9 +86,9 @@ def test_one_shard_and_a_sharded_source_folder(tmp_path):
     make_sharded(tensors, folder, 3, metadata={"k": "v"})
     (folder / "config.json").write_text('{"a": 1}')
     whole = weightpack.pack(folder, tmp_path / "one", shard_size="1GB", workers=1)
-    assert whole["shards"] == ["one-00001-of-00001.wpk"] and whole["path"] == str(tmp_path / "one.wpk.index.json")
+    assert whole.shards == ["one-00001-of-00001.wpk"] and whole.path == str(tmp_path / "one.wpk.index.json")
     res = weightpack.pack(folder, tmp_path / "x.wpk", shard_size=10**6, workers=1)
-    assert len(res["shards"]) == 1  # 49 kB of tensors
+    assert len(res.shards) == 1  # 49 kB of tensors
     back = weightpack.unpack(tmp_path / "x.wpk.index.json", tmp_path / "back")
     for p in folder.iterdir():
         assert sha256(back / p.name) == sha256(p), p.name
@@ -100,7 +100,7 @@ def test_several_source_files_split_across_shards(tmp_path):
     tensors = {f"w{i}": torch.randn(300, 1000, generator=g).to(torch.bfloat16) for i in range(5)}
     idx = make_sharded(tensors, tmp_path / "src", 2)  # files of 3 and 2 tensors, 600 kB each
     res = weightpack.pack(idx, tmp_path / "m.wpk", shard_size="1.3MB", workers=1)
-    assert len(res["shards"]) == 3
+    assert len(res.shards) == 3
     back = weightpack.unpack(tmp_path / "m.wpk.index.json", tmp_path / "back")
     for p in (tmp_path / "src").iterdir():
         assert sha256(back / p.name) == sha256(p), p.name
@@ -109,27 +109,27 @@ def test_several_source_files_split_across_shards(tmp_path):
 def test_a_missing_or_damaged_shard_is_named(packed, tmp_path):
     src, tensors, out, res = packed
     index = out / "model.wpk.index.json"
-    victim = out / res["shards"][2]
+    victim = out / res.shards[2]
     data = bytearray(victim.read_bytes())
     data[200] ^= 0xFF  # inside the first coded chunk
     victim.write_bytes(bytes(data))
-    with pytest.raises(weightpack.FormatError, match=res["shards"][2]):
+    with pytest.raises(weightpack.FormatError, match=res.shards[2]):
         weightpack.load(index)
     rep = weightpack.verify(index)
-    assert not rep.ok and any(res["shards"][2] in p for p in rep.problems)
+    assert not rep.ok and any(res.shards[2] in p for p in rep.problems)
     victim.unlink()
     for fn in (weightpack.load, weightpack.inspect, weightpack.verify):
-        with pytest.raises(weightpack.FormatError, match=f"shard {res['shards'][2]} is missing"):
+        with pytest.raises(weightpack.FormatError, match=f"shard {res.shards[2]} is missing"):
             fn(index)
     r = cli("unpack", index, "-o", tmp_path / "restored")
-    assert r.returncode == 2 and res["shards"][2] in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and res.shards[2] in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "restored").exists()
     # a shard from another pack under the right name
     other = tmp_path / "other"
     other.mkdir()
     weightpack.pack(src, other / "model.wpk", shard_size=1_100_000, workers=1, level=1)
-    os.replace(other / res["shards"][2], victim)
-    with pytest.raises(weightpack.FormatError, match=res["shards"][2]):
+    os.replace(other / res.shards[2], victim)
+    with pytest.raises(weightpack.FormatError, match=res.shards[2]):
         weightpack.load(index)
 
 
@@ -160,10 +160,10 @@ def test_hostile_indexes_are_one_line_errors(packed, tmp_path):
         assert not (tmp_path / "restored").exists()
     # two shards that both hold one tensor (the index lists it once, the shards disagree)
     index.write_text(good)
-    one = out / res["shards"][1]
+    one = out / res.shards[1]
     os.replace(one, tmp_path / "keep.wpk")
     import shutil
-    shutil.copy(out / res["shards"][0], one)
+    shutil.copy(out / res.shards[0], one)
     _edit_index(index, lambda i: i["shards"][1].update({k: i["shards"][0][k] for k in ("size", "sha256", "index_crc32")}))
     with pytest.raises(weightpack.FormatError, match="claimed by shards"):
         weightpack.load(index)

@@ -31,8 +31,8 @@ def test_tensors_with_nan_or_inf_stay_lossless_under_a_lossy_recipe(tmp_path):
     src = tmp_path / "nan.safetensors"
     save_file({"ok.weight": w, "bad.weight": bad}, str(src))
     weightpack.pack(src, tmp_path / "n.wpk", recipe="int8")
-    rows = {r["name"]: r for r in weightpack.inspect(tmp_path / "n.wpk")["tensors"]}
-    assert rows["bad.weight"]["stages"] == ["lossless"] and rows["ok.weight"]["stages"] != ["lossless"]
+    rows = {r.name: r for r in weightpack.inspect(tmp_path / "n.wpk").tensors}
+    assert rows["bad.weight"].stages == ["lossless"] and rows["ok.weight"].stages != ["lossless"]
     got = weightpack.load(tmp_path / "n.wpk")
     assert torch.equal(got["bad.weight"].view(torch.int32), bad.view(torch.int32))
     assert weightpack.verify(tmp_path / "n.wpk", against=src).ok

@@ -48,13 +48,13 @@ def test_lowrank_auto_factorizes_only_where_it_pays(tmp_path, mats):
     assert r.returncode == 0, r.stderr
     assert "low rank: 1 of 2 matrices factorized: low.weight" in r.stdout and "no rank saved bits" in r.stdout
     weightpack.pack(mats, tmp_path / "t.wpk", recipe="q-tcq")
-    rows = {x["name"]: x for x in weightpack.inspect(tmp_path / "a.wpk")["tensors"]}
-    direct = {x["name"]: x for x in weightpack.inspect(tmp_path / "t.wpk")["tensors"]}
-    assert rows["low.weight"]["stages"][0].startswith("lowrank")
-    assert rows["low.weight"]["bytes_after"] < 0.5 * direct["low.weight"]["bytes_after"]
-    assert rows["full.weight"]["stages"] == direct["full.weight"]["stages"] == ["tcq22.8dB"]
-    assert rows["full.weight"]["bytes_after"] == direct["full.weight"]["bytes_after"]
-    assert min(x["quality"]["sqnr_db"] for x in rows.values() if x["quality"]) >= 22.8
+    rows = {x.name: x for x in weightpack.inspect(tmp_path / "a.wpk").tensors}
+    direct = {x.name: x for x in weightpack.inspect(tmp_path / "t.wpk").tensors}
+    assert rows["low.weight"].stages[0].startswith("lowrank")
+    assert rows["low.weight"].bytes_after < 0.5 * direct["low.weight"].bytes_after
+    assert rows["full.weight"].stages == direct["full.weight"].stages == ["tcq22.8dB"]
+    assert rows["full.weight"].bytes_after == direct["full.weight"].bytes_after
+    assert min(x.quality["sqnr_db"] for x in rows.values() if x.quality) >= 22.8
     assert weightpack.verify(tmp_path / "a.wpk", against=mats, min_sqnr=22.8).ok
     back, out = weightpack.load(tmp_path / "a.wpk"), load_file(str(weightpack.unpack(tmp_path / "a.wpk", tmp_path / "o.safetensors")))
     assert all(torch.equal(back[k], out[k]) for k in out) and torch.equal(out["norm"], torch.ones(7))
@@ -64,8 +64,8 @@ def test_fixed_rank_and_recipe_checks(tmp_path, mats):
     rec = {"name": "r8", "rules": [{"match": "*", "min_dims": 2, "stages": [
         {"name": "lowrank", "rank": 8}, {"name": "quantize", "mode": "tcq", "sqnr": 30.0}]}]}
     weightpack.pack(mats, tmp_path / "r.wpk", recipe=rec)
-    rows = [x for x in weightpack.inspect(tmp_path / "r.wpk")["tensors"] if x["stages"] != ["lossless"]]
-    assert all(x["stages"][0].startswith("lowrank8+") and x["quality"]["sqnr_db"] >= 30 for x in rows)
+    rows = [x for x in weightpack.inspect(tmp_path / "r.wpk").tensors if x.stages != ["lossless"]]
+    assert all(x.stages[0].startswith("lowrank8+") and x.quality["sqnr_db"] >= 30 for x in rows)
     for bad, msg in (([{"name": "lowrank", "rank": -1}, {"name": "quantize"}], "rank"),
                      ([{"name": "quantize"}, {"name": "lowrank"}], "stages must be"),
                      ([{"name": "lowrank", "rnk": 3}, {"name": "quantize"}], "rnk")):
@@ -93,9 +93,9 @@ def test_lowrank_on_the_real_model_says_what_it_decided(tmp_path, minilm):
     rec = {"name": "x", "rules": [{"match": "embeddings.*", "min_dims": 2, "stages": [
         {"name": "lowrank"}, {"name": "quantize", "mode": "tcq", "sqnr": 22.8}]}]}
     res = weightpack.pack(minilm, tmp_path / "m.wpk", recipe=rec)
-    ranks = {d["name"]: d["rank"] for d in res["lowrank"]}
+    ranks = {d.name: d.rank for d in res.lowrank}
     assert ranks["embeddings.word_embeddings.weight"] == 0 and ranks["embeddings.position_embeddings.weight"] > 0
     assert weightpack.verify(tmp_path / "m.wpk", against=minilm, min_sqnr=22.8).ok
-    sizes = {x["name"]: x["bits_per_weight"] for x in weightpack.inspect(tmp_path / "m.wpk")["tensors"]}
+    sizes = {x.name: x.bits_per_weight for x in weightpack.inspect(tmp_path / "m.wpk").tensors}
     assert sizes["embeddings.position_embeddings.weight"] < 3.5  # q-tcq: ~4.1 at this quality
     assert math.isfinite(sizes["embeddings.word_embeddings.weight"])

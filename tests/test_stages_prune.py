@@ -37,7 +37,7 @@ def test_pruning_patterns(shape):
 def test_pruned_presets_are_cheaper_than_dense(tmp_path, minilm, recipe, max_bpw):
     wpk = tmp_path / "p.wpk"
     weightpack.pack(minilm, wpk, recipe=recipe)
-    assert weightpack.inspect(wpk)["totals"]["bits_per_weight"] < max_bpw
+    assert weightpack.inspect(wpk).totals.bits_per_weight < max_bpw
     got, ref = weightpack.load(wpk), load_file(str(minilm))
     w = ref["encoder.layer.0.intermediate.dense.weight"]
     g = got["encoder.layer.0.intermediate.dense.weight"]

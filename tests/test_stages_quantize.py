@@ -57,17 +57,17 @@ def test_presets_on_the_real_model(tmp_path, minilm, recipe, max_bpw, min_db):
     wpk = tmp_path / f"{recipe}.wpk"
     weightpack.pack(minilm, wpk, recipe=recipe)
     rep = weightpack.inspect(wpk)
-    assert rep["totals"]["bits_per_weight"] < max_bpw
-    lossy_rows = [r for r in rep["tensors"] if r["stages"] != ["lossless"]]
-    assert len(lossy_rows) == 40 and all(len(r["shape"]) == 2 for r in lossy_rows)
+    assert rep.totals.bits_per_weight < max_bpw
+    lossy_rows = [r for r in rep.tensors if r.stages != ["lossless"]]
+    assert len(lossy_rows) == 40 and all(len(r.shape) == 2 for r in lossy_rows)
     ref, got = load_file(str(minilm)), weightpack.load(wpk)
     out = weightpack.unpack(wpk, tmp_path / "out.safetensors")
     back = load_file(str(out))
     for k, v in ref.items():
         assert torch.equal(got[k], back[k]) and got[k].dtype == v.dtype
         if v.dim() == 2 and v.is_floating_point():
-            row = next(r for r in rep["tensors"] if r["name"] == k)
-            assert abs(row["quality"]["sqnr_db"] - sqnr(v, got[k])) < 1e-6 and sqnr(v, got[k]) > min_db
+            row = next(r for r in rep.tensors if r.name == k)
+            assert abs(row.quality["sqnr_db"] - sqnr(v, got[k])) < 1e-6 and sqnr(v, got[k]) > min_db
         else:
             assert torch.equal(got[k], v)  # norms and biases stay exact
     report = weightpack.verify(wpk, against=minilm, min_sqnr=min_db)
@@ -85,16 +85,16 @@ def test_ecsq_and_min_sqnr_reach_their_quality_with_the_fewest_bits(tmp_path, mi
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rep = weightpack.inspect(tmp_path / "e.wpk")
-    lossy_rows = [x for x in rep["tensors"] if x["stages"] != ["lossless"]]
-    assert len(lossy_rows) == 40 and min(x["quality"]["sqnr_db"] for x in lossy_rows) >= 22.8
-    assert {x["stages"][0] for x in lossy_rows} == {"tcq22.8dB"}  # --min-sqnr: trellis-coded quantization
-    bits = sum(x["bytes_after"] for x in lossy_rows) * 8 / sum(math.prod(x["shape"]) for x in lossy_rows)
+    lossy_rows = [x for x in rep.tensors if x.stages != ["lossless"]]
+    assert len(lossy_rows) == 40 and min(x.quality["sqnr_db"] for x in lossy_rows) >= 22.8
+    assert {x.stages[0] for x in lossy_rows} == {"tcq22.8dB"}  # --min-sqnr: trellis-coded quantization
+    bits = sum(x.bytes_after for x in lossy_rows) * 8 / sum(math.prod(x.shape) for x in lossy_rows)
     assert bits < 3.95  # GGUF Q4_K needs 4.5 at this quality; docs/BENCHMARKS-lossy.md has the measured figures
     report = weightpack.verify(tmp_path / "e.wpk", against=minilm, min_sqnr=22.8)
     assert report.ok
 
 
-# -- trellis-coded quantization (the search: coding/trellis.py) ------------------------------------
+# -- trellis-coded quantization (the search: stages/tcq.py) ----------------------------------------
 
 def test_tcq_stage_reaches_its_quality_with_fewer_bits_than_ecsq():
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(7)) * 0.02
@@ -124,9 +124,9 @@ def test_q_tcq_on_the_real_model(tmp_path, minilm):
                                         "stages": [{"name": "quantize", "mode": mode, "sqnr": 22.8}]}]}
         wpk = tmp_path / f"{mode}.wpk"
         weightpack.pack(minilm, wpk, recipe=rec)
-        rows = [r for r in weightpack.inspect(wpk)["tensors"] if r["stages"] != ["lossless"]]
-        assert len(rows) == 6 and min(r["quality"]["sqnr_db"] for r in rows) >= 22.8
-        sizes[mode] = 8 * sum(r["bytes_after"] for r in rows) / sum(math.prod(r["shape"]) for r in rows)
+        rows = [r for r in weightpack.inspect(wpk).tensors if r.stages != ["lossless"]]
+        assert len(rows) == 6 and min(r.quality["sqnr_db"] for r in rows) >= 22.8
+        sizes[mode] = 8 * sum(r.bytes_after for r in rows) / sum(math.prod(r.shape) for r in rows)
         assert weightpack.verify(wpk, against=minilm, min_sqnr=22.8).ok
     assert sizes["tcq"] < sizes["ecsq"] - 0.1, sizes
 
@@ -145,11 +145,11 @@ def test_tcq_on_every_float_dtype_and_odd_shapes(tmp_path):
     rec = {"name": "all", "rules": [{"match": "*", "min_dims": 0, "stages": [
         {"name": "quantize", "mode": "tcq", "sqnr": 30.0}]}]}
     weightpack.pack(idx, tmp_path / "s.wpk", recipe=rec)
-    rows = {r["name"]: r for r in weightpack.inspect(tmp_path / "s.wpk")["tensors"]}
+    rows = {r.name: r for r in weightpack.inspect(tmp_path / "s.wpk").tensors}
     for name in ("f32", "f16", "bf16", "f64", "conv", "vec"):
-        assert rows[name]["stages"] == ["tcq30dB"] and rows[name]["quality"]["sqnr_db"] >= 30, name
-    assert rows["zeros"]["quality"]["sqnr_db"] is None  # exact: no error
-    assert rows["empty"]["stages"] == rows["ints"]["stages"] == ["lossless"]
+        assert rows[name].stages == ["tcq30dB"] and rows[name].quality["sqnr_db"] >= 30, name
+    assert rows["zeros"].quality["sqnr_db"] is None  # exact: no error
+    assert rows["empty"].stages == rows["ints"].stages == ["lossless"]
     assert weightpack.verify(tmp_path / "s.wpk", against=idx, min_sqnr=30).ok
     out = weightpack.unpack(tmp_path / "s.wpk", tmp_path / "out")
     back = weightpack.load(tmp_path / "s.wpk")
@@ -158,7 +158,7 @@ def test_tcq_on_every_float_dtype_and_odd_shapes(tmp_path):
     assert (out / "model.safetensors.index.json").exists()
     # rate control over a sharded checkpoint
     res = weightpack.pack(idx, tmp_path / "b.wpk", bits=3.0)
-    assert res["allocation"]["bits_per_weight"] <= 3.0
+    assert res.allocation.bits_per_weight <= 3.0
 
 
 def test_very_fine_steps_fall_back_to_plain_integer_coding(tmp_path):
@@ -167,8 +167,8 @@ def test_very_fine_steps_fall_back_to_plain_integer_coding(tmp_path):
     w[0, 0] = 3.0  # an outlier: at 50 dB the levels span far more values than a table holds
     save_file({"w": w}, str(tmp_path / "o.safetensors"))
     weightpack.pack(tmp_path / "o.safetensors", tmp_path / "o.wpk", min_sqnr=50)
-    rows = weightpack.inspect(tmp_path / "o.wpk")["tensors"]
-    assert rows[0]["quality"]["sqnr_db"] >= 50 and "trellis" not in rows[0]["codec"]
+    rows = weightpack.inspect(tmp_path / "o.wpk").tensors
+    assert rows[0].quality["sqnr_db"] >= 50 and "trellis" not in rows[0].codec
     assert weightpack.verify(tmp_path / "o.wpk", against=tmp_path / "o.safetensors", min_sqnr=50).ok
     r = subprocess.run(CLI + ["pack", str(tmp_path / "o.safetensors"), "-o", str(tmp_path / "p.wpk"), "--min-sqnr", "70"],
                        capture_output=True, text=True)  # beyond what int16 multiples can hold: a clear error

@@ -27,7 +27,7 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_save_file_and_load_file(tmp_path):
     tensors = {"w": torch.randn(30, 20), "b": torch.zeros(20, dtype=torch.bfloat16), "i": torch.arange(7)}
     res = save_file(tensors, tmp_path / "t.wpk", metadata={"format": "pt", "note": "x"}, workers=1)
-    assert res["tensors"] == 3
+    assert res.tensors == 3
     back = load_file(tmp_path / "t.wpk")
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     with safe_open(tmp_path / "t.wpk", framework="pt") as f:

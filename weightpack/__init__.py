@@ -31,24 +31,30 @@ if _started_as_command():  # Ctrl-C while the command starts: one line, exit 130
 
     exit_on_sigint()
 
-from .errors import CheckpointError, FormatError, OutputError, RecipeError, VerifyError, WeightpackError  # noqa: E402
+from .errors import (BudgetError, CheckpointError, ClusterError, FormatError, ModelLoadError, OutputError,  # noqa: E402
+                     RecipeError, UsageError, VerifyError, WeightpackError)
 from .diff import DiffReport, diff  # noqa: E402  (bound here: the submodule's name must stay the function)
+from .verify import verify  # noqa: E402  (the same)
 
 __version__ = "0.1.0"
 __all__ = [
-    "pack", "unpack", "load", "open", "inspect", "verify", "diff", "WpkFile", "VerifyReport", "DiffReport",
-    "WeightpackError", "CheckpointError", "FormatError", "OutputError", "RecipeError", "VerifyError",
+    "pack", "unpack", "load", "open", "inspect", "verify", "diff", "WpkFile", "PackResult", "InspectReport",
+    "VerifyReport", "DiffReport", "WeightpackError", "CheckpointError", "FormatError", "RecipeError", "UsageError",
+    "BudgetError", "OutputError", "ClusterError", "ModelLoadError", "VerifyError",
 ]
-_API = ("pack", "unpack", "load", "open", "inspect", "verify", "WpkFile", "VerifyReport")
+# the API (api.py) by its public names; `open` is api.open_lazy (api.py leaves the builtin's name alone)
+_API = {"pack": "pack", "unpack": "unpack", "load": "load", "open": "open_lazy", "inspect": "inspect",
+        "WpkFile": "WpkFile", "PackResult": "PackResult", "InspectReport": "InspectReport",
+        "VerifyReport": "VerifyReport"}
 
 
 def __getattr__(name: str):
-    # The API (numpy, zstandard, ...) is imported on first use, so that the command line can take over
-    # Ctrl-C before its heavy imports (an interrupt while importing would otherwise print a traceback).
+    # api.py is imported on first use (diff and verify are bound above: their submodules' names must stay the
+    # functions). When started as the command, Ctrl-C is taken over above, before any of these imports.
     if name in _API:
         from . import api
 
-        return getattr(api, name)
+        return getattr(api, _API[name])
     raise AttributeError(f"module 'weightpack' has no attribute {name!r}")
 
 

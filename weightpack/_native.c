@@ -962,3 +962,109 @@ int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t 
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native", "ctypes kernels", -1, NULL};
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
+
+/* -- crc32 (zlib's: the reflected polynomial 0xEDB88320) ----------------------------------------------
+ *
+ * The checksums of every chunk, coded and decoded, on both sides. zlib's crc32 here runs at ~2.7 GB/s;
+ * with carry-less multiplication (PCLMULQDQ) four 128-bit accumulators fold 64 bytes a step, then one,
+ * then 64 -> 32 bits by Barrett reduction (the method of Gopal et al., "Fast CRC Computation for Generic
+ * Polynomials Using PCLMULQDQ", Intel, 2009, with its constants for this polynomial). The bytes outside
+ * whole 16-byte blocks, and CPUs without the instruction, go through a byte table. Same value as
+ * zlib.crc32(data, value) (tests/test_native.py). */
+static uint32_t crc_table[256];
+static void crc_table_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c >> 1) ^ (0xEDB88320u & -(c & 1));
+        crc_table[i] = c;
+    }
+}
+static uint32_t crc_bytes(uint32_t c, const uint8_t *p, int64_t n) { /* c: the register (not inverted) */
+    for (int64_t i = 0; i < n; i++)
+        c = crc_table[(c ^ p[i]) & 0xFF] ^ (c >> 8);
+    return c;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define WP_CLMUL __attribute__((target("pclmul,sse4.1")))
+#define WP_VCLMUL __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.1")))
+static int clmul_ok = -1, vclmul_ok = -1;
+#define FOLD(X, K, D) _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(X, K, 0x00), _mm_clmulepi64_si128(X, K, 0x11)), D)
+/* four accumulators of 16 bytes (consecutive blocks) folded on by 64 bytes a step over p[0, n), n % 16 == 0,
+ * then into one, and reduced to the register's 32 bits */
+static WP_CLMUL uint32_t crc_fold(__m128i x1, __m128i x2, __m128i x3, __m128i x4, const uint8_t *p, int64_t n) {
+    const __m128i k1k2 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+    const __m128i k3k4 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+    const __m128i k5 = _mm_set_epi64x(0, 0x163cd6124LL);
+    const __m128i poly = _mm_set_epi64x(0x1F7011641LL, 0x1DB710641LL);
+    const __m128i mask32 = _mm_set_epi32(0, 0, 0, -1);
+    for (; n >= 64; p += 64, n -= 64) {
+        x1 = FOLD(x1, k1k2, _mm_loadu_si128((const __m128i *)p));
+        x2 = FOLD(x2, k1k2, _mm_loadu_si128((const __m128i *)(p + 16)));
+        x3 = FOLD(x3, k1k2, _mm_loadu_si128((const __m128i *)(p + 32)));
+        x4 = FOLD(x4, k1k2, _mm_loadu_si128((const __m128i *)(p + 48)));
+    }
+    x1 = FOLD(x1, k3k4, x2);
+    x1 = FOLD(x1, k3k4, x3);
+    x1 = FOLD(x1, k3k4, x4);
+    for (; n >= 16; p += 16, n -= 16)
+        x1 = FOLD(x1, k3k4, _mm_loadu_si128((const __m128i *)p));
+    /* 128 -> 64 bits (also appending 32 zero bits), then 64 -> 32 */
+    __m128i t = _mm_xor_si128(_mm_clmulepi64_si128(x1, k3k4, 0x10), _mm_srli_si128(x1, 8));
+    t = _mm_xor_si128(_mm_clmulepi64_si128(_mm_and_si128(t, mask32), k5, 0x00), _mm_srli_si128(t, 4));
+    __m128i u = _mm_clmulepi64_si128(_mm_and_si128(t, mask32), poly, 0x10);
+    u = _mm_clmulepi64_si128(_mm_and_si128(u, mask32), poly, 0x00);
+    return (uint32_t)_mm_extract_epi32(_mm_xor_si128(u, t), 1);
+}
+#undef FOLD
+
+static WP_CLMUL uint32_t crc_clmul(uint32_t c, const uint8_t *p, int64_t n) { /* n >= 64, n % 16 == 0 */
+    __m128i x1 = _mm_xor_si128(_mm_loadu_si128((const __m128i *)p), _mm_cvtsi32_si128((int)c));
+    return crc_fold(x1, _mm_loadu_si128((const __m128i *)(p + 16)), _mm_loadu_si128((const __m128i *)(p + 32)),
+                    _mm_loadu_si128((const __m128i *)(p + 48)), p + 64, n - 64);
+}
+
+/* The same with VPCLMULQDQ: four 64-byte accumulators fold 256 bytes a step (constants for 2048 bits),
+ * are folded into one (512 bits apart), whose four 16-byte lanes go on as crc_fold's accumulators. */
+static WP_VCLMUL uint32_t crc_vclmul(uint32_t c, const uint8_t *p, int64_t n) { /* n >= 256, n % 16 == 0 */
+    const __m512i k2048 = _mm512_broadcast_i32x4(_mm_set_epi64x(0x1322d1430LL, 0x11542778aLL));
+    const __m512i k512 = _mm512_broadcast_i32x4(_mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL));
+#define ZFOLD(Z, K, D) _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(Z, K, 0x00), _mm512_clmulepi64_epi128(Z, K, 0x11), D, 0x96)
+    __m512i z1 = _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_castsi128_si512(_mm_cvtsi32_si128((int)c)));
+    __m512i z2 = _mm512_loadu_si512(p + 64), z3 = _mm512_loadu_si512(p + 128), z4 = _mm512_loadu_si512(p + 192);
+    for (p += 256, n -= 256; n >= 256; p += 256, n -= 256) {
+        z1 = ZFOLD(z1, k2048, _mm512_loadu_si512(p));
+        z2 = ZFOLD(z2, k2048, _mm512_loadu_si512(p + 64));
+        z3 = ZFOLD(z3, k2048, _mm512_loadu_si512(p + 128));
+        z4 = ZFOLD(z4, k2048, _mm512_loadu_si512(p + 192));
+    }
+    z1 = ZFOLD(z1, k512, z2);
+    z1 = ZFOLD(z1, k512, z3);
+    z1 = ZFOLD(z1, k512, z4);
+#undef ZFOLD
+    return crc_fold(_mm512_extracti32x4_epi32(z1, 0), _mm512_extracti32x4_epi32(z1, 1),
+                    _mm512_extracti32x4_epi32(z1, 2), _mm512_extracti32x4_epi32(z1, 3), p, n);
+}
+#endif
+
+/* zlib.crc32(data, value) */
+uint32_t wp_crc32(const uint8_t *p, int64_t n, uint32_t value) {
+    uint32_t c = ~value;
+    if (!crc_table[1])
+        crc_table_init();
+#ifdef WP_CLMUL
+    if (clmul_ok < 0) {
+        __builtin_cpu_init();
+        clmul_ok = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+        vclmul_ok = clmul_ok && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("vpclmulqdq");
+    }
+    if (clmul_ok && simd_on != 0 && n >= 64) {
+        int64_t whole = n & ~(int64_t)15;
+        c = vclmul_ok && whole >= 256 ? crc_vclmul(c, p, whole) : crc_clmul(c, p, whole);
+        p += whole, n -= whole;
+    }
+#endif
+    return ~crc_bytes(c, p, n);
+}

@@ -8,6 +8,7 @@ its original offset, which needs the exact header text and offsets that the safe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -75,6 +76,12 @@ def pread_into(fd: int, offset: int, buf, error: type = CheckpointError, what: s
 def read_exact(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb", buffering=0) as f:
         return pread_exact(f.fileno(), offset, length, CheckpointError, str(path))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a whole file (read in pieces)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def is_text(s: str) -> bool:

@@ -42,6 +42,9 @@ def _workers(v: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .ratecontrol import ALLOCATIONS
+    from .recipe import DEFAULT_LEVEL, LEVELS
+
     p = _Parser(prog="weightpack", description="Compress model weights (safetensors) into .wpk containers and back.",
                 epilog=EPILOG)
     p.add_argument("--version", action="version", version=f"weightpack {__version__}")
@@ -65,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("src", help="model.safetensors, model.safetensors.index.json, or a model folder")
     sp.add_argument("-o", "--output", help="output .wpk (default: beside SRC)")
     sp.add_argument("-r", "--recipe", default="lossless", help="preset name or TOML file (default: lossless)")
-    sp.add_argument("-l", "--level", type=int, choices=[1, 2, 3], default=None,
-                    help="1 fastest decode, 2 default, 3 smallest")
+    levels = sorted(LEVELS)
+    sp.add_argument("-l", "--level", type=int, choices=levels, default=None,
+                    help=f"{levels[0]} fastest decode, {DEFAULT_LEVEL} default, {levels[-1]} smallest")
     target = sp.add_mutually_exclusive_group()
     target.add_argument("--min-sqnr", type=float, metavar="DB",
                         help="lossy: trellis-code every matrix with the coarsest step keeping its SQNR >= DB "
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "every ecsq/tcq matrix (q-tcq's rules when the recipe has none), the least total error")
     target.add_argument("--size", metavar="SIZE",
                         help="lossy: the whole file at most SIZE (bytes, or 9.5MiB, 2G, ...), allocated as --bits")
-    sp.add_argument("--allocate", choices=["absolute", "relative", "tensor"], default=None,
+    sp.add_argument("--allocate", choices=ALLOCATIONS, default=None,
                     help="with --bits/--size: one step for all (least total squared error; default); one step "
                          "in units of each tensor's RMS (least sum over weights of relative errors); or in units "
                          "of RMS x sqrt(size / 2^20) (least sum of the tensors' relative errors, each tensor "
@@ -167,32 +171,32 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> None:
         print("  ".join(cells).rstrip())
 
 
-def _print_inspect(rep: dict) -> None:
+def _print_inspect(rep) -> None:
     rows = []
-    for r in rep["tensors"]:
-        shape = "x".join(map(str, r["shape"])) or "scalar"
-        q = r.get("quality") or {}
+    for r in rep.tensors:
+        shape = "x".join(map(str, r.shape)) or "scalar"
+        q = r.quality or {}
         sqnr = "exact" if not q else ("inf" if q.get("sqnr_db") is None else f"{q['sqnr_db']:.1f} dB")
-        rows.append([r["name"], r["dtype"], shape, ",".join(r["stages"]), _human(r["bytes_before"]),
-                     _human(r["bytes_after"]), f"{r['bits_per_weight']:.2f}", sqnr, str(r["codec"])])
+        rows.append([r.name, r.dtype, shape, ",".join(r.stages), _human(r.bytes_before),
+                     _human(r.bytes_after), f"{r.bits_per_weight:.2f}", sqnr, str(r.codec)])
     _table(["tensor", "dtype", "shape", "stages", "before", "after", "bpw", "SQNR", "codec"], rows, {4, 5, 6, 7})
-    t = rep["totals"]
-    print(f"{t['tensors']} tensors, {t['weights']:,} weights: {_human(t['source_bytes'])} -> "
-          f"{_human(t['container_bytes'])} ({100 * t['ratio']:.2f}%), {t['bits_per_weight']:.3f} bits per weight")
+    t = rep.totals
+    print(f"{t.tensors} tensors, {t.weights:,} weights: {_human(t.source_bytes)} -> "
+          f"{_human(t.container_bytes)} ({100 * t.ratio:.2f}%), {t.bits_per_weight:.3f} bits per weight")
 
 
-def _print_allocation(a: dict) -> None:
+def _print_allocation(a) -> None:
     """What rate control gave each lossy tensor."""
-    w = max([len(t["name"]) for t in a["tensors"]] + [6])
+    w = max([len(t.name) for t in a.tensors] + [6])
     print(f"{'tensor':<{w}}  {'bpw':>6}  {'SQNR':>8}")
-    for t in a["tensors"]:
-        print(f"{t['name']:<{w}}  {t['bits_per_weight']:>6.3f}  {t['sqnr_db']:>6.2f}dB")
-    goal = a["target"]
-    want = f"{goal['bits_per_weight']:g} bits per weight" if "bits_per_weight" in goal else _human(goal["bytes"])
+    for t in a.tensors:
+        print(f"{t.name:<{w}}  {t.bits_per_weight:>6.3f}  {t.sqnr_db:>6.2f}dB")
+    goal = a.target
+    want = f"{goal.bits_per_weight:g} bits per weight" if goal.bits_per_weight is not None else _human(goal.bytes)
     unit = {"relative": " x each tensor's RMS", "tensor": " x each tensor's RMS x sqrt(its size / 2^20)"}.get(
-        a["allocate"], "")
-    print(f"rate control: one step {a['step']:.4g}{unit} for all; {a['bits_per_weight']:.3f} bits per weight over the "
-          f"lossy tensors, {_human(a['bytes'])} in all (target {want})")
+        a.allocate, "")
+    print(f"rate control: one step {a.step:.4g}{unit} for all; {a.bits_per_weight:.3f} bits per weight over the "
+          f"lossy tensors, {_human(a.bytes)} in all (target {want})")
 
 
 def run(argv: Optional[list[str]] = None, in_console: bool = False) -> int:
@@ -212,31 +216,29 @@ def run(argv: Optional[list[str]] = None, in_console: bool = False) -> int:
     ray = getattr(args, "ray", None)
     on = {"executor": "ray", "ray_address": ray or None} if ray is not None else {}
     if args.command == "pack":
-        if args.allocate is not None and args.bits is None and args.size is None:
-            raise WeightpackError(f"--allocate {args.allocate} applies to rate control: give --bits or --size with it")
         res = api.pack(args.src, args.output, recipe=args.recipe, level=args.level, min_sqnr=args.min_sqnr,
                        bits=args.bits, size=args.size, allocate=args.allocate, workers=args.workers,
                        force=args.force, progress=show, shard_size=args.shard_size, **on)
         ignore_interrupts()
         if args.json:
-            print(json.dumps(res, indent=2))
+            print(json.dumps(res.to_json(), indent=2))
         elif not args.quiet:
-            if "allocation" in res:
-                _print_allocation(res["allocation"])
-            if "lowrank" in res:
-                taken = [f"{d['name']} (rank {d['rank']})" for d in res["lowrank"] if d["rank"]]
-                print(f"low rank: {len(taken)} of {len(res['lowrank'])} matrices factorized"
+            if res.allocation is not None:
+                _print_allocation(res.allocation)
+            if res.lowrank is not None:
+                taken = [f"{d.name} (rank {d.rank})" for d in res.lowrank if d.rank]
+                print(f"low rank: {len(taken)} of {len(res.lowrank)} matrices factorized"
                       + (f": {', '.join(taken)}" if taken else "")
-                      + ("; for the others no rank saved bits at equal error" if len(taken) < len(res["lowrank"]) else ""))
-            if "shards" in res:
-                print(f"{len(res['shards'])} shards: {', '.join(res['shards'])}")
-            if "lossy" in res:
-                lo = res["lossy"]
-                worst = ("exact" if lo["worst_sqnr_db"] is None else
-                         f"worst SQNR {lo['worst_sqnr_db']:.2f} dB ({lo['worst_tensor']})")
-                print(f"lossy: {lo['tensors']} tensors at {lo['bits_per_weight']:.3f} bits per weight, {worst}")
-            print(f"{res['path']}: {_human(res['bytes_in'])} -> {_human(res['bytes_out'])} "
-                  f"({100 * res['ratio']:.2f}%), {res['tensors']} tensors in {res['seconds']:.1f} s")
+                      + ("; for the others no rank saved bits at equal error" if len(taken) < len(res.lowrank) else ""))
+            if res.shards is not None:
+                print(f"{len(res.shards)} shards: {', '.join(res.shards)}")
+            if res.lossy is not None:
+                lo = res.lossy
+                worst = ("exact" if lo.worst_sqnr_db is None else
+                         f"worst SQNR {lo.worst_sqnr_db:.2f} dB ({lo.worst_tensor})")
+                print(f"lossy: {lo.tensors} tensors at {lo.bits_per_weight:.3f} bits per weight, {worst}")
+            print(f"{res.path}: {_human(res.bytes_in)} -> {_human(res.bytes_out)} "
+                  f"({100 * res.ratio:.2f}%), {res.tensors} tensors in {res.seconds:.1f} s")
     elif args.command == "unpack":
         out = api.unpack(args.src, args.output, force=args.force, workers=args.workers, progress=show,
                          device=args.device, **on)
@@ -246,7 +248,7 @@ def run(argv: Optional[list[str]] = None, in_console: bool = False) -> int:
     elif args.command == "inspect":
         rep = api.inspect(args.src)
         if args.json:
-            print(json.dumps(rep, indent=2))
+            print(json.dumps(rep.to_json(), indent=2))
         elif not args.quiet:
             _print_inspect(rep)
     elif args.command == "verify":

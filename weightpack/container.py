@@ -6,7 +6,8 @@
     trailer  32 bytes  u64 index offset, u64 index length, u32 crc32(index), u16 major, u16 minor, MAGIC
 
 The writer streams blobs to a temporary file beside the target and renames it into place only when the
-index and trailer are written, so the target name never holds a partial file. The reader checks the
+index and trailer are written, so the target name never holds a partial file; the same OutputTree (below)
+writes unpack's files and folders. The reader checks the
 trailer, the index checksum and every offset, length and size in the index before it reads or
 allocates anything; blobs are checked against their crc32 when read.
 """
@@ -17,8 +18,10 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -26,19 +29,23 @@ from typing import Any, Iterable, Iterator, Optional
 import zstandard
 
 from .checkpoint import check_relative_name, is_text, pread_exact, validate_header
-from .coding.streams import check_params
+from .coding.codecs.registry import check_params
+from .coding.native import crc32
+from .coding.storage import compress_best
 from .stages.params import chain_parts, params_of
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError, OutputError
 from ._interrupt import output_committed, output_started
 
 MAGIC = b"\x89WPK\r\n\x1a\n"
-VERSION = (1, 3)  # 1.3: chunks' decoded-data checksums are bound to their stream (streams.binding)
+VERSION = (1, 3)  # 1.3: chunks' decoded-data checksums are bound to their stream (coding/binding.py)
 ALIGN = 64
 INDEX_SLOW_ZSTD = 1 << 18  # index JSON up to this size is compressed at zstd -19, longer at -12
 HEADER = struct.Struct("<8sHHI")
 TRAILER = struct.Struct("<QQIHH8s")
 MAX_INDEX = 1 << 30
+SMALL_CARRIED = 64 << 20  # carried files up to this size are compressed whole, bigger ones streamed
+PIECE = 1 << 20  # carried files are read, compressed, decompressed and checked in pieces of this size
 
 
 def _ref(offset: int, length: int, crc: int) -> dict:
@@ -50,11 +57,12 @@ class ContainerWriter:
 
     def __init__(self, target: Path, force: bool = False):
         self.target = Path(target)
-        check_output_file(self.target, force)
-        self.force = force
-        output_started()
-        fd, self.tmp = temp_output(self.target)
-        self.f = os.fdopen(fd, "wb")
+        self.out = OutputTree(self.target, force)
+        try:
+            self.f = open(self.out.path(), "wb")
+        except OSError as e:
+            self.out.abort()
+            raise OutputError(f"{self.target}: cannot write ({e.strerror or e})") from None
         self.pos = 0
         self._write(HEADER.pack(MAGIC, *VERSION, 0))
 
@@ -85,7 +93,7 @@ class ContainerWriter:
         offset, crc = self._align(), 0
         for piece in pieces:
             self._write(piece)
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
         return _ref(offset, self.pos - offset, crc)
 
     def commit(self, index: dict) -> int:
@@ -102,16 +110,41 @@ class ContainerWriter:
             self.f.close()
         except OSError as e:
             raise OutputError(f"{self.target}: cannot write ({e.strerror or e})") from None
-        check_output_file(self.target, self.force)
-        output_committed()
-        os.replace(self.tmp, self.target)
+        self.out.commit()
         return offset + len(raw) + TRAILER.size
 
     def abort(self) -> None:
         try:
             self.f.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self.out.abort()
+
+    def write_carried(self, name: str, path: Path) -> dict:
+        """Store a non-tensor file of the checkpoint (its record for the index's "carried"): small ones
+        whole (zstd -19 or raw, whichever is smaller), big ones streamed through zstd -3 (memory: a piece)."""
+        try:
+            size = path.stat().st_size
+            if size <= SMALL_CARRIED:
+                data = path.read_bytes()
+                codec, blob = compress_best(data, 19)
+                return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                        "codec": codec, "blob": self.write_blob(blob)}
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                def pieces():
+                    comp = zstandard.ZstdCompressor(level=3).compressobj(size=size)
+                    n = 0
+                    while piece := f.read(PIECE):
+                        n += len(piece)
+                        h.update(piece)
+                        yield comp.compress(piece)
+                    if n != size:
+                        raise CheckpointError(f"{path}: changed while being read")
+                    yield comp.flush()
+                blob = self.write_blob_pieces(pieces())
+            return {"name": name, "size": size, "sha256": h.hexdigest(), "codec": "zstd", "blob": blob}
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
     def __enter__(self) -> "ContainerWriter":
         return self
@@ -151,9 +184,6 @@ def _temp_prefix(target: Path) -> str:
 
 def clean_stale_outputs(target: Path) -> list[Path]:
     """Remove the temporary files and folders that killed runs left for this target. Returns them."""
-    import shutil
-    import time
-
     prefix, removed = _temp_prefix(target), []
     try:
         entries = list(os.scandir(target.parent))
@@ -216,6 +246,101 @@ def check_output_file(target: Path, force: bool) -> None:
         raise OutputError(f"{parent}: folder is not writable")
 
 
+def check_output_folder(target: Path, force: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise OutputError(f"{target}: folder exists and is not empty (use --force to replace it)",
+                          api=f"{target}: folder exists and is not empty (pass force=True to replace it)")
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: no such folder")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: folder is not writable")
+
+
+class OutputTree:
+    """An output written under a temporary name beside its target (temp_output) and moved into place by
+    commit(): one file (`path()` is its temporary name), or with `folder` a folder of files (`path(rel)`
+    names one in it, its folders made), which replaces an existing folder target whole. abort() removes the
+    temporary output: a failure, a crash or Ctrl-C never leaves a partial output under the target's name.
+    Every output of weightpack is written through one: containers (ContainerWriter), unpacked files."""
+
+    def __init__(self, target: Path, force: bool, folder: bool = False):
+        self.target, self.force, self.folder = Path(target), force, folder
+        if folder:
+            check_output_folder(self.target, force)
+        else:
+            check_output_file(self.target, force)
+        output_started()
+        fd, self.tmp = temp_output(self.target, folder=folder)
+        if fd is not None:
+            os.close(fd)
+
+    def path(self, rel: str = "") -> Path:
+        if not self.folder:
+            return self.tmp
+        p = self.tmp.joinpath(*rel.split("/"))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.exists() or p.is_symlink():
+            raise FormatError(f"file {rel} is listed twice")
+        return p
+
+    def commit(self) -> None:
+        if not self.folder:
+            check_output_file(self.target, self.force)
+            output_committed()
+            os.replace(self.tmp, self.target)
+            return
+        output_committed()
+        move_into_place(self.tmp, self.target)
+
+    def abort(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def move_into_place(folder: Path, target: Path) -> None:
+    """Rename a complete folder to `target`; an existing target is first renamed aside (a `.old` temporary,
+    removed after), so the name never holds a mix of the two."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=".old", dir=target.parent))
+        os.rename(target, old / "x")
+    os.rename(folder, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def output_path(dst: "str | os.PathLike", name: str, create: bool = False) -> Path:
+    """`dst` itself, or `dst/name` when `dst` is a folder (an existing one, or any path ending in '/',
+    which is created when `create` and its parent exists)."""
+    d = Path(dst)
+    if str(dst).endswith(("/", os.sep)) or d.is_dir():
+        if not d.is_dir():
+            if not create or not d.parent.is_dir() or d.exists():
+                raise OutputError(f"{d}: no such folder")
+            try:
+                d.mkdir()
+            except OSError as e:
+                raise OutputError(f"{d}: cannot create the folder ({e.strerror})") from None
+        return d / name
+    return d
+
+
+def refuse_input_as_output(target: Path, inputs: list[Path]) -> None:
+    """An output may not be one of the command's inputs (the same file under any name)."""
+    for p in inputs:
+        try:
+            same = target.exists() and p.exists() and os.path.samefile(target, p)
+        except OSError:
+            same = False
+        if same:
+            raise OutputError(f"{target}: is an input of this command; refusing to write over it")
+
+
 class ContainerReader:
     """A validated container: `index` is trusted only after __init__ returns."""
 
@@ -239,6 +364,10 @@ class ContainerReader:
 
     def close(self) -> None:
         self.f.close()
+
+    def fileno(self) -> int:
+        """The open container's file descriptor (the device decoder maps the file)."""
+        return self.f.fileno()
 
     def __enter__(self) -> "ContainerReader":
         return self
@@ -287,9 +416,16 @@ class ContainerReader:
         self.index_offset = t_off
         return index
 
+    def blob_intact(self, ref: dict) -> bool:
+        """Whether a blob matches its crc32 (read in pieces: memory stays at one piece)."""
+        crc = 0
+        for piece in _iter_read(_BlobReader(self, ref)):
+            crc = crc32(piece, crc)
+        return crc == ref["crc32"]
+
     def read_blob(self, ref: dict, what: str) -> bytes:
         data = self._pread(ref["offset"], ref["length"])
-        if zlib.crc32(data) != ref["crc32"]:
+        if crc32(data) != ref["crc32"]:
             raise FormatError(f"{self.path}: {what}: checksum mismatch (damaged data)")
         return data
 
@@ -465,9 +601,6 @@ def tensor_blob_refs(t: dict) -> list[tuple[str, dict]]:
     return out
 
 
-PIECE = 1 << 20
-
-
 class _BlobReader:
     """A file-like view of one blob, read in pieces (for streaming decompression)."""
 
@@ -486,7 +619,7 @@ def carried_pieces(reader: "ContainerReader", c: dict) -> Iterator[bytes]:
 
     Memory stays at one piece whatever size the index or a zstd frame claims."""
     where = f"carried file {c['name']}"
-    if not _crc_ok(reader, c["blob"]):
+    if not reader.blob_intact(c["blob"]):
         raise FormatError(f"{where}: checksum mismatch (damaged data)")
     src = _BlobReader(reader, c["blob"])
     if c["codec"] == "zstd":
@@ -518,14 +651,4 @@ def _iter_read(f) -> Iterator[bytes]:
             return
         yield piece
 
-
-def _crc_ok(reader: "ContainerReader", ref: dict) -> bool:
-    crc = 0
-    for piece in _iter_read(_BlobReader(reader, ref)):
-        crc = zlib.crc32(piece, crc)
-    return crc == ref["crc32"]
-
-
-def open_container(path) -> ContainerReader:
-    return ContainerReader(path)
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from .checkpoint import open_checkpoint
 from .container import MAGIC, ContainerReader
 from .dtypes import torch_dtype
-from .errors import CheckpointError, WeightpackError
+from .errors import CheckpointError, FormatError
 from .metrics import stored_bytes
 
 SLICE = 1 << 22  # elements compared at a time
@@ -76,7 +76,7 @@ class _Source:
             r, t = h
             for _, pieces in decode_tensors(r, [t], workers=1):
                 return b"".join(bytes(p) for p in pieces)
-            raise WeightpackError(f"tensor {name!r}: nothing decoded")
+            raise FormatError(f"tensor {name!r}: nothing decoded")
         return bytes(h[0].read(h[1]))
 
     def bits_per_weight(self, name: str) -> Optional[float]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Optional
 
-from .errors import WeightpackError
+from .errors import ClusterError, UsageError
 from .parallel import Task, ordered
 
 RAY_MISSING = "--ray needs Ray, which is not installed: pip install 'weightpack[ray]'"
@@ -26,7 +26,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise WeightpackError(RAY_MISSING) from None
+        raise ClusterError(RAY_MISSING) from None
     return ray
 
 
@@ -45,13 +45,13 @@ def _probe(address: Optional[str]) -> None:
     hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
-        raise WeightpackError(f"Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+        raise UsageError(f"Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
     import socket
 
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT).close()
     except OSError as e:
-        raise WeightpackError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 class Session:
@@ -73,7 +73,7 @@ class Session:
             except Exception as e:  # ConnectionError, RuntimeError, ValueError, TimeoutError, ...
                 where = self.address or "the default address"
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise WeightpackError(f"cannot reach the Ray cluster at {where}: {msg}") from None
+                raise ClusterError(f"cannot reach the Ray cluster at {where}: {msg}") from None
             self.owned = True
         self.remote = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, num_cpus=1)(_run)
         return self
@@ -150,9 +150,9 @@ def _get(ray, ref) -> Any:
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, BaseException):
             raise e.cause from None
-        raise WeightpackError(f"a Ray task failed: {str(e).splitlines()[0]}") from None
+        raise ClusterError(f"a Ray task failed: {str(e).splitlines()[0]}") from None
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as e:
-        raise WeightpackError(f"a Ray task failed after {MAX_RETRIES} retries: {type(e).__name__}") from None
+        raise ClusterError(f"a Ray task failed after {MAX_RETRIES} retries: {type(e).__name__}") from None
 
 
 class _Local:
@@ -173,8 +173,8 @@ def executor(kind: Optional[str], address: Optional[str] = None):
     for "local", a Ray session's for "ray"."""
     if kind in (None, "local"):
         if address is not None:
-            raise WeightpackError("ray_address needs executor='ray'")
+            raise UsageError("ray_address needs executor='ray'")
         return _Local()
     if kind != "ray":
-        raise WeightpackError(f"unknown executor {kind!r} (use one of {', '.join(EXECUTORS)})")
+        raise UsageError(f"unknown executor {kind!r} (use one of {', '.join(EXECUTORS)})")
     return Session(address)

@@ -70,11 +70,8 @@ def torch_dtype(name: str) -> Optional["torch.dtype"]:
     return getattr(torch, attr, None) if attr else None
 
 
-def safetensors_name(dtype: "torch.dtype") -> str:
-    """The safetensors dtype name of a torch dtype."""
+def torch_view(raw, dtype: str, shape: list[int]) -> "torch.Tensor":
+    """A tensor of safetensors dtype `dtype` over the bytes `raw` (a writable buffer: no copy)."""
     import torch
 
-    for name, attr in _TORCH_NAMES.items():
-        if getattr(torch, attr, None) == dtype:
-            return name
-    raise ValueError(f"torch dtype {dtype} has no safetensors equivalent")
+    return torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)

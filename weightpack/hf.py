@@ -30,16 +30,19 @@ import shutil
 import struct
 import tempfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from . import api
 from .checkpoint import validate_header
-from .container import ContainerReader, carried_pieces
-from .errors import CheckpointError, FormatError, OutputError, WeightpackError
+from .container import ContainerReader, carried_pieces, check_output_folder, move_into_place, temp_output
+from .errors import CheckpointError, FormatError, ModelLoadError, OutputError, UsageError
+from .packed import WEIGHTS, is_packed_folder
+from .results import PackResult
+from .tensors import resolve_device, to_tensor, use_device_decoder
 
 PathLike = Union[str, os.PathLike]
-WEIGHTS = "model.wpk"  # the container inside a packed folder
 
 __all__ = ["save_pretrained", "from_pretrained", "unpack", "is_packed_folder"]
 
@@ -52,7 +55,7 @@ def _is_weights_file(name: str) -> bool:
 
 def save_pretrained(model: Any, dst: PathLike, *, tokenizer: Any = None, files: "Iterable[PathLike]" = (),
                     recipe: Any = "lossless", level: Optional[int] = None, force: bool = False,
-                    **pack_kwargs) -> dict:
+                    **pack_kwargs) -> PackResult:
     """Save a transformers model (or a SentenceTransformer) as a packed folder or one `.wpk` file.
 
     The model's own `save_pretrained` writes config, generation config and weights (safetensors), and
@@ -60,20 +63,19 @@ def save_pretrained(model: Any, dst: PathLike, *, tokenizer: Any = None, files: 
     (paths: a README, a license, a chat template) are copied in by their names; all of it goes
     into `dst`: a path ending in `.wpk` is one container with everything carried, any other path a folder
     with the small files as they are and `model.wpk`. `recipe`, `level` and the other keywords are
-    `weightpack.pack`'s. Returns pack's summary, with "path" the container written."""
+    `weightpack.pack`'s. Returns pack's result, with `path` the container written."""
     target = Path(dst)
-    parent = target.parent
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: no such folder")
     single = target.suffix == ".wpk"
-    if not single and target.exists() and (not target.is_dir() or (any(target.iterdir()) and not force)):
-        raise OutputError(f"{target}: exists and is not an empty folder (use force=True to replace it)")
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+    if single and not target.parent.is_dir():
+        raise OutputError(f"{target.parent}: no such folder")
+    if not single:
+        check_output_folder(target, force)
+    stage = temp_output(target, folder=True)[1]
     try:
         src = stage / "model"
         save = getattr(model, "save_pretrained", None) or getattr(model, "save", None)
         if save is None:
-            raise WeightpackError(f"{type(model).__name__} has no save_pretrained: use weightpack.torch.save_model")
+            raise UsageError(f"{type(model).__name__} has no save_pretrained: use weightpack.torch.save_model")
         save(str(src))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(src))
@@ -83,7 +85,7 @@ def save_pretrained(model: Any, dst: PathLike, *, tokenizer: Any = None, files: 
                 raise CheckpointError(f"{f}: no such file")
             shutil.copyfile(f, src / f.name)
         if not any(p.name.endswith(".safetensors") for p in src.rglob("*")):
-            raise WeightpackError(f"{type(model).__name__}.save_pretrained wrote no safetensors file")
+            raise CheckpointError(f"{type(model).__name__}.save_pretrained wrote no safetensors file")
         if single:
             return api.pack(src, target, recipe=recipe, level=level, force=force, **pack_kwargs)
         # a folder: the weights (safetensors files and shard index) in model.wpk, the rest beside it
@@ -95,23 +97,13 @@ def save_pretrained(model: Any, dst: PathLike, *, tokenizer: Any = None, files: 
                 os.replace(p, weights / rel)
         res = api.pack(weights, src / WEIGHTS, recipe=recipe, level=level, **pack_kwargs)
         shutil.rmtree(weights)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            os.rename(target, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(src, target)
-        res["path"] = str(target / WEIGHTS)
-        return res
+        move_into_place(src, target)
+        return replace(res, path=str(target / WEIGHTS))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
 # -- the packed model: containers and small files ------------------------------------------------------
-
-def is_packed_folder(path: PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / WEIGHTS).is_file()
-
 
 class _Packed:
     """What from_pretrained reads: the containers, and a folder with the small files (the packed folder
@@ -203,18 +195,18 @@ def _decoded(paths: list[Path], device, root_only: bool, decoder: str = "auto") 
     the model folder only, with root_only: a sentence-transformers transformer's own weights)."""
     from .pipeline import decode_tensors
 
-    dev = api._device(device)
+    dev = resolve_device(device)
     for path in paths:
         with ContainerReader(path) as r:
             recs = [t for t in r.index["tensors"]
                     if not root_only or "/" not in r.index["files"][t["file"]]["name"]]
-            if api._use_device_decoder(dev, decoder):
+            if use_device_decoder(dev, decoder):
                 from . import device as on_device
 
                 yield from on_device.load(r, dev, names=[t["name"] for t in recs])
             else:
                 for t, pieces in decode_tensors(r, recs, None):
-                    yield t["name"], api._to_tensor(t, pieces, dev)
+                    yield t["name"], to_tensor(t, pieces, dev)
 
 
 # -- build and fill --------------------------------------------------------------------------------
@@ -288,7 +280,7 @@ def _fill(model: Any, tensors: Iterator, device, dtype, ties: dict[str, str], st
         mod, leaf, is_param = locs[0]
         cur = getattr(mod, leaf)
         if list(x.shape) != list(cur.shape):
-            raise WeightpackError(f"tensor {name!r}: the container has shape {list(x.shape)}, the model "
+            raise ModelLoadError(f"tensor {name!r}: the container has shape {list(x.shape)}, the model "
                                   f"{list(cur.shape)} (is this the model the container was packed from?)")
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
@@ -307,9 +299,9 @@ def _fill(model: Any, tensors: Iterator, device, dtype, ties: dict[str, str], st
                      if id(locs) not in filled and any(isp for _, _, isp in locs)
                      and getattr(locs[0][0], locs[0][1]).device.type == "meta")
     if missing and strict:
-        raise WeightpackError(f"the container has no tensor for {len(missing)} parameter(s) of "
+        raise ModelLoadError(f"the container has no tensor for {len(missing)} parameter(s) of "
                               f"{type(model).__name__}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    dev = api._device(device)
+    dev = resolve_device(device)
     for name in missing:  # strict=False: zeros, as a visible placeholder
         for m, lf, isp in places[name]:
             cur = getattr(m, lf)
@@ -400,11 +392,11 @@ def _sentence_transformer(cls: Any, p: _Packed, device, dtype, strict: bool, dec
 
     Transformer._load_model = load_from_container
     try:
-        model = cls(folder, device=str(api._device(device)), local_files_only=True, **kwargs)
+        model = cls(folder, device=str(resolve_device(device)), local_files_only=True, **kwargs)
     finally:
         Transformer._load_model = original
     if not reports:
-        raise WeightpackError(f"{p.src}: the sentence-transformers model has no transformer module at its root")
+        raise CheckpointError(f"{p.src}: the sentence-transformers model has no transformer module at its root")
     model.weightpack_load_report = reports[0]
     return model.eval()
 
@@ -414,38 +406,6 @@ def _sentence_transformer(cls: Any, p: _Packed, device, dtype, strict: bool, dec
 def unpack(packed: PathLike, dst: Optional[PathLike] = None, *, force: bool = False, **unpack_kwargs) -> Path:
     """A plain HF folder from a packed folder or a `.wpk` of a folder: the small files as they are and the
     safetensors files restored (byte-identical to what was packed, for lossless recipes). `dst` defaults
-    to the packed folder's name with `-unpacked` (for a `.wpk`: as `weightpack.unpack`)."""
-    src = Path(packed)
-    if not is_packed_folder(src):
-        return api.unpack(src, dst, force=force, **unpack_kwargs)
-    target = Path(dst) if dst is not None else src.parent / (src.name + "-unpacked")
-    parent = target.parent
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not force)):
-        raise OutputError(f"{target}: exists and is not an empty folder (use --force to replace it)")
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
-    try:
-        out = stage / "out"
-        api.unpack(src / WEIGHTS, out, **unpack_kwargs)
-        if not out.is_dir():  # a single-file container restores to a file: keep its name, in the folder
-            single = out
-            out = stage / "folder"
-            out.mkdir()
-            with ContainerReader(src / WEIGHTS) as r:
-                os.replace(single, out / r.index["files"][0]["name"])
-        for p in sorted(src.rglob("*")):
-            rel = p.relative_to(src)
-            if p.is_dir():  # empty module folders too (sentence-transformers' 2_Normalize)
-                (out / rel).mkdir(parents=True, exist_ok=True)
-            elif p.is_file() and rel.as_posix() != WEIGHTS:
-                if (out / rel).exists():
-                    raise FormatError(f"{src}: {rel} is both a plain file and in {WEIGHTS}")
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p, out / rel)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            os.rename(target, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, target)
-        return target
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    to the packed folder's name with `-unpacked` (for a `.wpk`: as `weightpack.unpack`, which this is:
+    packed.py restores a packed folder)."""
+    return api.unpack(packed, dst, force=force, **unpack_kwargs)

@@ -1,5 +1,6 @@
-"""Lazy access beyond whole tensors: slices of one tensor (`get_slice`, like safetensors' safe_open), and
-one reader over a set of containers (a folder of `.wpk` shards, or a list of them).
+"""Lazy access, like safetensors' safe_open: one container opened for per-tensor reads (WpkFile), slices
+of one tensor (`get_slice`), and one reader over a set of containers (a folder of `.wpk` shards, or a list
+of them: WpkSet).
 
 A slice of a lossless tensor decodes only the chunks that hold its elements: the slice is cut into runs of
 consecutive elements (row-major), each chunk that a run touches is decoded (crc32 checked) and its part of
@@ -11,6 +12,7 @@ then sliced. Slices are decoded on the host (one chunk at a time) and then copie
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -18,15 +20,68 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import numpy as np
 
+from .container import ContainerReader
 from .dtypes import DTYPES, torch_dtype
-from .errors import FormatError, WeightpackError
+from .errors import FormatError, UsageError
+from .tensors import read_tensor, resolve_device, use_device_decoder
 
 if TYPE_CHECKING:
     import torch
 
-    from .api import WpkFile
+PathLike = Union[str, os.PathLike]
 
 MAX_RUNS = 1 << 24  # runs listed exactly up to this many; beyond, a slice decodes its bounding range
+
+
+def source_metadata(files: list) -> Optional[dict]:
+    """The `__metadata__` of the first source file (an index's "files") that has one."""
+    for f in files:
+        md = json.loads(f["header"]).get("__metadata__")
+        if md is not None:
+            return md
+    return None
+
+
+class WpkFile:
+    """Lazy access to a container, like safetensors' `safe_open`: keys(), metadata(), get_tensor(name),
+    get_slice(name); a context manager."""
+
+    def __init__(self, path: PathLike, device: "str | torch.device" = "cpu", decoder: str = "auto"):
+        self.device = resolve_device(device)
+        self._on_device = use_device_decoder(self.device, decoder)
+        self._r = ContainerReader(path)
+        self._by_name = {t["name"]: t for t in self._r.index["tensors"]}
+
+    @property
+    def path(self) -> Path:
+        return self._r.path
+
+    def keys(self) -> list[str]:
+        return list(self._by_name)
+
+    def metadata(self) -> Optional[dict]:
+        """The `__metadata__` of the (first) source file, as safetensors' safe_open gives it."""
+        return source_metadata(self._r.index["files"])
+
+    def get_tensor(self, name: str) -> "torch.Tensor":
+        t = self._by_name.get(name)
+        if t is None:
+            raise KeyError(name)
+        return read_tensor(self._r, t, self.device, self._on_device)
+
+    def get_slice(self, name: str) -> "TensorSlice":
+        """A lazy view of one tensor, like safe_open's get_slice: get_shape(), get_dtype(), and `[...]`
+        (integers, slices, `...`), which decodes only the chunks the slice needs."""
+        return TensorSlice(self, name)
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self) -> "WpkFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def parse_index(key, shape: list[int]) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
@@ -37,21 +92,21 @@ def parse_index(key, shape: list[int]) -> tuple[list[tuple[int, int, int]], list
     if not isinstance(key, tuple):
         key = (key,)
     if sum(k is Ellipsis for k in key) > 1:
-        raise WeightpackError("an index can only have a single ellipsis ('...')")
+        raise UsageError("an index can only have a single ellipsis ('...')")
     if Ellipsis in key:
         i = key.index(Ellipsis)
         fill = len(shape) - (len(key) - 1)
         if fill < 0:
-            raise WeightpackError(f"too many indices for a tensor of {len(shape)} dimensions")
+            raise UsageError(f"too many indices for a tensor of {len(shape)} dimensions")
         key = key[:i] + (slice(None),) * fill + key[i + 1:]
     if len(key) > len(shape):
-        raise WeightpackError(f"too many indices ({len(key)}) for a tensor of {len(shape)} dimensions")
+        raise UsageError(f"too many indices ({len(key)}) for a tensor of {len(shape)} dimensions")
     key = key + (slice(None),) * (len(shape) - len(key))
     dims, dropped, out_shape = [], [], []
     for d, (k, n) in enumerate(zip(key, shape)):
         if isinstance(k, slice):
             if k.step is not None and (not isinstance(k.step, int) or k.step <= 0):
-                raise WeightpackError(f"dimension {d}: slice step must be a positive integer")
+                raise UsageError(f"dimension {d}: slice step must be a positive integer")
             start, stop, step = k.indices(n)
             count = max(0, math.ceil((stop - start) / step))
             dims.append((start if count else 0, step, count))
@@ -63,7 +118,7 @@ def parse_index(key, shape: list[int]) -> tuple[list[tuple[int, int, int]], list
             dims.append((i % n, 1, 1))
             dropped.append(d)
         else:
-            raise WeightpackError(f"dimension {d}: unsupported index {k!r} (use integers, slices and ...)")
+            raise UsageError(f"dimension {d}: unsupported index {k!r} (use integers, slices and ...)")
     return dims, dropped, out_shape
 
 
@@ -118,7 +173,7 @@ class TensorSlice:
         final_shape = out_shape
         dt = torch_dtype(t["dtype"])
         if dt is None:
-            raise WeightpackError(f"tensor {t['name']!r}: torch has no dtype for {t['dtype']}")
+            raise UsageError(f"tensor {t['name']!r}: torch has no dtype for {t['dtype']}")
         bits = DTYPES[t["dtype"]].bits
         if bits % 8 or math.prod(final_shape) == 0 or (t["stages"] and not elementwise(t)):
             return self._whole(dims, dropped)
@@ -150,17 +205,17 @@ def chunks_of_stream(reader, t: dict, wanted: list[int]) -> Iterator[tuple[int, 
 
     The one place that calls into the coder for partial decoding: the plan from the record, each chunk's
     coded bytes read and checked, then decoded (and its crc32 checked) on its own."""
-    from .coding import streams
-    from .pipeline import stream_plan, unit_bytes
+    from .coding.codecs import registry
+    from .pipeline import stream_plan
 
     where = f"tensor {t['name']!r}"
     plan = stream_plan(reader, t["stream"], t["dtype"], t["shape"], where, *t.get("owner", (t["name"], None)))
-    unit = unit_bytes(plan)
+    unit = plan.unit
     for i in wanted:
         rec = t["stream"]["chunks"][i]
         payload = reader.read_blob(rec, f"{where} chunk {i}")
         a, b = plan.chunk_range(i)
-        yield i, a * unit, b * unit, streams.decode_chunk(plan, i, rec, memoryview(payload), f"{where} chunk {i}")
+        yield i, a * unit, b * unit, registry.decode_chunk(plan, i, rec, memoryview(payload), f"{where} chunk {i}")
 
 
 def chunk_bounds(t: dict) -> np.ndarray:
@@ -306,8 +361,6 @@ class WpkSet:
     manager like safe_open. A name held by two containers is an error."""
 
     def __init__(self, paths: list[Path], device="cpu", decoder: str = "auto"):
-        from .api import WpkFile
-
         self.files: list[WpkFile] = []
         self._where: dict[str, "WpkFile"] = {}
         try:
@@ -316,7 +369,7 @@ class WpkSet:
                 self.files.append(f)
                 for k in f.keys():
                     if k in self._where:
-                        raise FormatError(f"tensor {k!r} is in both {self._where[k]._r.path} and {p}")
+                        raise FormatError(f"tensor {k!r} is in both {self._where[k].path} and {p}")
                     self._where[k] = f
         except BaseException:
             self.close()

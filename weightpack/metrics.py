@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 from .container import ContainerReader, tensor_blob_refs, tensor_streams
+from .results import InspectReport, TensorRow, Totals
 from .stages.params import parse_chain
 
 
@@ -38,43 +39,34 @@ def _count_codecs(st: dict, kinds: Counter) -> None:
             kinds[c["parts"][0][1] if c["parts"] else "raw"] += 1
 
 
-def inspect_report(r: ContainerReader) -> dict:
+def inspect_report(r: ContainerReader) -> InspectReport:
     rows = []
     for t in r.index["tensors"]:
         numel = math.prod(t["shape"])
         after = stored_bytes(t)
-        rows.append({
-            "name": t["name"], "dtype": t["dtype"], "shape": t["shape"],
-            "stages": ["+".join(s.label() for s in parse_chain(t["stages"], "index"))] if t["stages"] else ["lossless"],
-            "bytes_before": t["nbytes"], "bytes_after": after,
-            "bits_per_weight": 8 * after / numel if numel else 0.0,
-            "codec": codec_label(t),
-            "quality": t.get("quality"),
-        })
-    before = sum(x["bytes_before"] for x in rows)
+        rows.append(TensorRow(
+            name=t["name"], dtype=t["dtype"], shape=t["shape"],
+            stages=["+".join(s.label() for s in parse_chain(t["stages"], "index"))] if t["stages"] else ["lossless"],
+            bytes_before=t["nbytes"], bytes_after=after, bits_per_weight=8 * after / numel if numel else 0.0,
+            codec=codec_label(t), quality=t.get("quality"),
+        ))
     # The safetensors files as they were (length, header, data): what pack's ratio is measured against.
-    source = sum(8 + len(f["header"].encode("utf-8")) for f in r.index["files"]) + before
-    after = sum(x["bytes_after"] for x in rows)
+    source = sum(8 + len(f["header"].encode("utf-8")) for f in r.index["files"]) + sum(x.bytes_before for x in rows)
     numel = sum(math.prod(t["shape"]) for t in r.index["tensors"])
-    return {
-        "path": str(r.path), "format_version": r.index.get("version"), "source_kind": r.index["source"].get("kind"),
-        "recipe": r.index.get("recipe", {}).get("name"), "files": [f["name"] for f in r.index["files"]],
-        "carried": [c["name"] for c in r.index["carried"]],
-        "tensors": rows,
-        "totals": {"tensors": len(rows), "weights": numel, "bytes_before": before, "bytes_after": after,
-                   "source_bytes": source, "container_bytes": r.size, "ratio": r.size / source if source else 0.0,
-                   "bits_per_weight": 8 * after / numel if numel else 0.0},
-    }
+    return InspectReport(
+        path=str(r.path), format_version=r.index.get("version"), source_kind=r.index["source"].get("kind"),
+        recipe=r.index.get("recipe", {}).get("name"), files=[f["name"] for f in r.index["files"]],
+        carried=[c["name"] for c in r.index["carried"]], tensors=rows,
+        totals=totals(rows, numel, source, r.size),
+    )
 
 
-def quality(original, decoded) -> dict:
-    """SQNR in dB and relative error (||d - o|| / ||o||) of a decoded tensor (numpy arrays)."""
-    import numpy as np
+def totals(rows: list[TensorRow], weights: int, source_bytes: int, container_bytes: int) -> Totals:
+    """The totals of an inspect report's rows, against the source's and the container's (or set's) bytes."""
+    before = sum(x.bytes_before for x in rows)
+    after = sum(x.bytes_after for x in rows)
+    return Totals(tensors=len(rows), weights=weights, bytes_before=before, bytes_after=after,
+                  source_bytes=source_bytes, container_bytes=container_bytes,
+                  ratio=container_bytes / source_bytes if source_bytes else 0.0,
+                  bits_per_weight=8 * after / weights if weights else 0.0)
 
-    o = np.asarray(original, dtype=np.float64).ravel()
-    err = float(np.square(np.asarray(decoded, dtype=np.float64).ravel() - o).sum())
-    sig = float(np.square(o).sum())
-    if err == 0:
-        return {"sqnr_db": None, "rel_error": 0.0}  # exact: SQNR is infinite (JSON has no inf)
-    rel = math.sqrt(err / sig) if sig else float("inf")
-    return {"sqnr_db": 10 * math.log10(sig / err) if sig else None, "rel_error": rel if sig else None}

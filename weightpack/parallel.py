@@ -1,5 +1,5 @@
-"""Work spread over processes (constriction holds the GIL, so threads would not scale), or over threads for
-tasks that release it (the compiled decode kernels, zlib, hashlib, zstd).
+"""Work spread over processes (for tasks that hold the GIL: the lossy stages in torch, constriction), or
+over threads for tasks that release it (the compiled kernels, zlib, hashlib, zstd).
 
 `ordered_map` runs tasks from a lazy iterator with a bounded number in flight and yields results in
 task order, so output is identical whatever the number of workers. Items that are not `Task`s pass
@@ -57,12 +57,14 @@ class Pool:
     def __init__(self, workers: int | None, threads: bool = False):
         self.workers = default_workers() if workers is None else max(1, int(workers))
         self.ex = None
+        self.others = set()  # pids of processes this one had started before: not this pool's workers
         if self.workers > 1 and threads:
             # for work that releases the GIL (the compiled decode kernels, zlib, hashlib, zstd, numpy, torch)
             self.ex = ThreadPoolExecutor(self.workers)
         elif self.workers > 1:
-            # fork: workers start in milliseconds and inherit the imported modules; they use only
-            # numpy, zstandard and constriction, never torch's thread pools.
+            # fork: workers start in milliseconds and inherit the imported modules. Lossy stages run torch
+            # in them, each in one torch thread (stages/lossy.py), so that they do not fight over the cores.
+            self.others = {p.pid for p in multiprocessing.active_children()}
             self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
                                           initializer=_worker_init, initargs=(os.getpid(),))
 
@@ -74,12 +76,13 @@ class Pool:
             return
         if exc_type is not None and isinstance(self.ex, ProcessPoolExecutor):
             # Interrupted or failed: kill the workers now rather than let them finish queued work (and
-            # never leave the interpreter waiting on them at exit), then reap them.
-            procs = list((getattr(self.ex, "_processes", None) or {}).values())
+            # never leave the interpreter waiting on them at exit), then reap them. The workers are the
+            # processes started since the pool was made (the pipelines run one process pool at a time).
+            procs = [p for p in multiprocessing.active_children() if p.pid not in self.others]
             for p in procs:
                 try:
                     p.kill()
-                except (OSError, AttributeError, ValueError):
+                except (OSError, ValueError):
                     pass
             self.ex.shutdown(wait=False, cancel_futures=True)
             for p in procs:

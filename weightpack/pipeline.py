@@ -12,7 +12,6 @@ import hashlib
 import math
 import os
 import sys
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,15 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from .checkpoint import Checkpoint, TensorEntry, pread_into, read_exact
-from .coding import native, streams, trellis
+from .coding import native
 from .coding.binding import binding
-from .coding.fields import UINT
-from .container import ContainerReader, ContainerWriter
+from .coding.chunks import payload_crc
+from .coding.codecs import registry
+from .coding.codecs.fields import codec as fields_codec
+from .coding.codecs.fields.layout import UINT
+from .coding.codecs.fields.plan import Reader
+from .coding.codecs.trellis import codec as trellis_codec
+from .container import VERSION, ContainerReader, ContainerWriter
 from .dtypes import DTYPES
 from .errors import CheckpointError, FormatError
 from .parallel import Pool, Task
@@ -42,11 +46,6 @@ def _noop(_: int) -> None:
     pass
 
 
-def unit_bytes(plan: streams.Plan) -> int:
-    """Bytes per stream element: an element of the tensor for fields and trellis levels, a byte for bytes."""
-    return plan.itemsize_bits // 8 if plan.codec != "bytes" else 1
-
-
 # -- pack ----------------------------------------------------------------------------------------
 
 def _pread(fd: int, offset: int, length: int, what: str, error: type = CheckpointError) -> np.ndarray:
@@ -55,7 +54,7 @@ def _pread(fd: int, offset: int, length: int, what: str, error: type = Checkpoin
     return pread_into(fd, offset, np.empty(length, np.uint8), error, what)
 
 
-def _reader(path: Path, entry: TensorEntry) -> streams.Reader:
+def _reader(path: Path, entry: TensorEntry) -> Reader:
     """Elements first..first+count-1 of a tensor (dtypes with a field layout: 8 to 64 bits)."""
     size = DTYPES[entry.dtype].bits // 8
 
@@ -75,39 +74,39 @@ def tensor_sha256(path: Path, entry: TensorEntry) -> str:
     return h.hexdigest()
 
 
-def _encode_task(path: str, begin: int, plan: streams.Plan, first: int, last: int) -> tuple[int, list]:
+def _encode_task(path: str, begin: int, plan: registry.Plan, first: int, last: int) -> tuple[int, list]:
     """Code chunks first..last-1 of a tensor, reading them from the source file."""
-    unit = unit_bytes(plan)
+    unit = plan.unit
     out, nbytes = [], 0
     with open(path, "rb", buffering=0) as f:
         for i in range(first, last):
             a, b = plan.chunk_range(i)
             data = _pread(f.fileno(), begin + a * unit, (b - a) * unit, path)
             nbytes += len(data)
-            rec, payload = streams.encode_chunk(plan, i, _elements(plan, data))
-            out.append((rec, payload, streams.payload_crc(payload)))
+            rec, payload = registry.encode_chunk(plan, i, _elements(plan, data))
+            out.append((rec, payload, payload_crc(payload)))
     return nbytes, out
 
 
-def _encode_data_task(plan: streams.Plan, first: int, data: bytes) -> tuple[int, list]:
+def _encode_data_task(plan: registry.Plan, first: int, data: bytes) -> tuple[int, list]:
     """Code consecutive chunks from `first` on, given their bytes (parts made in the main process)."""
-    unit, out, off = unit_bytes(plan), [], 0
+    unit, out, off = plan.unit, [], 0
     i = first
     while off < len(data):
         a, b = plan.chunk_range(i)
         piece = data[off:off + (b - a) * unit]
-        out.append(streams.encode_chunk(plan, i, _elements(plan, piece)))
+        out.append(registry.encode_chunk(plan, i, _elements(plan, piece)))
         off += len(piece)
         i += 1
     return 0, out
 
 
-def _elements(plan: streams.Plan, data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=UINT[plan.itemsize_bits] if plan.codec != "bytes" else np.uint8)
+def _elements(plan: registry.Plan, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=UINT[8 * plan.unit])
 
 
-def _chunk_batches(plan: streams.Plan) -> Iterator[tuple[int, int]]:
-    per_task = max(1, TASK_BYTES // max(1, plan.chunk * unit_bytes(plan)))
+def _chunk_batches(plan: registry.Plan) -> Iterator[tuple[int, int]]:
+    per_task = max(1, TASK_BYTES // max(1, plan.chunk * plan.unit))
     for first in range(0, plan.nchunks, per_task):
         yield first, min(plan.nchunks, first + per_task)
 
@@ -115,7 +114,7 @@ def _chunk_batches(plan: streams.Plan) -> Iterator[tuple[int, int]]:
 @dataclass
 class _TensorStart:
     record: dict
-    plan: streams.Plan
+    plan: registry.Plan
 
 
 def _open_stream(writer: ContainerWriter, owner: dict, params: dict, side: bytes) -> dict:
@@ -136,10 +135,10 @@ class _Coded:
 PLAN_AHEAD = 2  # tensors planned and hashed ahead, per worker, while earlier tensors' chunks are coded
 
 
-def _plan_task(path: str, e: TensorEntry, level: int) -> streams.Plan:
+def _plan_task(path: str, e: TensorEntry, level: int) -> registry.Plan:
     """Measure a tensor and choose its coding (in a worker: its two passes over the tensor run beside the
     coding of earlier tensors)."""
-    return _bound(streams.make_plan(e.dtype, e.shape, _reader(Path(path), e), level), e.name, None)
+    return _bound(fields_codec.make_plan(e.dtype, e.shape, _reader(Path(path), e), level), e.name, None)
 
 
 def _bound(plan, tensor: str, part: Optional[str]):
@@ -193,7 +192,7 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
     result = lossy.encode(e.dtype, e.shape, raw, stages)
     if result is None:
         u = _elements_of(e.dtype, bytes(raw))
-        plan = _bound(streams.make_plan(e.dtype, e.shape, lambda a, c: u[a:a + c], level), e.name, None)
+        plan = _bound(fields_codec.make_plan(e.dtype, e.shape, lambda a, c: u[a:a + c], level), e.name, None)
         record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=[])
         return _Coded(record, [(None, plan.params(), plan.side(), _encode_data_task(plan, 0, bytes(raw))[1])])
     record.update(sha256=hashlib.sha256(raw).hexdigest(), stages=result.stages,
@@ -208,11 +207,11 @@ def _lossy_task(path: str, e: TensorEntry, record: dict, stages: list, level: in
         plan = None
         if quant.coder(name) == "trellis":
             try:
-                plan = trellis.make_plan(u.view(np.int16), shape)
+                plan = trellis_codec.make_plan(u.view(np.int16), shape)
             except ValueError:  # more distinct levels than a table holds: plain 16-bit integer coding
                 pass
         if plan is None:
-            plan = streams.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
+            plan = fields_codec.make_plan(dtype, shape, lambda a, c, u=u: u[a:a + c], level)
         _bound(plan, e.name, name)
         coded.append(({"name": name, "dtype": dtype, "shape": shape}, plan.params(), plan.side(),
                       _encode_data_task(plan, 0, data)[1]))
@@ -236,9 +235,9 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
             rec.update(writer.write_blob(payload, *crc))
             stream["chunks"].append(rec)
 
-    # threads where the coding runs in the compiled kernels, zlib, zstd and hashlib (all release the GIL);
+    # threads where the coding runs in the compiled kernels, zstd and hashlib (all release the GIL);
     # processes for lossy stages and for constriction (they hold it)
-    with (pool or Pool)(workers, threads=native.available() and not recipe.lossy) as pool:
+    with (pool or Pool)(workers, threads=native.backend() == "native" and not recipe.lossy) as pool:
         # a slow tensor (lossy stages on a big matrix) holds back the output: let the other workers run ahead
         for item in pool.ordered_map(_pack_items(ckpt, recipe, pool), inflight=PACK_INFLIGHT * pool.workers):
             if isinstance(item, _TensorStart):
@@ -261,23 +260,42 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
     return records
 
 
+def pack_container(ckpt: Checkpoint, target: Path, recipe: Recipe, workers: Optional[int], force: bool,
+                   progress: bool, index_extra: Optional[dict] = None, pool: Optional[Callable] = None
+                   ) -> tuple[list[dict], int]:
+    """Pack `ckpt` into one container at `target` (written atomically): its tensors, its carried files and
+    the index; `index_extra` adds optional keys to the index (weightpack.torch: "tied"). Returns the tensor
+    records and the container's size."""
+    with ContainerWriter(target, force) as w, progress_bar(ckpt.total_bytes, "pack", progress) as bar:
+        tensors = pack_checkpoint(ckpt, w, recipe, workers, bar.update, pool=pool)
+        carried = [w.write_carried(name, path) for name, path in ckpt.carried]
+        index = {
+            "format": "weightpack", "version": list(VERSION),
+            "source": {"kind": ckpt.kind}, "recipe": recipe.to_json(),
+            "files": [{"name": f.rel, "header": f.header_text} for f in ckpt.files],
+            "carried": carried, "tensors": tensors,
+        }
+        index.update(index_extra or {})
+        return tensors, w.commit(index)
+
+
 # -- decode --------------------------------------------------------------------------------------
 
 def stream_plan(reader: ContainerReader, stream: dict, dtype: str, shape: list[int], where: str, tensor: str,
-                part: Optional[str] = None) -> streams.Plan:
+                part: Optional[str] = None) -> registry.Plan:
     """The plan of the stream of `tensor` (or of its `part`): its side information read and checked (the chunk
     count was checked with the whole index when the container was opened), bound to its record from format
     1.3 on."""
     side = reader.read_blob(stream["side"], where + " side information") if stream.get("side") else b""
-    plan = streams.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
+    plan = registry.plan_from_record(dtype, math.prod(shape), stream["params"], side, where)
     return _bound(plan, tensor, part) if reader.version >= (1, 3) else plan
 
 
-def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: str,
+def _decode_task(path: str, plan: registry.Plan, recs: list, first: int, what: str,
                  out_path: Optional[str], out_offset: int, into: Optional[np.ndarray] = None) -> list:
     """Decode chunks first.. of a stream: write them into `out_path` at their place, or into the stream's
     buffer `into` (threads share it), or return them."""
-    unit = unit_bytes(plan)
+    unit = plan.unit
     results = []
     with open(path, "rb", buffering=0) as f:
         out_fd = os.open(out_path, os.O_WRONLY) if out_path else None
@@ -286,11 +304,11 @@ def _decode_task(path: str, plan: streams.Plan, recs: list, first: int, what: st
                 i = first + k
                 where = f"{what} chunk {i}"
                 payload = _pread(f.fileno(), rec["offset"], rec["length"], where, FormatError)
-                if zlib.crc32(payload) != rec["crc32"]:
+                if native.crc32(payload) != rec["crc32"]:
                     raise FormatError(f"{where}: checksum mismatch (damaged data)")
                 a, b = plan.chunk_range(i)
                 dest = into[a * unit:b * unit] if into is not None else None
-                raw = streams.decode_chunk(plan, i, rec, memoryview(payload), where, dest)
+                raw = registry.decode_chunk(plan, i, rec, memoryview(payload), where, dest)
                 if out_fd is not None:
                     os.pwrite(out_fd, raw, out_offset + a * unit)
                     results.append(len(raw))
@@ -318,7 +336,7 @@ class _Mark:
 WHOLE_LOSSY_CHUNKS = 2  # a lossy tensor with at most this many chunks (all parts) is rebuilt in a worker
 
 
-def _decode_lossy_task(path: str, t: dict, parts: list[tuple[dict, streams.Plan]], where: str) -> list[bytes]:
+def _decode_lossy_task(path: str, t: dict, parts: list[tuple[dict, registry.Plan]], where: str) -> list[bytes]:
     """Decode every part of a lossy tensor and rebuild it (in a worker: the reconstruction and its hash
     check are then off the main process too)."""
     got = {}
@@ -329,7 +347,7 @@ def _decode_lossy_task(path: str, t: dict, parts: list[tuple[dict, streams.Plan]
     return [lossy.decode(t, got)]
 
 
-def _chunk_task_args(reader: ContainerReader, plan: streams.Plan, chunks: list, where: str,
+def _chunk_task_args(reader: ContainerReader, plan: registry.Plan, chunks: list, where: str,
                      target: Optional[tuple[str, int]], into: Optional[np.ndarray] = None) -> Iterator[tuple]:
     for first, last in _chunk_batches(plan):
         yield (str(reader.path), plan.for_chunks(first, last), chunks[first:last], first,
@@ -443,7 +461,7 @@ def decode_tensors(reader: ContainerReader, tensors: list[dict], workers: Option
                    progress: Progress = _noop, pool: Optional[Callable] = None) -> Iterator[tuple[dict, list[bytes]]]:
     """Yield (record, decoded bytes in pieces) for each tensor, decoded by worker threads where the compiled
     kernels are built (they release the GIL), else by worker processes."""
-    threads = native.available()
+    threads = native.backend() == "native"
     with (pool or Pool)(workers, threads=threads) as p:  # a pool from elsewhere (Ray) shares no memory
         yield from _decoded(p.ordered_map(decode_items(reader, tensors, shared=threads and pool is None)), progress)
 
@@ -460,7 +478,7 @@ def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int
                       progress: Progress = _noop, pool: Optional[Callable] = None) -> None:
     """Decode every tensor into its place in an output file: targets[name] = (path, offset). Workers write
     the chunks of plain tensors themselves; tensors with stages are rebuilt here and then written."""
-    with (pool or Pool)(workers, threads=native.available()) as pool:
+    with (pool or Pool)(workers, threads=native.backend() == "native") as pool:
         plain = {t["name"]: targets[t["name"]] for t in reader.index["tensors"] if not t["stages"]}
         for t, pieces in _decoded(pool.ordered_map(decode_items(reader, reader.index["tensors"], plain)), progress):
             path, offset = targets[t["name"]]
@@ -475,3 +493,11 @@ def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int
 
 def progress_enabled(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def progress_bar(total: int, desc: str, show: bool):
+    """A progress bar in bytes (tqdm; hidden unless `show`): its `update` is the pipelines' progress."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not show,
+                dynamic_ncols=True, leave=False)

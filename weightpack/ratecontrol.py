@@ -15,8 +15,9 @@ which makes the same argument minimize another sum:
   that sum puts each tensor's relative squared error in proportion to its size.
 
 The step is found by bisection on estimated sizes: each adjustable tensor is read once (one at a time) and
-a sample of its lanes kept; a tensor's size at a step is its sample's entropy (per trellis quantizer) times
-its size. Everything else is a fixed cost: the rate-controlled pack then measures what it wrote.
+a sample of its trellis paths kept; a tensor's size at a step is its sample's entropy (per trellis quantizer) times
+its size. Everything else is a fixed cost: the rate-controlled pack then measures what it wrote, and packs
+again with a budget scaled by what the estimate missed when the result is over (pack_to_budget).
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ import glob
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .coding import entropy, trellis
-from .errors import WeightpackError
+from .dtypes import torch_view
+from .errors import BudgetError, UsageError
+from .metrics import stored_bytes
 from .recipe import Recipe, Rule, load_recipe
-from .stages import lossy
+from .results import Allocation, BudgetTarget, TensorAllocation
+from .stages import lossy, tcq
+from .stages.estimate import entropy_bits
 from .stages.params import QuantParams
 
-SAMPLE_LANES = 64  # lanes (of trellis.LANE elements) sampled per tensor
+SAMPLE_PATHS = 64  # trellis paths (of tcq.PATH elements) sampled per tensor
 ADJUSTABLE = ("ecsq", "tcq")
 INDEX_BYTES_PER_TENSOR = 160  # the index's record of a tensor, compressed (an estimate)
 
@@ -44,7 +49,7 @@ INDEX_BYTES_PER_TENSOR = 160  # the index's record of a tensor, compressed (an e
 class _Sample:
     name: str
     n: int
-    x: np.ndarray  # whole lanes, evenly spread over the tensor
+    x: np.ndarray  # whole trellis paths, evenly spread over the tensor
     quant: QuantParams
     rms: float  # of the whole tensor (the unit of a relative step)
     stages: list = field(default_factory=list)  # the tensor's whole chain (quant last)
@@ -138,15 +143,15 @@ def _sample_tensor(path: str, e, stages: list):
     from .stages import prune
 
     *before, quant = stages
-    w = lossy._tensor(read_exact(Path(path), e.begin, e.nbytes), e.dtype, e.shape).to(torch.float32)
+    w = torch_view(read_exact(Path(path), e.begin, e.nbytes), e.dtype, e.shape).to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         return e, None
     if before:
         w = prune.apply(w, before[0])
     flat = w.reshape(-1).double().numpy()
-    lanes = trellis.lanes(flat)
-    pick = np.unique(np.linspace(0, len(lanes) - 1, min(SAMPLE_LANES, len(lanes))).astype(np.int64))
-    return e, _Sample(e.name, e.numel, lanes[pick].reshape(-1), quant, math.sqrt(float(np.mean(flat * flat))),
+    paths = tcq.paths(flat)
+    pick = np.unique(np.linspace(0, len(paths) - 1, min(SAMPLE_PATHS, len(paths))).astype(np.int64))
+    return e, _Sample(e.name, e.numel, paths[pick].reshape(-1), quant, math.sqrt(float(np.mean(flat * flat))),
                       list(stages))
 
 
@@ -165,12 +170,12 @@ def estimate_bits(s: _Sample, step: float) -> float:
     within ~10%."""
     lv = np.round(s.x / (step * _unit(s) * (2 if s.quant.mode == "tcq" else 1)))
     _, counts = np.unique(lv, return_counts=True)
-    return entropy.entropy_bits(counts) * s.n / max(1, s.x.size) + _side_bits(int(lv.max() - lv.min()) + 1)
+    return entropy_bits(counts) * s.n / max(1, s.x.size) + _side_bits(int(lv.max() - lv.min()) + 1)
 
 
 def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> float:
     """The coded size of everything at this step (bits): the trellis-coded samples searched together, one
-    Viterbi run over all their lanes (each tensor its own rate tables, as a class of the search), the
+    Viterbi run over all their paths (each tensor its own rate tables, as a class of the search), the
     others rounded."""
     total = fixed_bits
     groups: dict[float, list[_Sample]] = {}
@@ -180,19 +185,19 @@ def estimate_total(samples: list[_Sample], step: float, fixed_bits: float) -> fl
         else:
             total += estimate_bits(s, step)
     for lam, group in groups.items():
-        x = np.concatenate([(s.x / (step * _unit(s))).astype(np.float32).reshape(-1, trellis.LANE) for s in group])
-        owner = np.repeat(np.arange(len(group)), [s.x.size // trellis.LANE for s in group])
-        rc = np.repeat(owner[:, None], trellis.LANE, axis=1)
-        # rates measured on every sampled lane: each tensor is a class here, and a thinned first pass
-        # would leave each one a few lanes (estimates ~0.5% low on MiniLM under "tensor")
-        lv = trellis.search_lanes(x, rc, len(group), lam, rate_lanes=len(x))
-        q = trellis.walk(lv)
+        x = np.concatenate([(s.x / (step * _unit(s))).astype(np.float32).reshape(-1, tcq.PATH) for s in group])
+        owner = np.repeat(np.arange(len(group)), [s.x.size // tcq.PATH for s in group])
+        rc = np.repeat(owner[:, None], tcq.PATH, axis=1)
+        # rates measured on every sampled path: each tensor is a class here, and a thinned first pass
+        # would leave each one a few paths (estimates ~0.5% low on MiniLM under "tensor")
+        lv = tcq.search_paths(x, rc, len(group), lam, rate_paths=len(x))
+        q = tcq.walk(lv)
         lo = int(lv.min())
         A = int(lv.max()) - lo + 1
         counts = np.bincount(((rc * 2 + q) * A + (lv - lo)).reshape(-1), minlength=len(group) * 2 * A)
         counts = counts.reshape(len(group), 2, A)
         for s, c in zip(group, counts):
-            bits = entropy.entropy_bits(c[0]) + entropy.entropy_bits(c[1])  # per trellis quantizer
+            bits = entropy_bits(c[0]) + entropy_bits(c[1])  # per trellis quantizer
             total += bits * s.n / max(1, s.x.size) + _side_bits(int((c.sum(axis=0) > 0).sum()))
     return total
 
@@ -213,7 +218,7 @@ def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float, all
     the quick estimate, then one with the full estimate around it. The step is in each tensor's unit under
     the allocation (unit_of)."""
     if not samples:
-        raise WeightpackError("rate control: no tensor to quantize (the recipe quantizes nothing here)")
+        raise BudgetError("rate control: no tensor to quantize (the recipe quantizes nothing here)")
     samples = [replace(s, unit=unit_of(s, allocate)) for s in samples]
 
     def fits(step: float, quick: bool) -> bool:
@@ -223,9 +228,9 @@ def find_step(samples: list[_Sample], fixed_bits: float, budget_bits: float, all
 
     top = max(max(float(np.abs(s.x).max()) / _unit(s) for s in samples), 1e-30)
     hi = top * 4  # every level zero: the least a tensor can cost
-    lo = top / (2 * trellis.LEVEL_MAX) * 1.01  # the finest step the levels can hold
+    lo = top / (2 * tcq.LEVEL_MAX) * 1.01  # the finest step the levels can hold
     if not fits(hi, True) or not fits(hi, False):
-        raise WeightpackError("rate control: the budget is below what the tensors cost with every weight zero")
+        raise BudgetError("rate control: the budget is below what the tensors cost with every weight zero")
     if fits(lo, False):
         return lo
     guess = _bisect(lambda d: fits(d, True), lo, hi, 1.001)
@@ -249,5 +254,98 @@ def parse_size(text: str) -> int:
     except ValueError:
         value = -1.0
     if unit not in units or not math.isfinite(value) or value <= 0:
-        raise WeightpackError(f"size {text!r}: expected a positive number with an optional unit (K, M, G, MiB, ...)")
+        raise UsageError(f"size {text!r}: expected a positive number with an optional unit (K, M, G, MiB, ...)")
     return int(value * units[unit])
+
+
+# -- the rate-controlled pack --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Budget:
+    """A checked target: at most `bits` per weight over the lossy tensors, or a file of at most `size`
+    bytes (one of the two), with the step measured under `allocate`."""
+    bits: Optional[float]
+    size: Optional[int]
+    allocate: str
+
+    def target(self) -> BudgetTarget:
+        return BudgetTarget(bits_per_weight=self.bits) if self.bits is not None else BudgetTarget(bytes=self.size)
+
+
+def check_targets(min_sqnr, bits, size, allocate) -> Optional[Budget]:
+    """The quality targets of a pack, checked in the caller's words before any work: the budget when
+    `bits` or `size` is given, else None."""
+    given = [n for n, v in (("min_sqnr", min_sqnr), ("bits", bits), ("size", size)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"--{given[0].replace('_', '-')} and --{given[1].replace('_', '-')} cannot be combined",
+                         api=f"give at most one of min_sqnr, bits and size (got {' and '.join(given)})")
+    if min_sqnr is not None and not (type(min_sqnr) in (int, float) and 0 < min_sqnr <= 90):
+        raise UsageError(f"--min-sqnr must be a number of dB above 0 and at most 90 (got {min_sqnr})",
+                         api=f"min_sqnr must be a number of dB above 0 and at most 90 (got {min_sqnr!r})")
+    if allocate is not None and bits is None and size is None:
+        raise UsageError(f"--allocate {allocate} applies to rate control: give --bits or --size with it",
+                         api=f"allocate={allocate!r} applies to rate control: give bits or size with it")
+    if bits is None and size is None:
+        return None
+    allocate = "absolute" if allocate is None else allocate
+    if allocate not in ALLOCATIONS:
+        raise UsageError(f"--allocate must be one of {', '.join(ALLOCATIONS)}",
+                         api=f"allocate must be one of {', '.join(ALLOCATIONS)} (got {allocate!r})")
+    if bits is not None and not (isinstance(bits, (int, float)) and 0 < bits <= 32):
+        raise UsageError(f"--bits must be a number of bits per weight above 0 and at most 32 (got {bits})",
+                         api=f"bits must be a number of bits per weight above 0 and at most 32 (got {bits!r})")
+    limit = parse_size(size) if isinstance(size, str) else size
+    if limit is not None and (type(limit) is not int or limit <= 0):
+        raise UsageError(f"--size must be a positive number of bytes (got {size})",
+                         api=f"size must be a positive number of bytes (got {size!r})")
+    return Budget(bits, limit, allocate)
+
+
+TRIES = 3
+MARGIN = 0.004  # the estimate is within ~0.5% at high rates: aim a little low rather than pack twice
+
+# pack(recipe, overwrite) -> (the tensor records written, the bytes written)
+PackOnce = Callable[[Recipe, bool], tuple[list, int]]
+
+
+def pack_to_budget(ckpt: Checkpoint, recipe: Recipe, budget: Budget, pack: PackOnce, discard: Callable[[], None],
+                   pool=None) -> tuple[list, int, Allocation]:
+    """Estimate the step, pack, measure; when the result is over the budget, scale the budget by what the
+    estimate missed and pack again (over the first output), at most TRIES times. A result that never fits
+    is discarded and a BudgetError raised. Returns the records, the bytes written and the allocation."""
+    recipe = default_recipe(recipe)
+    samples, fixed_lossy, fixed_other, lossy_weights = collect(ckpt, recipe, pool=pool)
+    if not lossy_weights:
+        raise BudgetError("rate control: the recipe quantizes no tensor of this checkpoint")
+    bits = budget.bits
+    goal = bits * lossy_weights if bits is not None else 8.0 * budget.size
+    fixed = fixed_lossy if bits is not None else fixed_lossy + fixed_other  # --bits counts lossy tensors only
+    aim = goal * (1 - MARGIN)
+    fitted = False
+    for attempt in range(TRIES):
+        try:
+            step = find_step(samples, fixed, aim, budget.allocate)
+        except BudgetError:
+            if attempt == 0:
+                raise  # nothing written yet
+            break  # the corrected aim is below every step: the budget cannot be met
+        tensors, out_size = pack(with_step(recipe, step, budget.allocate, samples), attempt > 0)
+        lossy_rows = [t for t in tensors if t["stages"]]
+        lossy_bits = 8.0 * sum(stored_bytes(t) for t in lossy_rows)
+        reached = lossy_bits if bits is not None else 8.0 * out_size
+        if reached <= goal:
+            fitted = True
+            break
+        aim *= goal / reached * 0.998
+    if not fitted:
+        discard()
+        what = f"{bits} bits per weight" if bits is not None else f"{budget.size} bytes"
+        raise BudgetError(f"rate control: could not meet {what} (closest: "
+                          f"{reached / lossy_weights if bits is not None else reached / 8:.4g})")
+    allocation = Allocation(
+        step=step, allocate=budget.allocate, target=budget.target(), bits_per_weight=lossy_bits / lossy_weights,
+        bytes=out_size,
+        tensors=[TensorAllocation(t["name"], 8.0 * stored_bytes(t) / math.prod(t["shape"]), t["quality"]["sqnr_db"])
+                 for t in lossy_rows],
+    )
+    return tensors, out_size, allocation

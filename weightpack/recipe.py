@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .coding.streams import DEFAULT_LEVEL, LEVELS
+from .coding.levels import DEFAULT_LEVEL, LEVELS
 from .errors import RecipeError
 from .stages.params import parse_chain
 

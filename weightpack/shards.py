@@ -15,17 +15,21 @@ names and the index last, so a failed or killed pack leaves no file under the in
 
 from __future__ import annotations
 
-import builtins
-import hashlib
 import json
 import os
+from dataclasses import replace
 import struct
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-from .checkpoint import Checkpoint, SafetensorsFile, validate_header
-from .container import TRAILER, ContainerReader, carried_pieces, check_output_file, tensor_blob_refs
-from .errors import FormatError, WeightpackError
+from . import metrics
+from .checkpoint import Checkpoint, SafetensorsFile, file_sha256, validate_header
+from .container import TRAILER, ContainerReader, OutputTree, carried_pieces, check_output_file, output_path
+from .errors import FormatError, UsageError, WeightpackError
+from .lazy import source_metadata
+from .pipeline import decode_into_files, decode_tensors, pack_container, progress_bar
+from .results import InspectReport, ShardRow
+from .tensors import read_tensor, resolve_device, to_tensor, use_device_decoder, write_from_device
 
 INDEX_SUFFIX = ".wpk.index.json"
 INDEX_FORMAT = "weightpack-shards"
@@ -41,13 +45,13 @@ def parse_shard_size(value: "int | str") -> int:
     from .ratecontrol import parse_size
 
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise WeightpackError(f"shard size {value!r}: expected bytes or a size such as '5GB'")
+        raise UsageError(f"shard size {value!r}: expected bytes or a size such as '5GB'")
     try:
         n = parse_size(value) if isinstance(value, str) else value
-    except WeightpackError:
-        raise WeightpackError(f"shard size {value!r}: expected a size such as 5GB, 500MiB or 2000000") from None
+    except UsageError:
+        raise UsageError(f"shard size {value!r}: expected a size such as 5GB, 500MiB or 2000000") from None
     if n < MIN_SHARD_SIZE:
-        raise WeightpackError(f"shard size {value!r}: must be at least 1 MB")
+        raise UsageError(f"shard size {value!r}: must be at least 1 MB")
     return n
 
 
@@ -103,24 +107,16 @@ def shard_name(stem: str, k: int, n: int) -> str:
     return f"{stem}-{k + 1:05d}-of-{n:05d}.wpk"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with builtins.open(path, "rb") as f:
-        while piece := f.read(4 << 20):
-            h.update(piece)
-    return h.hexdigest()
-
-
 def _index_crc(path: Path) -> int:
     """The container-index checksum from a container's trailer: which pack a shard came from."""
-    with builtins.open(path, "rb") as f:
+    with open(path, "rb") as f:
         f.seek(-TRAILER.size, os.SEEK_END)
         return TRAILER.unpack(f.read(TRAILER.size))[2]
 
 
 class ShardedPacker:
-    """api.pack's pack-once step for a sharded set: (ckpt, target, recipe, ...) -> (tensor records, bytes
-    written in all); `target` names the set (`<folder>/<stem>.wpk`)."""
+    """pipeline.pack_container for a sharded set, called as it is: (ckpt, target, recipe, ...) -> (tensor
+    records, bytes written in all); `target` names the set (`<folder>/<stem>.wpk`)."""
 
     def __init__(self, shard_size: int):
         self.shard_size = shard_size
@@ -128,8 +124,6 @@ class ShardedPacker:
 
     def __call__(self, ckpt: Checkpoint, target: Path, rec, workers, force: bool, progress: bool,
                  index_extra: Optional[dict] = None, pool: Optional[Callable] = None) -> tuple[list, int]:
-        from .api import _pack_once
-
         folder, stem = target.parent, stem_of(target)
         groups = plan_shards(ckpt, self.shard_size)
         names = [shard_name(stem, k, len(groups)) for k in range(len(groups))]
@@ -144,11 +138,11 @@ class ShardedPacker:
                 sub = _sub_checkpoint(ckpt, group, ckpt.carried if k == 0 else [])
                 path = folder / f".{names[k]}.{token}.partial"
                 staged.append(path)
-                tensors, size = _pack_once(sub, path, rec, workers, True, progress, index_extra, pool=pool)
+                tensors, size = pack_container(sub, path, rec, workers, True, progress, index_extra, pool=pool)
                 records += tensors
                 for t in tensors:
                     weight_map[t["name"]] = names[k]
-                shards.append({"name": names[k], "size": size, "sha256": _file_sha256(path),
+                shards.append({"name": names[k], "size": size, "sha256": file_sha256(path),
                                "index_crc32": _index_crc(path), "tensors": len(tensors)})
                 if k == 0:
                     with ContainerReader(path) as r:
@@ -163,7 +157,7 @@ class ShardedPacker:
             text = json.dumps(index, indent=1, ensure_ascii=False).encode("utf-8")
             tmp = folder / f".{index_path.name}.{token}.partial"
             staged.append(tmp)
-            with builtins.open(tmp, "wb") as fh:
+            with open(tmp, "wb") as fh:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -188,10 +182,6 @@ class ShardedPacker:
         for n in self.names:
             (target.parent / n).unlink(missing_ok=True)
         (target.parent / (stem_of(target) + INDEX_SUFFIX)).unlink(missing_ok=True)
-
-
-def sharded_packer(shard_size: int) -> ShardedPacker:
-    return ShardedPacker(shard_size)
 
 
 # -- read ----------------------------------------------------------------------------------------
@@ -381,10 +371,6 @@ class ShardSet:
                 yield name, r, t
 
 
-def open_set(path) -> ShardSet:
-    return ShardSet(path)
-
-
 def _named(shard: str, fn, *args, **kw):
     """Run fn; a FormatError names the shard it came from."""
     try:
@@ -395,8 +381,6 @@ def _named(shard: str, fn, *args, **kw):
 
 def decode_set(ss: ShardSet, workers, progress, pool=None):
     """(record, decoded pieces) for every tensor of the set, shard by shard."""
-    from .pipeline import decode_tensors
-
     for name, r in ss.readers:
         it = decode_tensors(r, r.index["tensors"], workers, progress, pool=pool)
         while True:
@@ -409,31 +393,27 @@ def decode_set(ss: ShardSet, workers, progress, pool=None):
             yield item
 
 
-# -- the API over a set (called by api.py) ---------------------------------------------------------
+# -- the API over a set (called by api.py and verify.py) -------------------------------------------
 
 def load(path, dev, workers, decoder: str, progress: bool) -> dict:
-    from . import api
-
     with ShardSet(path) as ss:
-        with api._bar(sum(t["nbytes"] for _, _, t in ss.tensors()), "load", progress) as bar:
-            if api._use_device_decoder(dev, decoder):
+        with progress_bar(sum(t["nbytes"] for _, _, t in ss.tensors()), "load", progress) as bar:
+            if use_device_decoder(dev, decoder):
                 from . import device as on_device
 
                 out = {}
                 for name, r in ss.readers:
                     out.update(_named(name, lambda: dict(on_device.load(r, dev, bar.update))))
                 return out
-            return {t["name"]: api._to_tensor(t, pieces, dev) for t, pieces in decode_set(ss, workers, bar.update)}
+            return {t["name"]: to_tensor(t, pieces, dev) for t, pieces in decode_set(ss, workers, bar.update)}
 
 
 class ShardedWpkFile:
     """`weightpack.open` over a set: keys(), metadata(), get_tensor(name) from the shard that holds it."""
 
     def __init__(self, path, device, decoder: str):
-        from . import api
-
-        self.device = api._device(device)
-        self._on_device = api._use_device_decoder(self.device, decoder)
+        self.device = resolve_device(device)
+        self._on_device = use_device_decoder(self.device, decoder)
         self._set = ShardSet(path)
         self._where = {t["name"]: (name, r, t) for name, r, t in self._set.tensors()}
 
@@ -441,18 +421,14 @@ class ShardedWpkFile:
         return list(self._where)
 
     def metadata(self) -> Optional[dict]:
-        from . import api
-
-        return api.source_metadata(self._set.index["files"])
+        return source_metadata(self._set.index["files"])
 
     def get_tensor(self, name: str):
-        from . import api
-
         hit = self._where.get(name)
         if hit is None:
             raise KeyError(name)
         shard, r, t = hit
-        return _named(shard, lambda: api.read_tensor(r, t, self.device, self._on_device))
+        return _named(shard, lambda: read_tensor(r, t, self.device, self._on_device))
 
     def close(self) -> None:
         self._set.close()
@@ -464,47 +440,34 @@ class ShardedWpkFile:
         self.close()
 
 
-def inspect(path) -> dict:
-    from . import metrics
-
+def inspect(path) -> InspectReport:
     with ShardSet(path) as ss:
         reps = [(name, metrics.inspect_report(r)) for name, r in ss.readers]
-        rows = [dict(row, shard=name) for name, rep in reps for row in rep["tensors"]]
+        rows = [replace(row, shard=name) for name, rep in reps for row in rep.tensors]
         idx = ss.index
-        before = sum(x["bytes_before"] for x in rows)
-        after = sum(x["bytes_after"] for x in rows)
-        source = sum(8 + len(f["header"].encode("utf-8")) for f in idx["files"]) + before
-        numel = sum(rep["totals"]["weights"] for _, rep in reps)
-        size = ss.size
-        return {
-            "path": str(ss.index_path), "format_version": idx["version"], "source_kind": idx["source"]["kind"],
-            "recipe": idx.get("recipe", {}).get("name") if isinstance(idx.get("recipe"), dict) else None,
-            "files": [f["name"] for f in idx["files"]], "carried": [c["name"] for c in idx["carried"]],
-            "shards": [{"name": s["name"], "bytes": s["size"], "tensors": len(rep["tensors"])}
-                       for s, (_, rep) in zip(idx["shards"], reps)],
-            "tensors": rows,
-            "totals": {"tensors": len(rows), "weights": numel, "bytes_before": before, "bytes_after": after,
-                       "source_bytes": source, "container_bytes": size, "ratio": size / source if source else 0.0,
-                       "bits_per_weight": 8 * after / numel if numel else 0.0},
-        }
+        source = sum(8 + len(f["header"].encode("utf-8")) for f in idx["files"]) + sum(x.bytes_before for x in rows)
+        return InspectReport(
+            path=str(ss.index_path), format_version=idx["version"], source_kind=idx["source"]["kind"],
+            recipe=idx.get("recipe", {}).get("name") if isinstance(idx.get("recipe"), dict) else None,
+            files=[f["name"] for f in idx["files"]], carried=[c["name"] for c in idx["carried"]],
+            shards=[ShardRow(s["name"], s["size"], len(rep.tensors)) for s, (_, rep) in zip(idx["shards"], reps)],
+            tensors=rows, totals=metrics.totals(rows, sum(rep.totals.weights for _, rep in reps), source, ss.size),
+        )
 
 
 def unpack(path, dst, force: bool, workers, progress: bool, dev, pool=None) -> Path:
     """Restore the source files of a set: every file's header verbatim, each tensor decoded from its
     shard into its place, the carried files from their shard; atomically, as api.unpack."""
-    from . import api
-    from .pipeline import decode_into_files
-
     with ShardSet(path) as ss:
         idx = ss.index
         single = (idx["source"]["kind"] == "file" and len(idx["files"]) == 1 and not idx["carried"]
                   and "/" not in idx["files"][0]["name"])
         if single:
             name = idx["files"][0]["name"]
-            target = ss.folder / name if dst is None else api._output_path(dst, name)
+            target = ss.folder / name if dst is None else output_path(dst, name)
         else:
             target = Path(dst) if dst is not None else ss.folder / (stem_of(ss.index_path) or "unpacked")
-        out = api._OutputTree(target, single, force)
+        out = OutputTree(target, force, folder=not single)
         try:
             records = {t["name"]: t for _, _, t in ss.tensors()}
             targets = {}
@@ -513,25 +476,25 @@ def unpack(path, dst, force: bool, workers, progress: bool, dev, pool=None) -> P
                 header = f["header"].encode("utf-8")
                 _, entries = validate_header(f["header"], sum(records[e]["nbytes"] for e in _names(f["header"])),
                                              f["name"])
-                with builtins.open(p, "wb") as fh:
+                with open(p, "wb") as fh:
                     fh.write(struct.pack("<Q", len(header)) + header)
                     fh.truncate(8 + len(header) + sum(e.nbytes for e in entries))
                 for e in entries:
                     targets[e.name] = (str(p), 8 + len(header) + e.begin)
-            with api._bar(sum(t["nbytes"] for t in records.values()), "unpack", progress) as bar:
+            with progress_bar(sum(t["nbytes"] for t in records.values()), "unpack", progress) as bar:
                 for name, r in ss.readers:
                     mine = {t["name"]: targets[t["name"]] for t in r.index["tensors"]}
                     if dev is None:
                         _named(name, decode_into_files, r, mine, workers, bar.update, pool=pool)
                     else:
-                        _named(name, api._write_from_device, r, dev, mine, bar.update)
+                        _named(name, write_from_device, r, dev, mine, bar.update)
             readers = dict(ss.readers)
             for c in idx["carried"]:
                 r = readers[c["shard"]]
                 held = {x["name"]: x for x in r.index["carried"]}.get(c["name"])
                 if held is None or (held["size"], held["sha256"]) != (c["size"], c["sha256"]):
                     raise FormatError(f"shard {c['shard']}: does not hold carried file {c['name']} as the index says")
-                with builtins.open(out.path(c["name"]), "wb") as fh:
+                with open(out.path(c["name"]), "wb") as fh:
                     for piece in _named(c["shard"], lambda: list(carried_pieces(r, held))):
                         fh.write(piece)
             out.commit()
@@ -544,65 +507,3 @@ def unpack(path, dst, force: bool, workers, progress: bool, dev, pool=None) -> P
 def _names(header_text: str) -> list[str]:
     h = json.loads(header_text)
     return [k for k in h if k != "__metadata__"]
-
-
-def verify(path, against, min_sqnr, max_rel_error, workers, progress: bool, pool=None):
-    """api.verify over a set: each shard's SHA-256 against the index, every checksum, every tensor decoded
-    against its hash, and with `against` the source's tensors, metadata and carried files."""
-    from . import api
-    from .checkpoint import open_checkpoint
-    from .pipeline import tensor_sha256
-
-    problems: list[str] = []
-    quality: dict[str, dict] = {}
-    checked = 0
-    ckpt = open_checkpoint(against) if against is not None else None
-    src = {e.name: (f, e) for _, f, e in ckpt.tensors()} if ckpt else {}
-    with ShardSet(path) as ss:
-        idx = ss.index
-        for s, (name, r) in zip(idx["shards"], ss.readers):
-            if _file_sha256(r.path) != s["sha256"]:
-                problems.append(f"shard {name}: SHA-256 differs from the index (damaged)")
-            for t in r.index["tensors"]:
-                for label, ref in tensor_blob_refs(t):
-                    import zlib
-
-                    if zlib.crc32(r._pread(ref["offset"], ref["length"])) != ref["crc32"]:
-                        problems.append(f"shard {name}: tensor {t['name']!r} {label}: checksum mismatch")
-            for c in r.index["carried"]:
-                try:
-                    for _ in carried_pieces(r, c):
-                        pass
-                except FormatError as e:
-                    problems.append(f"shard {name}: {e}")
-        decoded: dict[str, str] = {}
-        if not problems:
-            with api._bar(sum(t["nbytes"] for _, _, t in ss.tensors()), "verify", progress) as bar:
-                checked += api.check_decoded(decode_set(ss, workers, bar.update, pool=pool), src, decoded, quality,
-                                             problems)
-        if ckpt is not None and not problems:
-            packed = {t["name"]: t for _, _, t in ss.tensors()}
-            for name in sorted(set(src) - set(packed)):
-                problems.append(f"tensor {name!r} is in the source but not in the set")
-            for name in sorted(set(packed) - set(src)):
-                problems.append(f"tensor {name!r} is in the set but not in the source")
-            for name in sorted(set(src) & set(packed)):
-                f, e = src[name]
-                t = packed[name]
-                if (e.dtype, e.shape) != (t["dtype"], t["shape"]):
-                    problems.append(f"tensor {name!r}: dtype/shape {t['dtype']}{t['shape']} differs from the "
-                                    f"source's {e.dtype}{e.shape}")
-                elif not t["stages"] and tensor_sha256(f.path, e) != decoded.get(name):
-                    problems.append(f"tensor {name!r}: decoded data differs from the source")
-            src_meta = {f.rel: f.metadata for f in ckpt.files}
-            for f in idx["files"]:
-                md = json.loads(f["header"]).get("__metadata__")
-                if f["name"] in src_meta and src_meta[f["name"]] != md:
-                    problems.append(f"file {f['name']}: __metadata__ differs from the source")
-            carried_src = dict(ckpt.carried)
-            for c in idx["carried"]:
-                p = carried_src.get(c["name"])
-                if p is not None and _file_sha256(p) != c["sha256"]:
-                    problems.append(f"file {c['name']}: differs from the source")
-        problems += api._quality_problems(quality, min_sqnr, max_rel_error)
-    return api.VerifyReport(not problems, checked, problems, quality)

@@ -30,25 +30,21 @@ from typing import Any, Optional, Union
 import torch
 
 from . import api
-from .errors import FormatError, OutputError, WeightpackError
+from .container import temp_output
+from .errors import FormatError, ModelLoadError, OutputError, UsageError
+from .results import PackResult
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["save_file", "load_file", "save", "load", "save_model", "load_model", "safe_open", "ModelLoadError"]
 
 
-class ModelLoadError(WeightpackError, RuntimeError):
-    """load_model could not fill the model: missing or unexpected keys under `strict`, or a shape mismatch.
-    A RuntimeError too, as safetensors' (and torch's) load errors are."""
-
-
 # -- save ------------------------------------------------------------------------------------------
 
 def _stage_dir(target: Path) -> Path:
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: no such folder")
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+    if not target.parent.is_dir():
+        raise OutputError(f"{target.parent}: no such folder")
+    return temp_output(target, folder=True)[1]
 
 
 def _source_name(target: Path) -> str:
@@ -56,7 +52,7 @@ def _source_name(target: Path) -> str:
     return (name[:-4] if name.endswith(".wpk") else name) + ".safetensors"
 
 
-def _pack_written(write, filename: PathLike, ties: dict, pack_kwargs: dict) -> dict:
+def _pack_written(write, filename: PathLike, ties: dict, pack_kwargs: dict) -> PackResult:
     """Call write(path) to make the safetensors file in a temporary folder beside `filename`, pack it into
     `filename` (replacing it, as safetensors does unless force=False is given) with the ties recorded."""
     target = Path(filename)
@@ -81,7 +77,7 @@ def _exact_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     for name in sorted(tensors):
         t = tensors[name]
         if not isinstance(t, torch.Tensor):
-            raise WeightpackError(f"tensor {name!r}: not a torch.Tensor ({type(t).__name__})")
+            raise UsageError(f"tensor {name!r}: not a torch.Tensor ({type(t).__name__})")
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape),
                t.stride()) if t.numel() and t.device.type != "meta" else None
         if key is not None and key in seen:
@@ -92,18 +88,18 @@ def _exact_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         kept[name] = t
     for group in _find_shared_tensors(kept):
         if len(group) > 1:
-            raise WeightpackError(
+            raise UsageError(
                 f"tensors {sorted(group)} share memory but are not the same view; clone them first "
                 "(or use save_model, which keeps one of each group as safetensors does)")
     return {k: tensors[k] for k in tensors if k in kept}, ties
 
 
 def save_file(tensors: dict[str, torch.Tensor], filename: PathLike, metadata: Optional[dict[str, str]] = None, *,
-              recipe: Any = "lossless", level: Optional[int] = None, **pack_kwargs) -> dict:
+              recipe: Any = "lossless", level: Optional[int] = None, **pack_kwargs) -> PackResult:
     """Pack a dict of tensors into a container, like safetensors.torch.save_file.
 
     `recipe`, `level` and any other keyword (min_sqnr, bits, size, workers, progress, force) are `pack`'s.
-    Exact aliases are stored once and come back shared from `load_file`. Returns pack's summary."""
+    Exact aliases are stored once and come back shared from `load_file`. Returns pack's PackResult."""
     from safetensors.torch import save_file as st_save_file
 
     kept, ties = _exact_aliases(tensors)
@@ -123,7 +119,7 @@ def save(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = 
 
 def save_model(model: torch.nn.Module, filename: PathLike, metadata: Optional[dict[str, str]] = None,
                force_contiguous: bool = True, *, recipe: Any = "lossless", level: Optional[int] = None,
-               **pack_kwargs) -> dict:
+               **pack_kwargs) -> PackResult:
     """Pack a model's state dict, like safetensors.torch.save_model: shared tensors stored once (the names
     safetensors drops, with its `__metadata__` notes), so that `weightpack unpack` gives exactly the file
     safetensors.torch.save_model writes. The dropped names are recorded as ties."""
@@ -252,5 +248,5 @@ def safe_open(filename: "PathLike | list[PathLike]", framework: str = "pt", devi
     """Lazy access, like safetensors.safe_open: keys(), metadata(), get_tensor(), get_slice(); a folder of
     .wpk shards or a list of them opens as one set. Use as a context manager."""
     if framework not in ("pt", "torch"):
-        raise WeightpackError(f"framework {framework!r} is not supported (weightpack decodes to torch: use 'pt')")
-    return api.open(filename, f"cuda:{device}" if isinstance(device, int) else device)
+        raise UsageError(f"framework {framework!r} is not supported (weightpack decodes to torch: use 'pt')")
+    return api.open_lazy(filename, f"cuda:{device}" if isinstance(device, int) else device)

@@ -17,7 +17,8 @@ import numpy as np
 import constriction
 
 from ..errors import FormatError
-from . import native
+from . import entropy_native
+from .lanes import lane_count, lane_words, lanes_runs
 
 TABLE_BITS = 15
 MODEL_BITS = 24
@@ -59,7 +60,7 @@ def make_model(f: np.ndarray):
 
 class Tables:
     """A stream's stored tables (one per context) and, built on first use, what each decoder needs from
-    them: constriction models, or the compiled decoder's slot tables (coding/native.py)."""
+    them: constriction models, or the compiled coder's tables (coding/entropy_native.py)."""
 
     def __init__(self, tables):
         self.tables = [np.asarray(t) for t in tables]
@@ -75,17 +76,17 @@ class Tables:
 
     def encoder(self) -> tuple:
         if self._enc is None:
-            self._enc = native.enc_tables(np.stack(self.tables))
+            self._enc = entropy_native.enc_tables(np.stack(self.tables))
         return self._enc
 
     def fast(self) -> tuple:
         if self._fast is None:
-            self._fast = native.fast_slots(self.tables)
+            self._fast = entropy_native.fast_slots(self.tables)
         return self._fast
 
     def slots(self) -> tuple:
         if self._slots is None:
-            self._slots = native.slot_tables(self.tables)
+            self._slots = entropy_native.slot_tables(self.tables)
         return self._slots
 
 
@@ -104,14 +105,6 @@ def ans_decode(words: np.ndarray, groups: list[tuple[int, object]], where: str) 
     out = [dec.decode(model, n) if n else np.empty(0, dtype=np.int32) for n, model in groups]
     dec.finish()
     return out
-
-
-def entropy_bits(counts: np.ndarray) -> float:
-    """Order-0 information content of a histogram, in bits."""
-    c = counts[counts > 0].astype(np.float64)
-    if len(c) == 0:
-        return 0.0
-    return float(-(c * np.log2(c / c.sum())).sum())
 
 
 def bits_with_table(counts: np.ndarray, f16: np.ndarray) -> float:
@@ -158,18 +151,6 @@ LANE = 1 << 14  # symbols per lane (at most): what a writer uses
 MIN_LANE, MAX_LANE = 1 << 6, 1 << 22
 
 
-def lane_count(n: int, lane: int) -> int:
-    return -(-n // lane)
-
-
-def lanes_runs(run_counts: list[int], nl: int) -> np.ndarray:
-    """How many of each lane's symbols fall in each run (runs of the whole sequence, in order): (nl, runs).
-    Lane j holds positions k*nl + j; those at or past a run's start are k >= ceil((start - j) / nl)."""
-    starts = np.concatenate([[0], np.cumsum(run_counts, dtype=np.int64)])
-    j = np.arange(nl, dtype=np.int64)[:, None]
-    return np.diff(np.maximum(0, -(-(starts[None, :] - j) // nl)), axis=1)
-
-
 def lanes_encode(syms: np.ndarray, runs: list[tuple[int, object]], lane: int) -> bytes:
     """Code symbols (runs of (count, model), counts summing to len(syms)) as lanes; see above."""
     n = len(syms)
@@ -188,27 +169,13 @@ def lanes_encode(syms: np.ndarray, runs: list[tuple[int, object]], lane: int) ->
     return np.asarray(heads, dtype="<u4").tobytes() + b"".join(bodies)
 
 
-def lane_words(payload, n: int, lane: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """The words of a lanes payload and each lane's word count, checked against its length."""
-    nl = lane_count(n, lane)
-    if len(payload) < 4 * nl or len(payload) % 4:
-        raise FormatError(f"{where}: malformed lanes part")
-    counts = np.frombuffer(payload, "<u4", nl).astype(np.int64)
-    words = np.frombuffer(payload, "<u4", offset=4 * nl)
-    if int(counts.sum()) != len(words):  # a lane may hold no words: symbols 0 only, from state 0
-        raise FormatError(f"{where}: malformed lanes part")
-    return words, counts
-
-
 def lanes_decode(payload, counts: list[int], tables: Tables, lane: int, where: str) -> np.ndarray:
     """Inverse of lanes_encode: the symbols in coding order (int32); run c holds counts[c] symbols of
-    table c. The compiled decoder where it is available, else one constriction call per lane and run."""
+    table c. One constriction call per lane and run (entropy_native.lanes_decode: the compiled one)."""
     n = int(sum(counts))
     nl = lane_count(n, lane)
     words, wc = lane_words(payload, n, lane, where)
     per = lanes_runs(counts, nl)
-    if native.available():
-        return native.lanes(words, wc, per, tables.slots(), where)
     out = np.empty(n, dtype=np.int32)
     ends = np.cumsum(wc).tolist()
     models = tables.models()

@@ -6,8 +6,8 @@ table decodes each of them), moved to the device as they are, and decoded there 
 of the same algorithm:
 
 * `decode_torch`: vectorized torch, one step of all lanes per iteration of a Python loop. Runs on any
-  device; on the CPU it is what the test suite runs (it is not the fast CPU path: that is constriction in
-  worker processes).
+  device; on the CPU it is what the test suite runs (it is not the fast CPU path: that is the codecs' CPU
+  decoders, the compiled kernels in threads or constriction in worker processes; coding/native.py).
 * `decode_triton`: a Triton kernel, one lane per program element, the step loop inside the kernel. Used on
   CUDA devices when Triton is installed; tests run it under Triton's interpreter (TRITON_INTERPRET=1).
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import entropy
+from .lanes import lane_words, lanes_runs
 
 SLOTS = 1 << entropy.TABLE_BITS
 SHIFT = entropy.MODEL_BITS - entropy.TABLE_BITS
@@ -68,14 +69,14 @@ class LaneSet:
         if C < 1:
             raise ValueError("a lanes payload has at least one run")
         n = int(sum(run_counts))
-        words, wc = entropy.lane_words(payload, n, lane, where)
+        words, wc = lane_words(payload, n, lane, where)
         nl = len(wc)
         base = self.nsymbols
         ends = self.nwords + np.cumsum(wc)
         self.words.append(words)
         self.nwords += len(words)
         j = np.arange(nl, dtype=np.int64)
-        first = np.cumsum(entropy.lanes_runs(run_counts, nl), axis=1)[:, :-1]  # lane step where runs 1.. begin
+        first = np.cumsum(lanes_runs(run_counts, nl), axis=1)[:, :-1]  # lane step where runs 1.. begin
         ctx0 = row + (first == 0).sum(axis=1)  # runs beginning at step 0 (empty runs too) are passed already
         # a row takes over at a step only where the next run does not begin at the same step (empty runs)
         keep = (first > 0) & np.concatenate([first[:, 1:] != first[:, :-1], np.ones((nl, 1), bool)], axis=1)
@@ -206,6 +207,18 @@ def _check_used(ptr, wstart, state, where: str) -> None:
     """A lane decoded to its end has read all its words and is back in the coder's initial state, 0."""
     if len(ptr) and bool(((ptr != wstart) | (state != 0)).any()):
         raise FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)")
+
+
+def upload(a: np.ndarray, device) -> "torch.Tensor":
+    """A host array on `device` (through pinned memory on CUDA; a copy on the CPU, so that it may be written)."""
+    import torch
+
+    with warnings.catch_warnings():  # a read-only view of the mapped file: it is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    if str(device).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device) if str(device) != "cpu" else t.clone()
 
 
 # -- Triton ------------------------------------------------------------------------------------------

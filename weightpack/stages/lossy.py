@@ -8,13 +8,13 @@ and the quality measured at pack time.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import metrics
-from ..dtypes import torch_dtype
+from ..dtypes import torch_dtype, torch_view
 from ..errors import FormatError, RecipeError
 from .params import LOSSY_DTYPES, LowRankParams, chain_parts, params_of
 
@@ -60,12 +60,6 @@ def _one_torch_thread():
                 torch.set_num_threads(_threads_saved)
 
 
-def _tensor(raw, dtype: str, shape: list[int]):
-    import torch
-
-    return torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
-
-
 def _writable(raw) -> bytearray:
     return raw if isinstance(raw, bytearray) else bytearray(raw)
 
@@ -88,7 +82,7 @@ def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encod
     from . import lowrank, prune, quantize
 
     *before, p = stages
-    w = _tensor(raw, dtype, shape).to(torch.float32)
+    w = torch_view(raw, dtype, shape).to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         return None
     x, base, chain, lr_parts, note, parts = w, None, [p], {}, None, None
@@ -122,7 +116,7 @@ def _encode(dtype: str, shape: list[int], raw: bytearray, stages: list) -> Encod
         parts={name: (specs[name][0], specs[name][1], _raw(t.to(torch_dtype(specs[name][0]))))
                for name, t in parts.items()},
         decoded_sha256=hashlib.sha256(decoded).hexdigest(),
-        quality=metrics.quality(w.numpy(), recon.to(w.dtype).numpy()),
+        quality=quality(w.numpy(), recon.to(w.dtype).numpy()),
         params=chain,
         lowrank=note,
     )
@@ -132,7 +126,7 @@ def decode(t: dict, parts: dict[str, bytes | bytearray]) -> "np.ndarray":
     """The reconstructed raw bytes of a tensor (a uint8 array) from its decoded parts; checks the recorded
     SHA-256."""
     where = f"tensor {t['name']!r}"
-    tensors = {part["name"]: _tensor(_writable(parts[part["name"]]), part["dtype"], part["shape"])
+    tensors = {part["name"]: torch_view(_writable(parts[part["name"]]), part["dtype"], part["shape"])
                for part in t["parts"]}
     with _one_torch_thread():
         raw = reconstruct(t, tensors).contiguous().reshape(-1).view(torch_dtype("U8")).numpy()
@@ -160,7 +154,19 @@ def quality_against(t: dict, decoded: bytes, source: bytes) -> dict:
     """SQNR and relative error of a decoded tensor against the source's bytes."""
     import torch
 
-    a = _tensor(bytearray(source), t["dtype"], t["shape"]).to(torch.float64).numpy()
-    b = _tensor(bytearray(decoded), t["dtype"], t["shape"]).to(torch.float64).numpy()
-    return metrics.quality(a, b)
+    a = torch_view(bytearray(source), t["dtype"], t["shape"]).to(torch.float64).numpy()
+    b = torch_view(bytearray(decoded), t["dtype"], t["shape"]).to(torch.float64).numpy()
+    return quality(a, b)
 
+
+def quality(original, decoded) -> dict:
+    """SQNR in dB and relative error (||d - o|| / ||o||) of a decoded tensor (numpy arrays)."""
+    import numpy as np
+
+    o = np.asarray(original, dtype=np.float64).ravel()
+    err = float(np.square(np.asarray(decoded, dtype=np.float64).ravel() - o).sum())
+    sig = float(np.square(o).sum())
+    if err == 0:
+        return {"sqnr_db": None, "rel_error": 0.0}  # exact: SQNR is infinite (JSON has no inf)
+    rel = math.sqrt(err / sig) if sig else float("inf")
+    return {"sqnr_db": 10 * math.log10(sig / err) if sig else None, "rel_error": rel if sig else None}

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..coding import entropy
+from .estimate import entropy_bits
 from .params import LowRankParams, QuantParams
 
 FACTOR_MAX = 127
@@ -59,7 +59,7 @@ def product(parts: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
 
 def _entropy_bits(x: torch.Tensor) -> float:
     """Order-0 information content of a tensor's values, in bits."""
-    return entropy.entropy_bits(torch.unique(x.reshape(-1), return_counts=True)[1].numpy())
+    return entropy_bits(torch.unique(x.reshape(-1), return_counts=True)[1].numpy())
 
 
 def _level_bits(parts: dict[str, torch.Tensor], scale_rows: float) -> float:

@@ -20,7 +20,7 @@ class QuantParams:
     """mode "rtn": `bits`-bit levels on a grid per group (see quantize.py). mode "ecsq": one uniform step
     for the whole tensor, the coarsest whose SQNR is at least `sqnr` dB (or the given `step`); the levels
     are left to the entropy coder (entropy-constrained scalar quantization). mode "tcq": trellis-coded
-    quantization (coding/trellis.py) with one step for the tensor, chosen the same way, and levels picked
+    quantization (stages/tcq.py) with one step for the tensor, chosen the same way, and levels picked
     by a search that weighs rate by `lam`."""
 
     bits: int = 8

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ..coding import trellis
+from . import tcq
 from .params import QuantParams
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 26).tolist()  # fractions of the range tried for error-minimizing scales
@@ -140,13 +140,13 @@ def _encode_ecsq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
             "offset": torch.tensor([offset], dtype=torch.int32)}
 
 
-TCQ_SAMPLE_LANES = (1 << 16) // trellis.LANE  # lanes the step search runs on before the whole tensor
+TCQ_SAMPLE_PATHS = (1 << 16) // tcq.PATH  # trellis paths the step search runs on before the whole tensor
 
 
 def _tcq_levels(x, cols: int, delta: float, p: QuantParams):
-    levels = trellis.search(x, cols, delta, p.lam)
-    if levels.size and max(-int(levels.min()), int(levels.max())) > trellis.LEVEL_MAX:
-        raise ValueError(f"the step is too fine for this tensor (levels beyond {trellis.LEVEL_MAX})")
+    levels = tcq.search(x, cols, delta, p.lam)
+    if levels.size and max(-int(levels.min()), int(levels.max())) > tcq.LEVEL_MAX:
+        raise ValueError(f"the step is too fine for this tensor (levels beyond {tcq.LEVEL_MAX})")
     return levels
 
 
@@ -158,7 +158,7 @@ def _tcq_recon(r, delta: float):
 def _encode_tcq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     """Trellis-coded quantization at a fixed step, or at the coarsest step (within ~1%) whose SQNR reaches
     p.sqnr: the distortion of a trellis quantizer grows about as the square of its step, so the step is
-    scaled by the square root of the distortion ratio measured on a sample of lanes, then on the tensor."""
+    scaled by the square root of the distortion ratio measured on a sample of paths, then on the tensor."""
     x = w.reshape(-1).double().numpy()
     n = x.size
     cols = n // w.shape[0] if w.dim() >= 2 and w.shape[0] and n else max(1, n)
@@ -170,13 +170,13 @@ def _encode_tcq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
         delta = 1.0
     else:
         delta = math.sqrt(12 * target / n) / 2  # half the step of a uniform quantizer with that error
-        stride = max(1, -(-n // trellis.LANE) // TCQ_SAMPLE_LANES)
+        stride = max(1, -(-n // tcq.PATH) // TCQ_SAMPLE_PATHS)
         if stride > 1:
-            sample = trellis.lanes_at(x, np.arange(0, -(-n // trellis.LANE), stride))
+            sample = tcq.paths_at(x, np.arange(0, -(-n // tcq.PATH), stride))
             goal = target * float(np.square(sample).sum()) / signal
             for _ in range(3):
-                lv = trellis.search(x, cols, delta, p.lam, stride=stride)
-                err = float(np.square(trellis.reconstruct(lv, trellis.walk(lv)) * delta - sample).sum())
+                lv = tcq.search(x, cols, delta, p.lam, stride=stride)
+                err = float(np.square(tcq.reconstruct(lv, tcq.walk(lv)) * delta - sample).sum())
                 if goal <= 0 or err <= 0:
                     break
                 delta *= math.sqrt(goal / err)
@@ -186,7 +186,7 @@ def _encode_tcq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
     best = None
     for _ in range(8):
         delta = float(np.float32(delta))  # the step as stored
-        levels = trellis.multiples(_tcq_levels(x, cols, delta, p))
+        levels = tcq.multiples(_tcq_levels(x, cols, delta, p))
         err = sum(float(np.square(_tcq_recon(levels[a:a + SLICE], delta).astype(np.float64) - x[a:a + SLICE]).sum())
                   for a in range(0, n, SLICE))
         if p.step or target == 0 or delta < 1e-30:
@@ -208,7 +208,7 @@ def _encode_tcq(w: torch.Tensor, p: QuantParams) -> dict[str, torch.Tensor]:
 
 
 def decode(parts: dict[str, torch.Tensor], p: QuantParams, shape: list[int]) -> torch.Tensor:
-    if p.mode == "tcq":  # q: the multiples of the step each element reconstructs to (coding/trellis.py)
+    if p.mode == "tcq":  # q: the multiples of the step each element reconstructs to (tcq.py)
         return (parts["q"].to(torch.float32) * parts["step"].to(torch.float32)[0]).reshape(shape)
     if p.mode == "ecsq":
         q = parts["q"].to(torch.int64) + parts["offset"].to(torch.int64)[0]

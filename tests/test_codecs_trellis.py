@@ -1,6 +1,6 @@
-"""Trellis-coded quantization's coding side (coding/trellis.py): the 8-state machine, the Viterbi search, the
-`trellis` stream codec of its levels (step-major and ANS lanes layouts) decoded by every CPU decoder, and
-damaged or crafted level streams refused."""
+"""The `trellis` stream codec of TCQ levels (coding/codecs/trellis/): step-major and ANS lanes layouts,
+chosen by cost, decoded by every CPU decoder; damaged or crafted level streams refused; TCQ packs
+deterministic whatever the number of workers."""
 
 import numpy as np
 import pytest
@@ -8,81 +8,25 @@ from hypothesis import given, settings, strategies as st
 
 import weightpack
 from weightpack.coding import entropy
-from weightpack.coding import trellis as T
+from weightpack.coding.codecs.trellis import codec as TC
+from weightpack.coding.codecs.trellis import plan as TP
 from weightpack.errors import FormatError
+from weightpack.stages import tcq as T
 
 import craft
 from conftest import under_every_cpu_decoder
 
 
-def walk_reference(lv):
-    """The machine, one element at a time."""
-    q = np.empty(lv.shape, np.int64)
-    for i in range(lv.shape[0]):
-        s = 0
-        for j in range(lv.shape[1]):
-            q[i, j] = T.QUANT[s]
-            s = T.NEXT[s, lv[i, j] & 1]
-    return q
-
-
-def test_the_machine():
-    # 8 states, each entered from exactly two (state, parity) branches; half the states on each quantizer
-    assert sorted(T.NEXT.reshape(-1).tolist()) == sorted(list(range(T.STATES)) * 2)
-    assert T.QUANT.sum() == T.STATES // 2
-    rng = np.random.default_rng(1)
-    lv = rng.integers(-9, 9, (37, T.LANE))
-    assert np.array_equal(T.walk(lv), walk_reference(lv))
-    k = rng.integers(-300, 300, 5 * T.LANE + 17)
-    r = T.multiples(k)
-    back, q = T.levels_of(r)
-    assert np.array_equal(back.reshape(-1)[: len(k)], k)
-    assert np.array_equal(T.reconstruct(back, q).reshape(-1)[: len(k)], r)
-    # on Q0 only even multiples exist, on Q1 only odd ones and zero: anything else is refused
-    bad = r.copy()
-    bad[0] = 1  # the first element is on Q0 (state 0)
-    with pytest.raises(ValueError):
-        T.levels_of(bad)
-
-
-def _mse(x, lv, delta):
-    return float(np.mean((T.reconstruct(lv, T.walk(lv)) * delta - x) ** 2))
-
-
-def test_viterbi_finds_the_least_distortion_path():
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((64, T.LANE)) * 4.0
-    rate = np.zeros((2, 1, 64))
-    lv = T.viterbi(x, 0.0, rate, -32)
-    best = _mse(x, lv, 1.0)
-    # a greedy path (nearest level on each state's quantizer) is one of the paths the search weighed
-    greedy = np.zeros_like(lv)
-    state = np.zeros(len(x), np.int64)
-    for j in range(T.LANE):
-        q = T.QUANT[state]
-        k0 = np.round(x[:, j] / 2)
-        k1 = np.sign(x[:, j]) * np.round((np.abs(x[:, j]) + 1) / 2)
-        greedy[:, j] = np.where(q == 0, k0, k1)
-        state = T.NEXT[state, greedy[:, j] & 1]
-    assert best <= _mse(x, greedy, 1.0)
-    # the trellis's granular gain: below a scalar quantizer of step 2 (error 4/12) by at least 0.8 dB
-    assert best < (4 / 12) / 10 ** 0.08
-    # a rate weight trades error for fewer bits: zero made cheap, more zeros chosen
-    rate[:, :, 32] = -5.0
-    cheap_zero = T.viterbi(x, 1.0, rate, -32)
-    assert (cheap_zero == 0).sum() > (lv == 0).sum()
-
-
-def _code(r, shape):
-    plan = T.make_plan(r, shape)
+def _code(r, shape, lane=None):
+    plan = TC.make_plan(r, shape, lane)
     u = r.view(np.uint16)
-    coded = [T.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
+    coded = [TC.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
     return plan, coded
 
 
 def _decode_with(plan, coded, n):
-    p2 = T.plan_from_record(n, plan.params(), plan.side(), "test")
-    return b"".join(T.decode_chunk(p2, i, rec, memoryview(pay), "test") for i, (rec, pay) in enumerate(coded))
+    p2 = TC.plan_from_record("I16", n, plan.params(), plan.side(), "test")
+    return b"".join(TC.decode_chunk(p2, i, rec, memoryview(pay), "test") for i, (rec, pay) in enumerate(coded))
 
 
 def _decode(plan, coded, n):
@@ -103,11 +47,10 @@ def test_level_coder_round_trip(n, spread, rows, seed, lane):
     r = T.multiples(k)
     shape = [rows, n // rows] if n % rows == 0 and rows > 1 else [n]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "CHUNK_TARGET", 4 * T.LANE)  # several chunks, a partial last lane
-        mp.setattr(entropy, "LANE", lane)
-        mp.setattr(T, "SPLIT_TOLERANCE", float("inf"))  # the lanes layout whenever LANE > 0
-        plan, coded = _code(r, shape)
-    assert plan.ans_lane == (T.LANES_PER_ANS * lane if plan.alphabet > 1 else 0)  # one level: no stream
+        mp.setattr(TP, "CHUNK_TARGET", 4 * T.PATH)  # several chunks, a partial last path
+        mp.setattr(TP, "SPLIT_TOLERANCE", float("inf"))  # the lanes layout whenever lane > 0
+        plan, coded = _code(r, shape, lane)
+    assert plan.ans_lane == (TP.LANES_PER_ANS * lane if plan.alphabet > 1 else 0)  # one level: no stream
     assert _decode(plan, coded, n) == r.tobytes()
 
 
@@ -116,54 +59,45 @@ def test_layout_is_chosen_by_cost():
     at a few levels where that context is worth much."""
     rng = np.random.default_rng(2)
     w = rng.standard_normal(256 * 384)
-    coarse = T.make_plan(T.multiples(T.search(w, 384, 1.2, 0.3)), [256, 384])
-    fine = T.make_plan(T.multiples(T.search(w, 384, 0.1, 0.3)), [256, 384])
+    coarse = TC.make_plan(T.multiples(T.search(w, 384, 1.2, 0.3)), [256, 384])
+    fine = TC.make_plan(T.multiples(T.search(w, 384, 0.1, 0.3)), [256, 384])
     assert coarse.alphabet <= 7 and coarse.ans_lane == 0
-    assert fine.alphabet > 20 and fine.ans_lane == T.LANES_PER_ANS * entropy.LANE
-
-
-def test_parity_walk_matches_the_machine():
-    rng = np.random.default_rng(9)
-    for n in (1, 255, 256, 257, 5000):
-        k = rng.integers(-9, 10, n)
-        assert np.array_equal(T.walk_parities((k & 1).astype(np.uint8)), T.walk(T.lanes(k)).reshape(-1)[:n])
+    assert fine.alphabet > 20 and fine.ans_lane == TP.LANES_PER_ANS * entropy.LANE
 
 
 def test_level_coder_refuses_what_its_tables_cannot_hold():
     r = T.multiples(np.arange(-3000, 3000))  # 6000 distinct levels: more than a table holds
     with pytest.raises(ValueError):
-        T.make_plan(r, [r.size])
+        TC.make_plan(r, [r.size])
 
 
 @pytest.mark.parametrize("lane", [entropy.LANE, 0])
 def test_level_coder_uses_its_contexts(lane, monkeypatch):
     # rows of two very different scales: the row classes are chosen and pay for themselves
-    monkeypatch.setattr(entropy, "LANE", lane)
-    monkeypatch.setattr(T, "SPLIT_TOLERANCE", float("inf"))
+    monkeypatch.setattr(TP, "SPLIT_TOLERANCE", float("inf"))
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.standard_normal((200, 512)) * 0.2, rng.standard_normal((200, 512)) * 6])
     rng.shuffle(x)
     k = T.search(x.reshape(-1), 512, 1.0, 0.3)
     r = T.multiples(k)
-    plan, coded = _code(r, [400, 512])
+    plan, coded = _code(r, [400, 512], lane)
     if lane:  # parities per row class; rests per quantizer, parity and row class
         assert plan.classes > 1 and plan.pcontexts == plan.classes and plan.contexts == 4 * plan.classes
     else:  # levels per quantizer, row class and maybe the previous level's sign
         assert plan.classes > 1 and plan.contexts == 2 * plan.classes * (3 if plan.prev else 1)
     size = sum(len(p) for _, p in coded) + len(plan.side())
-    flat = T.make_plan(r, [r.size])  # one row: no row classes
-    _, flat_coded = _code(r, [r.size])
+    flat = TC.make_plan(r, [r.size], lane)  # one row: no row classes
+    _, flat_coded = _code(r, [r.size], lane)
     assert size < sum(len(p) for _, p in flat_coded) + len(flat.side())
     assert _decode(plan, coded, r.size) == r.tobytes()
 
 
 @pytest.mark.parametrize("lane", [entropy.LANE, 0])
 def test_damaged_level_streams_are_refused(lane, monkeypatch, each_cpu_decoder):
-    monkeypatch.setattr(entropy, "LANE", lane)
-    monkeypatch.setattr(T, "SPLIT_TOLERANCE", float("inf"))
+    monkeypatch.setattr(TP, "SPLIT_TOLERANCE", float("inf"))
     rng = np.random.default_rng(4)
     r = T.multiples(np.round(rng.laplace(0, 3, 5000)).astype(np.int64))
-    plan, coded = _code(r, [50, 100])
+    plan, coded = _code(r, [50, 100], lane)
     rec, pay = coded[0]
     for bad_pay in (pay[:-4], pay[:8] + bytes(len(pay) - 8), bytes(len(pay)), pay + b"\0\0\0\0"):
         with pytest.raises(FormatError):
@@ -178,12 +112,12 @@ def test_damaged_level_streams_are_refused(lane, monkeypatch, each_cpu_decoder):
         bad += [("ans_lane", 100), ("ans_lane", 1 << 30), ("rlo", plan.rlo - 1), ("rest", plan.rest + 1), ("prev", 1)]
     for key, value in bad:
         with pytest.raises(FormatError):
-            T.plan_from_record(r.size, {**plan.params(), key: value}, plan.side(), "test")
+            TC.plan_from_record("I16", r.size, {**plan.params(), key: value}, plan.side(), "test")
     if lane:
         with pytest.raises(FormatError):
-            T.plan_from_record(r.size, {k: v for k, v in plan.params().items() if k != "rest"}, plan.side(), "test")
+            TC.plan_from_record("I16", r.size, {k: v for k, v in plan.params().items() if k != "rest"}, plan.side(), "test")
     with pytest.raises(FormatError):
-        T.plan_from_record(r.size, plan.params(), plan.side()[:-3], "test")
+        TC.plan_from_record("I16", r.size, plan.params(), plan.side()[:-3], "test")
 
 
 def test_tcq_packs_are_deterministic_and_checked(tmp_path, model):

@@ -1,18 +1,52 @@
-"""The stream codecs (coding/streams.py): fields and bytes, every bit pattern of every dtype at every level,
-decoded by every CPU decoder; the context model's classes, cheap constant tensors, validated side
-information, damaged chunks refused, and level 3 never larger than level 2."""
+"""The fields codec (coding/codecs/fields/): bit fields of a value and bit-plane packing (layout.py) round
+trip; streams of every bit pattern of every dtype at every level (through the registry, which gives wide
+integers and sub-byte types the bytes codec) decoded by every CPU decoder; the context model's classes, cheap
+constant tensors, validated side information, damaged chunks refused, and level 3 never larger than level 2."""
 
 import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from weightpack.coding import streams
-from weightpack.coding.fields import UINT
+from weightpack.coding.codecs import registry
+from weightpack.coding.codecs.fields import codec as fields
+from weightpack.coding.codecs.fields.layout import UINT, join, layout_for, pack_bits, packed_size, split, tail_values, unpack_bits
 from weightpack.dtypes import DTYPES
 from weightpack.errors import FormatError
 
 from conftest import under_every_cpu_decoder
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64), st.integers(0, 300), st.integers(0, 2**32))
+def test_pack_bits_round_trip(width, n, seed):
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 2**63, size=n, dtype=np.uint64) & np.uint64((1 << width) - 1 if width < 64 else 2**64 - 1)
+    if width == 64:
+        v |= rng.integers(0, 2, size=n, dtype=np.uint64) << np.uint64(63)
+    data = pack_bits(v, width)
+    assert len(data) == packed_size(n, width)
+    assert np.array_equal(unpack_bits(data, n, width), v)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "U8", "I8", "BOOL"]),
+       st.integers(0, 5), st.integers(0, 2**32))
+def test_fields_split_join_round_trip(dtype, k, seed):
+    lay = layout_for(DTYPES[dtype], k)
+    assert lay is not None and lay.valid()
+    rng = np.random.default_rng(seed)
+    W = lay.bits
+    u = rng.integers(0, 2**63, size=257, dtype=np.uint64)
+    u = (u ^ (u << np.uint64(7))).astype(UINT[W])
+    head, v = split(u, lay)
+    for tz in range(lay.tail + 1):
+        keep = u.astype(np.uint64) & ~np.uint64((1 << tz) - 1)  # values with tz trailing zeros
+        head, v = split(keep.astype(UINT[W]), lay)
+        t, w = tail_values(v, lay, tz)
+        assert w == lay.tail - tz + lay.sign
+        assert np.array_equal(join(head, t, lay, tz).astype(UINT[W]), keep.astype(UINT[W]))
 
 
 def _bit_patterns(dtype: str, n: int, rng) -> np.ndarray:
@@ -43,11 +77,11 @@ def test_stream_round_trip_every_bit_pattern(dtype, level):
 
 def _round_trip(dtype, shape, u, level):
     """Code a stream and decode it with every CPU decoder (compiled kernels, constriction + numpy)."""
-    plan = streams.make_plan(dtype, shape, lambda a, c: u[a:a + c], level)
-    recs = [streams.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
-    back = streams.plan_from_record(dtype, u.size, plan.params(), plan.side(), "t")
+    plan = fields.make_plan(dtype, shape, lambda a, c: u[a:a + c], level)
+    recs = [registry.encode_chunk(plan, i, u[slice(*plan.chunk_range(i))]) for i in range(plan.nchunks)]
+    back = registry.plan_from_record(dtype, u.size, plan.params(), plan.side(), "t")
     out = under_every_cpu_decoder(
-        lambda: b"".join(streams.decode_chunk(back, i, r, memoryview(p), "t") for i, (r, p) in enumerate(recs)))
+        lambda: b"".join(registry.decode_chunk(back, i, r, memoryview(p), "t") for i, (r, p) in enumerate(recs)))
     assert out == u.tobytes()
     return plan, recs
 
@@ -76,40 +110,29 @@ def test_constant_and_sparse_tensors_are_cheap():
     assert sum(len(p) for _, p in recs) < 4000
 
 
-def test_bytes_codec_for_wide_integers_and_sub_byte_types():
-    u = np.arange(5000, dtype=np.int64).view(np.uint64)
-    plan, recs = _round_trip("I64", [5000], u, 2)
-    assert plan.codec == "bytes" and sum(len(p) for _, p in recs) < 2000
-    raw = np.random.default_rng(0).integers(0, 256, size=1001, dtype=np.uint8)
-    plan = streams.make_plan("F4", [2002], None, 2)
-    rec, payload = streams.encode_chunk(plan, 0, raw)
-    back = streams.plan_from_record("F4", 2002, plan.params(), b"", "t")
-    assert streams.decode_chunk(back, 0, rec, memoryview(payload), "t") == raw.tobytes()
-
-
 def test_corrupt_chunks_are_format_errors_never_garbage(each_cpu_decoder):
     rng = np.random.default_rng(5)
     u = (rng.standard_normal(50000) * 0.02).astype(np.float32).view(np.uint32)
     plan, recs = _round_trip("F32", [50, 1000], u, 2)
     rec, payload = recs[0]
-    back = streams.plan_from_record("F32", u.size, plan.params(), plan.side(), "t")
+    back = registry.plan_from_record("F32", u.size, plan.params(), plan.side(), "t")
     for pos in rng.integers(0, len(payload), size=60):
         bad = bytearray(payload)
         bad[pos] ^= 1 << int(rng.integers(0, 8))
         with pytest.raises(FormatError):
-            streams.decode_chunk(back, 0, rec, memoryview(bytes(bad)), "t")
+            registry.decode_chunk(back, 0, rec, memoryview(bytes(bad)), "t")
 
 
 def test_side_information_is_validated():
     u = (np.random.default_rng(2).standard_normal(4096) * 0.1).astype(np.float16).view(np.uint16)
-    plan = streams.make_plan("F16", [64, 64], lambda a, c: u[a:a + c], 2)
+    plan = fields.make_plan("F16", [64, 64], lambda a, c: u[a:a + c], 2)
     params, side = plan.params(), plan.side()
     for bad in ({**params, "alphabet": params["alphabet"] + 1}, {**params, "block": 0},
                 {**params, "layout": [16, 1, 20, 0]}, {**params, "codec": "magic"}, {**params, "chunk": -5}):
         with pytest.raises(FormatError):
-            streams.plan_from_record("F16", u.size, bad, side, "t")
+            registry.plan_from_record("F16", u.size, bad, side, "t")
     with pytest.raises(FormatError):
-        streams.plan_from_record("F16", u.size, params, side[:-3], "t")
+        registry.plan_from_record("F16", u.size, params, side[:-3], "t")
 
 
 def test_16bit_integers_with_few_distinct_values_are_entropy_coded():

@@ -1,4 +1,4 @@
-"""Bit fields of a value: the split of each element into head symbol, and tail bits.
+"""Bit fields of a value (the `fields` codec): the split of each element into head symbol, and tail bits.
 
 A value of W bits is read as  [sign: S bits][head: H bits][tail: T bits]  (S is 0 or 1).
 For floats the head is the exponent plus the top k mantissa bits, and the tail is the rest of the
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import DType
+from ....dtypes import DType
 
 UINT = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
 
@@ -98,7 +98,7 @@ def join(head: np.ndarray, tail: np.ndarray, lay: Layout, tz: int) -> np.ndarray
     return v
 
 
-def _subplanes(width: int) -> list[int]:
+def subplanes(width: int) -> list[int]:
     """A width as whole bytes then a 4-, 2- and 1-bit plane: each packs with byte-wide array operations."""
     out = [8] * (width // 8)
     r = width % 8
@@ -109,13 +109,13 @@ def _subplanes(width: int) -> list[int]:
 
 
 def packed_size(n: int, width: int) -> int:
-    return sum(n if w == 8 else -(-n * w // 8) for w in _subplanes(width))
+    return sum(n if w == 8 else -(-n * w // 8) for w in subplanes(width))
 
 
 def pack_bits(v: np.ndarray, width: int) -> bytes:
-    """Pack unsigned values of `width` bits as planes, lowest bits first (see _subplanes)."""
+    """Pack unsigned values of `width` bits as planes, lowest bits first (see subplanes)."""
     out, shift = [], 0
-    for w in _subplanes(width):
+    for w in subplanes(width):
         plane = ((v >> v.dtype.type(shift)) & v.dtype.type((1 << w) - 1)).astype(np.uint8)
         shift += w
         if w == 8:
@@ -138,7 +138,7 @@ def unpack_bits(buf, n: int, width: int, dtype=np.uint64) -> np.ndarray:
     a = np.frombuffer(buf, dtype=np.uint8)
     v = np.zeros(n, dtype=dtype)
     off, shift = 0, 0
-    for w in _subplanes(width):
+    for w in subplanes(width):
         if w == 8:
             plane = a[off:off + n]
             off += n
