@@ -123,7 +123,7 @@ def decode(plan, m: int, bcls: np.ndarray, btz: np.ndarray, views: dict, where: 
     lay, L = plan.layout, plan.block
     ccount = block_counts(bcls, plan.tables.shape[0], L, m)
     words, wc = lane_words(views["head"][1], m, plan.lane, where)
-    syms = entropy_native.lanes_fast(words, wc, ccount, plan.lane, plan.coding_tables().fast(), where)
+    syms = entropy_native.lanes_fast(words, wc, ccount, plan.lane, plan.coding_tables().fast(), where, scratch=True)
     tail = b""
     if lay.tail + lay.sign:
         if int(btz.max(initial=0)) > lay.tail:
