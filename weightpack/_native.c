@@ -14,7 +14,7 @@
  *                      context: 32 lanes in four AVX-512 vectors where the CPU has them, else eight lanes
  *                      in registers.
  *   wp_fields_join     a fields chunk from its head symbols and packed tails, in one pass.
- * and the encoders, which write the bytes constriction and numpy write (tests/test_native.py):
+ * and the encoders, which write the bytes constriction and numpy write (tests/test_coding_native.py):
  *   wp_plan_scan, wp_class_hist   the planning passes of the fields plan (histograms, block statistics).
  *   wp_fields_split    a fields chunk's head symbols grouped by block class, and its packed tails.
  *   wp_lanes_encode    ANS lanes (constriction's AnsCoder, bit for bit), four lanes at a time.
@@ -647,7 +647,7 @@ int64_t wp_fields_join(const uint16_t *syms, int64_t m, const uint64_t *alphabet
 
 /* -- encoding ----------------------------------------------------------------------------------------
  *
- * The encoders write exactly the bytes the Python/constriction encoders write (tests/test_native.py checks
+ * The encoders write exactly the bytes the Python/constriction encoders write (tests/test_coding_native.py checks
  * both ways): the planning histograms of coding/streams.make_plan, and fields chunks with their heads as
  * ANS lanes (entropy.lanes_encode) and their tails packed by trailing-zero group (fields.pack_bits). */
 
@@ -974,7 +974,7 @@ PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
  * then 64 -> 32 bits by Barrett reduction (the method of Gopal et al., "Fast CRC Computation for Generic
  * Polynomials Using PCLMULQDQ", Intel, 2009, with its constants for this polynomial). The bytes outside
  * whole 16-byte blocks, and CPUs without the instruction, go through a byte table. Same value as
- * zlib.crc32(data, value) (tests/test_native.py). */
+ * zlib.crc32(data, value) (tests/test_coding_native.py). */
 static uint32_t crc_table[256];
 static void crc_table_init(void) {
     for (uint32_t i = 0; i < 256; i++) {

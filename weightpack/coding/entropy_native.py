@@ -1,7 +1,7 @@
 """The compiled ANS lanes (weightpack/_native.c through ctypes), shared by the codecs: the lanes of
 entropy.lanes_encode encoded with constriction's arithmetic, and decoded by a bucketed slot lookup (any
 runs of contexts: trellis levels) or a direct one (runs of contexts in order: fields heads). The same bytes
-and symbols as entropy.py's constriction coder (tests/test_native.py). entropy.Tables builds and keeps the
+and symbols as entropy.py's constriction coder (tests/test_coding_native.py). entropy.Tables builds and keeps the
 table forms these read (slot_tables, fast_slots, enc_tables)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The `fields` codec with the compiled kernels (the "native" backend; weightpack/_native.c through ctypes):
 the planning passes, a laned chunk split into head symbols and packed tails, its heads coded in ANS lanes
 (coding/entropy_native.py), and decoded and joined with its tails in one pass, straight into the output
-buffer. The same bytes and symbols as cpu.py (tests/test_native.py); chunks of the layouts before format
+buffer. The same bytes and symbols as cpu.py (tests/test_coding_native.py); chunks of the layouts before format
 1.2 (one ANS stream per chunk) are left to cpu.py."""
 
 from __future__ import annotations
