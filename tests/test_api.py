@@ -1,4 +1,5 @@
-"""End-to-end tests on the real all-MiniLM-L6-v2 weights and on generated checkpoints."""
+"""The public API (api.py) end to end, on the real all-MiniLM-L6-v2 weights and on generated checkpoints:
+pack, unpack, load, open, inspect and verify; devices; missing inputs."""
 
 import json
 import subprocess
@@ -11,7 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import weightpack
+from weightpack import WeightpackError
 from conftest import copy_tree, make_sharded, minilm_dir, sha256
+
 
 CLI = [sys.executable, "-m", "weightpack"]
 
@@ -79,66 +82,12 @@ def test_load_on_gpu(tmp_path, minilm):
         assert got[k].is_cuda and torch.equal(got[k].cpu(), ref[k])
 
 
-def test_same_bytes_whatever_the_number_of_workers(tmp_path, minilm_cast):
-    src = minilm_cast["BF16"]
-    weightpack.pack(src, tmp_path / "a.wpk", workers=1)
-    weightpack.pack(src, tmp_path / "b.wpk", workers=2)
-    weightpack.pack(src, tmp_path / "c.wpk", workers=2, force=True)
-    assert sha256(tmp_path / "a.wpk") == sha256(tmp_path / "b.wpk") == sha256(tmp_path / "c.wpk")
-    weightpack.unpack(tmp_path / "a.wpk", tmp_path / "one.safetensors", workers=1)
-    weightpack.unpack(tmp_path / "a.wpk", tmp_path / "two.safetensors", workers=2)
-    assert sha256(tmp_path / "one.safetensors") == sha256(tmp_path / "two.safetensors") == sha256(src)
-
-
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_levels_round_trip_and_order_by_size(tmp_path, minilm_cast, level):
     src = minilm_cast["BF16"]
     res = weightpack.pack(src, tmp_path / f"l{level}.wpk", level=level)
     assert weightpack.verify(tmp_path / f"l{level}.wpk", against=src).ok
     assert res.ratio < {1: 0.67, 2: 0.66, 3: 0.66}[level]
-
-
-def _all_dtypes_checkpoint(path):
-    g = torch.Generator().manual_seed(0)
-    t = {
-        "f64": torch.randn(33, 17, generator=g, dtype=torch.float64),
-        "f32": torch.randn(300, 70, generator=g),
-        "f16": torch.randn(64, 129, generator=g).half(),
-        "bf16": torch.randn(129, 64, generator=g).bfloat16(),
-        "f8e4m3": torch.randn(50, 40, generator=g).to(torch.float8_e4m3fn),
-        "f8e5m2": torch.randn(50, 40, generator=g).to(torch.float8_e5m2),
-        "f8e4m3fnuz": torch.randn(30, 20, generator=g).to(torch.float8_e4m3fnuz),
-        "f8e5m2fnuz": torch.randn(30, 20, generator=g).to(torch.float8_e5m2fnuz),
-        "c64": torch.randn(17, 9, generator=g, dtype=torch.complex64),
-        "i64": torch.arange(1000, dtype=torch.int64),
-        "i32": torch.randint(-2**31, 2**31 - 1, (77,), generator=g, dtype=torch.int32),
-        "i16": torch.randint(-300, 300, (5, 5), generator=g, dtype=torch.int16),
-        "i8": torch.randint(-128, 127, (1000,), generator=g, dtype=torch.int8),
-        "u8": torch.randint(0, 255, (3, 3, 3), generator=g, dtype=torch.uint8),
-        "bool": torch.rand(999, generator=g) > 0.3,
-        "scalar": torch.tensor(3.5),
-        "empty": torch.zeros(0, 4),
-        "specials": torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-45, 3.4e38]),
-    }
-    nan_payload = torch.from_numpy(np.array([0x7FC00001, 0xFFC12345, 0x7F800001], dtype=np.uint32).view(np.float32))
-    t["nan_payloads"] = nan_payload
-    t["bf16_specials"] = torch.from_numpy(np.array([0x7FC1, 0xFF81, 0x0001, 0x8000, 0x7F80], dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
-    save_file(t, str(path), metadata={"format": "pt", "note": "every dtype"})
-    return t
-
-
-def test_every_dtype_and_bit_pattern_round_trips(tmp_path):
-    src = tmp_path / "all.safetensors"
-    ref = _all_dtypes_checkpoint(src)
-    for level in (1, 2, 3):
-        wpk = tmp_path / f"all{level}.wpk"
-        weightpack.pack(src, wpk, level=level)
-        out = weightpack.unpack(wpk, tmp_path / f"out{level}.safetensors")
-        assert sha256(out) == sha256(src)
-    got = weightpack.load(tmp_path / "all2.wpk")
-    for k, v in ref.items():
-        assert got[k].shape == v.shape and got[k].dtype == v.dtype
-        assert got[k].reshape(-1).view(torch.uint8).tolist() == v.reshape(-1).view(torch.uint8).tolist()
 
 
 def test_sharded_checkpoint(tmp_path, minilm):
@@ -166,6 +115,47 @@ def test_model_folder_carries_its_other_files(tmp_path):
         assert sha256(src / rel) == sha256(tmp_path / "back" / rel), rel
 
 
+def test_missing_input_api(tmp_path):
+    missing = tmp_path / "nope.wpk"
+    for call in (lambda: weightpack.pack(tmp_path / "nope.safetensors", tmp_path / "x.wpk"),
+                 lambda: weightpack.unpack(missing, tmp_path / "x"),
+                 lambda: weightpack.inspect(missing),
+                 lambda: weightpack.verify(missing),
+                 lambda: weightpack.load(missing),
+                 lambda: weightpack.open(missing)):
+        with pytest.raises(WeightpackError):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# == devices =======================================================================================
+
+def test_cuda_without_gpu(base):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here")
+    for call in (lambda: weightpack.load(base["single_wpk"], device="cuda"),
+                 lambda: weightpack.load(base["single_wpk"], device="cuda:0"),
+                 lambda: weightpack.load(base["single_wpk"], device=torch.device("cuda")),
+                 lambda: weightpack.open(base["single_wpk"], device="cuda")):
+        with pytest.raises(WeightpackError) as e:
+            call()
+        assert "cuda" in str(e.value).lower() and "\n" not in str(e.value)
+
+
+def test_unknown_device(base):
+    for dev in ("tpu9", "bogus", "", "cuda:x"):
+        with pytest.raises(WeightpackError):
+            weightpack.load(base["single_wpk"], device=dev)
+
+
+def test_open_unknown_tensor(base):
+    with weightpack.open(base["single_wpk"]) as f:
+        with pytest.raises(KeyError):
+            f.get_tensor("no.such.tensor")
+
+
+# == verify ========================================================================================
+
 def test_verify_catches_a_different_source(tmp_path, minilm):
     weightpack.pack(minilm, tmp_path / "m.wpk")
     t = load_file(str(minilm))
@@ -179,11 +169,12 @@ def test_verify_catches_a_different_source(tmp_path, minilm):
     assert not rep.ok and len(rep.problems) == 1
 
 
-def test_cli_help_and_recipes():
-    r = cli("--help")
-    for cmd in ("pack", "unpack", "inspect", "verify", "recipes"):
-        assert cmd in r.stdout
-    for cmd in ("pack", "unpack", "inspect", "verify"):
-        assert "usage:" in cli(cmd, "--help").stdout
-    r = cli("recipes")
-    assert "lossless" in r.stdout and "lossless-max" in r.stdout
+def test_verify_cli_gates_on_quality(tmp_path, minilm):
+    wpk = tmp_path / "q.wpk"
+    weightpack.pack(minilm, wpk, recipe="int4")
+    ok = subprocess.run(CLI + ["verify", str(wpk), "--against", str(minilm), "--min-sqnr", "10"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "lossy tensors within SQNR >= 10 dB" in ok.stdout
+    bad = subprocess.run(CLI + ["verify", str(wpk), "--against", str(minilm), "--min-sqnr", "30"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "below 30.0 dB" in bad.stderr and "ok" not in bad.stdout
+    rel = subprocess.run(CLI + ["verify", str(wpk), "--max-rel-error", "0.001"], capture_output=True, text=True)
+    assert rel.returncode == 1 and "relative error" in rel.stderr

@@ -1,27 +1,31 @@
-/* Compiled CPU kernels for the decoders' hot loops (called through ctypes: weightpack/coding/native.py).
+/* Compiled CPU kernels of the codecs' hot loops (called through ctypes: loaded by weightpack/coding/native.py,
+ * wrapped by coding/entropy_native.py and each codec's native.py under coding/codecs/).
  *
  * The same algorithms as the numpy/constriction paths and the lock-step decoder (coding/lockstep.py), on
  * the same bytes (docs/FORMAT.md):
- *   wp_lanes           ANS lanes (entropy.lanes_encode's layout), one 2**15-entry symbol table per context;
+ *   wp_lanes           ANS lanes (coding/lanes.py's layout), one bucketed symbol table per context;
  *                      constriction's AnsCoder: 64-bit state, 32-bit words, 24-bit precision.
  *   wp_ungroup_*       symbols in coding order (grouped by a key, stable) back to element order.
  *   wp_walk            the trellis quantizer of each element from the parities of the levels before it.
- *   wp_split_contexts  the rest contexts of the trellis lanes layout, and their counts.
+ *   wp_split_contexts  the rest contexts of the trellis codec's lanes layout, and their counts.
  *   wp_split_multiples the multiples of the step from parity, rest and quantizer.
  *   wp_step_major      the step-major trellis layout (format 1.1) of one chunk, whole.
  *   wp_lanes_fast      ANS lanes of a fields chunk's heads, with a direct symbol table (2**15 slots) per
- *                      context, eight lanes at a time.
+ *                      context: 32 lanes in four AVX-512 vectors where the CPU has them, else eight lanes
+ *                      in registers.
  *   wp_fields_join     a fields chunk from its head symbols and packed tails, in one pass.
- * and the encoders, which write the bytes constriction and numpy write (tests/test_native.py):
- *   wp_plan_scan, wp_class_hist   the planning passes of streams.make_plan (histograms, block statistics).
+ * and the encoders, which write the bytes constriction and numpy write (tests/test_coding_native.py):
+ *   wp_plan_scan, wp_class_hist   the planning passes of the fields plan (histograms, block statistics).
  *   wp_fields_split    a fields chunk's head symbols grouped by block class, and its packed tails.
  *   wp_lanes_encode    ANS lanes (constriction's AnsCoder, bit for bit), four lanes at a time.
+ * and wp_crc32, zlib's crc32 with carry-less multiplication; wp_simd, the vector level in use.
  *
- * Memory safety on any input is by construction: every read index is bounded by the sizes passed in (the
- * caller checks those against each other), words are read only between a lane's first and last word, and a
- * symbol found in a table is below that table's alphabet. Corrupt data decodes to some symbols and is
- * reported by the end-of-lane check (all words read, state back at 0) or by the caller's checksums.
- * No Python API is used: ctypes releases the GIL around each call. */
+ * Reads and writes stay inside the sizes passed in: the wrappers check those against each other first and
+ * the kernels re-check what they index with (class and trailing-zero keys, symbol ranges, counts); words
+ * are read only between a lane's first and last word, and a symbol found in a table is below that table's
+ * alphabet. Corrupt data decodes to some symbols and is reported by the end-of-lane check (all words read,
+ * state back at 0) or by the caller's checksums. scripts/sanitize.sh runs the kernel tests under ASan and
+ * UBSan. No Python API is used: ctypes releases the GIL around each call. */
 
 #include <Python.h>
 #include <stdint.h>
@@ -146,7 +150,7 @@ int64_t wp_lanes(const uint32_t *restrict words, int64_t nwords, const int64_t *
 UNGROUP(wp_ungroup_u8, uint8_t)
 UNGROUP(wp_ungroup_i32, int32_t)
 
-/* The trellis machine (coding/trellis.py): states 0-3 quantizer 0, 4-7 quantizer 1; next state from the
+/* The trellis machine (stages/tcq.py): states 0-3 quantizer 0, 4-7 quantizer 1; next state from the
  * parity p of the level: ((p ^ parity(popcount(s))) << 2) | (s >> 1). */
 static inline int next_state(int s, int p) {
     return ((p ^ __builtin_parity((unsigned)s)) << 2) | (s >> 1);
@@ -478,7 +482,7 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
     return -1;
 }
 
-/* A fields chunk rebuilt from its decoded head symbols and its packed tail (coding/streams.py, fields.py),
+/* A fields chunk rebuilt from its decoded head symbols and its packed tail (codecs/fields/: cpu.py, layout.py),
  * in one pass over its blocks: m elements of W bits in nb blocks of L (the last one maybe shorter);
  * element = sign | head | tail with T tail bits and S (0 or 1) sign bits. syms: the head symbols grouped
  * by class (classes in order, blocks in order within a class; ccount[c] elements each), alphabet[s] the
@@ -643,7 +647,7 @@ int64_t wp_fields_join(const uint16_t *syms, int64_t m, const uint64_t *alphabet
 
 /* -- encoding ----------------------------------------------------------------------------------------
  *
- * The encoders write exactly the bytes the Python/constriction encoders write (tests/test_native.py checks
+ * The encoders write exactly the bytes the Python/constriction encoders write (tests/test_coding_native.py checks
  * both ways): the planning histograms of coding/streams.make_plan, and fields chunks with their heads as
  * ANS lanes (entropy.lanes_encode) and their tails packed by trailing-zero group (fields.pack_bits). */
 
@@ -970,7 +974,7 @@ PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
  * then 64 -> 32 bits by Barrett reduction (the method of Gopal et al., "Fast CRC Computation for Generic
  * Polynomials Using PCLMULQDQ", Intel, 2009, with its constants for this polynomial). The bytes outside
  * whole 16-byte blocks, and CPUs without the instruction, go through a byte table. Same value as
- * zlib.crc32(data, value) (tests/test_native.py). */
+ * zlib.crc32(data, value) (tests/test_coding_native.py). */
 static uint32_t crc_table[256];
 static void crc_table_init(void) {
     for (uint32_t i = 0; i < 256; i++) {

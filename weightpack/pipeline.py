@@ -339,7 +339,12 @@ def _decode_task(path: str, plan: registry.Plan, recs: list[Chunk], first: int, 
                 if native.crc32(payload) != rec.crc32:
                     raise FormatError(f"{where}: checksum mismatch (damaged data)")
                 a, b = plan.chunk_range(i)
-                dest = into[a * unit:b * unit] if into is not None else None
+                if into is not None:
+                    dest = into[a * unit:b * unit]
+                elif out_fd is not None:  # decoded into the thread's work array, then written out
+                    dest = native.scratch("unpack", (b - a) * unit, np.uint8)[:(b - a) * unit]
+                else:
+                    dest = None
                 raw = registry.decode_chunk(plan, i, rec, memoryview(payload), where, dest)
                 if out_fd is not None:
                     os.pwrite(out_fd, raw, out_offset + a * unit)

@@ -1,7 +1,7 @@
 """The compiled ANS lanes (weightpack/_native.c through ctypes), shared by the codecs: the lanes of
 entropy.lanes_encode encoded with constriction's arithmetic, and decoded by a bucketed slot lookup (any
 runs of contexts: trellis levels) or a direct one (runs of contexts in order: fields heads). The same bytes
-and symbols as entropy.py's constriction coder (tests/test_native.py). entropy.Tables builds and keeps the
+and symbols as entropy.py's constriction coder (tests/test_coding_native.py). entropy.Tables builds and keeps the
 table forms these read (slot_tables, fast_slots, enc_tables)."""
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def fast_slots(tables) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lanes_fast(words: np.ndarray, wcount: np.ndarray, ccount: np.ndarray, lane: int, fast: tuple,
-               where: str) -> np.ndarray:
+               where: str, scratch: bool = False) -> np.ndarray:
     """The symbols (uint16, coding order) of a lanes payload whose sequence runs through the contexts in
     order, ccount[c] symbols of context c (entropy.lanes_encode's layout), with the direct slot tables of
-    fast_slots."""
+    fast_slots. With `scratch`, in the thread's work array (valid until its next such call)."""
     dslot, fc = fast
     ccount = np.ascontiguousarray(ccount, dtype=np.int64)
     n = int(ccount.sum())
@@ -60,7 +60,7 @@ def lanes_fast(words: np.ndarray, wcount: np.ndarray, ccount: np.ndarray, lane: 
             or int(ccount.min(initial=0)) < 0:
         raise FormatError(f"{where}: malformed lanes part")
     words = np.ascontiguousarray(words, dtype=np.uint32)
-    out = np.empty(n, dtype=np.uint16)
+    out = native.scratch("lanes_syms", n, np.uint16)[:n] if scratch else np.empty(n, dtype=np.uint16)
     if dslot.shape[1] != 1 << SLOT_BITS or not dslot.flags.c_contiguous or fc.shape[0] != dslot.shape[0]:
         raise ValueError("slot tables do not fit")
     bad = native.lib().wp_lanes_fast(words.ctypes.data, len(words), np.ascontiguousarray(wcount, dtype=np.int64), nl,

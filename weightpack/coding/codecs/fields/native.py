@@ -1,7 +1,7 @@
 """The `fields` codec with the compiled kernels (the "native" backend; weightpack/_native.c through ctypes):
 the planning passes, a laned chunk split into head symbols and packed tails, its heads coded in ANS lanes
 (coding/entropy_native.py), and decoded and joined with its tails in one pass, straight into the output
-buffer. The same bytes and symbols as cpu.py (tests/test_native.py); chunks of the layouts before format
+buffer. The same bytes and symbols as cpu.py (tests/test_coding_native.py); chunks of the layouts before format
 1.2 (one ANS stream per chunk) are left to cpu.py."""
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def decode(plan, m: int, bcls: np.ndarray, btz: np.ndarray, views: dict, where: 
     lay, L = plan.layout, plan.block
     ccount = block_counts(bcls, plan.tables.shape[0], L, m)
     words, wc = lane_words(views["head"][1], m, plan.lane, where)
-    syms = entropy_native.lanes_fast(words, wc, ccount, plan.lane, plan.coding_tables().fast(), where)
+    syms = entropy_native.lanes_fast(words, wc, ccount, plan.lane, plan.coding_tables().fast(), where, scratch=True)
     tail = b""
     if lay.tail + lay.sign:
         if int(btz.max(initial=0)) > lay.tail:
