@@ -61,16 +61,14 @@ def _sync(device: str) -> None:
 def _chunks(pk: Path, kind: str):
     """(plan, chunk record, payload) of every chunk of `kind` ('fields' heads in lanes, or 'trellis')."""
     with ContainerReader(pk) as r:
-        for t in r.index["tensors"]:
-            items = [(p["stream"], p["dtype"], p["shape"]) for p in t["parts"]] if t["stages"] else \
-                [(t["stream"], t["dtype"], t["shape"])]
-            for stream, dtype, shape in items:
-                plan = stream_plan(r, stream, dtype, shape, t["name"])
+        for t in r.index.tensors:
+            for part in (t.parts if t.stages else [None]):
+                plan = stream_plan(r, t, part)
                 if plan.codec != ("fields" if kind == "fields" else "trellis"):
                     continue
-                for i, rec in enumerate(stream["chunks"]):
-                    if rec.get("codec") == kind:
-                        yield plan, i, rec, r._pread(rec["offset"], rec["length"])
+                for i, rec in enumerate((part or t).stream.chunks):
+                    if rec.codec == kind:
+                        yield plan, i, rec, r.read_blob(rec.blob, "bench")
 
 
 def head_lanes(pk: Path, limit: int = 1 << 62):
