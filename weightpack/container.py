@@ -224,17 +224,21 @@ def temp_output(target: Path, folder: bool = False) -> tuple[int | None, Path]:
         raise OutputError(f"{target}: cannot write ({e.strerror or e})") from None
 
 
+def check_parent_folder(parent: Path) -> None:
+    """An output's folder exists and can be written."""
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: no such folder")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: folder is not writable")
+
+
 def check_output_file(target: Path, force: bool) -> None:
     if target.is_dir():
         raise OutputError(f"{target}: is a folder")
     if target.exists() and not force:
         raise OutputError(f"{target}: already exists (use --force to overwrite)",
                           api=f"{target}: already exists (pass force=True to overwrite)")
-    parent = target.parent
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: no such folder")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{parent}: folder is not writable")
+    check_parent_folder(target.parent)
 
 
 def check_output_folder(target: Path, force: bool) -> None:
@@ -243,11 +247,7 @@ def check_output_folder(target: Path, force: bool) -> None:
     if target.is_dir() and any(target.iterdir()) and not force:
         raise OutputError(f"{target}: folder exists and is not empty (use --force to replace it)",
                           api=f"{target}: folder exists and is not empty (pass force=True to replace it)")
-    parent = target.parent
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: no such folder")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{parent}: folder is not writable")
+    check_parent_folder(target.parent)
 
 
 class OutputTree:

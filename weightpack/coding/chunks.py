@@ -15,6 +15,22 @@ from .native import crc32
 MAX_CHUNK = 1 << 22  # a reader refuses larger chunks: what one chunk may make it allocate is bounded
 
 
+class Chunked:
+    """A stream of n elements (bytes, for the bytes codec) coded in chunks of `chunk`, the last maybe shorter:
+    what every codec's plan shares."""
+
+    n: int
+    chunk: int
+
+    @property
+    def nchunks(self) -> int:
+        return -(-self.n // self.chunk)
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        a = i * self.chunk
+        return a, min(self.n, a + self.chunk)
+
+
 @dataclass(frozen=True)
 class StreamParams:
     """A stream's parameters as validated by its codec's check_params (codecs add their own fields)."""

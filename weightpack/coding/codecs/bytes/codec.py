@@ -5,7 +5,6 @@ layout (wide integers, sub-byte floats); a `fields` stream codes a chunk this wa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from ....dtypes import DTYPES
 from ....errors import FormatError
-from ...chunks import ChunkCode, StreamParams, check_decoded, chunk_size, chunk_views, raw_crc, with_parts
+from ...chunks import ChunkCode, Chunked, StreamParams, check_decoded, chunk_size, chunk_views, raw_crc, with_parts
 from ...storage import compress_best, unstore
 
 NAME = "bytes"
@@ -26,7 +25,7 @@ def planes(nbits: int) -> int:
 
 
 @dataclass
-class Plan:
+class Plan(Chunked):
     """Everything needed to code (and decode) the chunks of a stream of bytes."""
 
     dtype: str
@@ -41,13 +40,6 @@ class Plan:
     def itemsize_bits(self) -> int:
         return DTYPES[self.dtype].bits
 
-    @property
-    def nchunks(self) -> int:
-        return math.ceil(self.n / self.chunk)
-
-    def chunk_range(self, i: int) -> tuple[int, int]:
-        a = i * self.chunk
-        return a, min(self.n, a + self.chunk)
 
     def params(self) -> dict:
         return {"codec": NAME, "chunk": self.chunk}

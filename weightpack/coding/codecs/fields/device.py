@@ -181,7 +181,6 @@ def unpack_bits(rows: "torch.Tensor", n: int, width: int, work) -> "torch.Tensor
             plane = rows[:, off:off + n]
             off += n
         else:
-            per = 8 // w
             size = -(-n * w // 8)
             g = rows[:, off:off + size].to(torch.int32)
             off += size

@@ -13,7 +13,7 @@ import numpy as np
 from ....dtypes import DTYPES
 from ....errors import FormatError
 from ... import entropy, native
-from ...chunks import StreamParams, chunk_size
+from ...chunks import Chunked, StreamParams, chunk_size
 from ...levels import DEFAULT_LEVEL, LEVELS
 from ...storage import unzstd, zstd
 from ..bytes import codec as bytes_codec
@@ -35,7 +35,7 @@ def backend():
 
 
 @dataclass
-class Plan:
+class Plan(Chunked):
     """Everything needed to code (and decode) the chunks of one `fields` stream."""
 
     dtype: str
@@ -66,13 +66,6 @@ class Plan:
         """Bytes per stream element."""
         return self.itemsize_bits // 8
 
-    @property
-    def nchunks(self) -> int:
-        return math.ceil(self.n / self.chunk)
-
-    def chunk_range(self, i: int) -> tuple[int, int]:
-        a = i * self.chunk
-        return a, min(self.n, a + self.chunk)
 
     # -- side information ------------------------------------------------------------------------
     def params(self) -> dict:

@@ -6,7 +6,6 @@ make_plan, written as parameters and a zstd'd side-information blob, read back b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -16,7 +15,7 @@ import zstandard
 from ....errors import FormatError
 from ....stages.tcq import BLOCK_ELEMENTS, LEVEL_MAX, PATH, QUANT, levels_of, row_classes
 from ... import entropy
-from ...chunks import StreamParams
+from ...chunks import Chunked, StreamParams
 from ...storage import unzstd
 
 NAME = "trellis"
@@ -30,7 +29,7 @@ SPLIT_TOLERANCE = 0.001
 
 
 @dataclass
-class LevelPlan:
+class LevelPlan(Chunked):
     """Everything needed to code (and decode) the level stream of one tensor."""
 
     n: int
@@ -57,10 +56,6 @@ class LevelPlan:
     _pcoded: Optional[entropy.Tables] = None
 
     @property
-    def nchunks(self) -> int:
-        return math.ceil(self.n / self.chunk)
-
-    @property
     def contexts(self) -> int:
         """Tables of the levels (format 1.1), or of the rests (1.2)."""
         if self.ans_lane:
@@ -71,9 +66,6 @@ class LevelPlan:
     def pcontexts(self) -> int:
         return self.classes if self.ans_lane and self.alphabet > 1 else 0
 
-    def chunk_range(self, i: int) -> tuple[int, int]:
-        a = i * self.chunk
-        return a, min(self.n, a + self.chunk)
 
     def params(self) -> dict:
         # "lane": the trellis path length (the key predates the ANS lanes of format 1.2)
