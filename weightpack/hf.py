@@ -352,7 +352,7 @@ def _ties(paths: list[Path]) -> dict[str, str]:
     ties: dict[str, str] = {}
     for path in paths:
         with ContainerReader(path) as r:
-            t = r.index.get("tied", {})
+            t = r.index.extra.get("tied", {})
             if isinstance(t, dict):
                 ties.update({k: v for k, v in t.items() if isinstance(k, str) and isinstance(v, str)})
     return ties
