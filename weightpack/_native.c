@@ -607,6 +607,124 @@ JOIN(join16, uint16_t, 16)
 JOIN(join32, uint32_t, 32)
 JOIN(join64, uint64_t, 64)
 
+#ifdef WP_AVX512
+/* Element j's tail bits read from the planes of its group, one at a time (a block's first elements, up to a
+ * byte boundary of its sub-byte planes). */
+static inline uint32_t tail_at(const uint8_t *pb, int64_t n, int64_t nbytes, int64_t r, const uint8_t *p4,
+                               const uint8_t *p2, const uint8_t *p1, int64_t j) {
+    uint32_t x = 0;
+    int sh = 0;
+    for (int64_t q = 0; q < nbytes; q++, sh += 8)
+        x |= (uint32_t)pb[q * n + j] << sh;
+    if (r & 4)
+        x |= (uint32_t)((p4[j >> 1] >> ((j & 1) * 4)) & 15) << sh, sh += 4;
+    if (r & 2)
+        x |= (uint32_t)((p2[j >> 2] >> ((j & 3) * 2)) & 3) << sh, sh += 2;
+    if (r & 1)
+        x |= (uint32_t)((p1[j >> 3] >> (j & 7)) & 1) << sh;
+    return x;
+}
+
+/* join16 with AVX-512: 32 elements a step, reading and writing nothing outside their bytes (masked loads and
+ * stores at a block's end). The head values come from two registers (A <= 64: one permute) or a gather; each
+ * tail plane is widened to 16-bit lanes with a permute and a shift. The same output and checks as join16. */
+static WP_AVX512 int64_t join16_avx512(const uint16_t *restrict syms, int64_t m, const uint64_t *restrict alphabet,
+                                       int64_t A, const uint8_t *restrict bcls, const uint8_t *restrict btz,
+                                       int64_t nb, int64_t L, int64_t *restrict off, const int64_t *restrict end,
+                                       const uint8_t *restrict tail, const int64_t *restrict tpos,
+                                       const int64_t *restrict tcount, int64_t S, int64_t T, uint16_t *restrict out) {
+    int64_t tdone[65] = {0};
+    uint32_t head[4096];
+    uint16_t h16[64] = {0};
+    if (A > 4096)
+        return -1;
+    for (int64_t s = 0; s < A; s++) {
+        head[s] = (uint16_t)(alphabet[s] << T);
+        if (s < 64)
+            h16[s] = (uint16_t)head[s];
+    }
+    uint16_t io[32];
+    for (int i = 0; i < 32; i++)
+        io[i] = (uint16_t)i;
+    const __m512i iota = _mm512_loadu_si512(io), H0 = _mm512_loadu_si512(h16), H1 = _mm512_loadu_si512(h16 + 32);
+    const __m512i idx4 = _mm512_srli_epi16(iota, 1), sh4 = _mm512_slli_epi16(_mm512_and_si512(iota, _mm512_set1_epi16(1)), 2);
+    const __m512i idx2 = _mm512_srli_epi16(iota, 2), sh2 = _mm512_slli_epi16(_mm512_and_si512(iota, _mm512_set1_epi16(3)), 1);
+    const __m512i idx1 = _mm512_srli_epi16(iota, 3), sh1 = _mm512_and_si512(iota, _mm512_set1_epi16(7));
+    const __m512i vA = _mm512_set1_epi16((short)(A < 65535 ? A : 65535));
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], tz = btz[b];
+        if (off[c] + len > end[c])
+            return -1;
+        const uint16_t *sc = syms + off[c];
+        uint16_t *o = out + a;
+        const int64_t t = T - tz, width = t + S, n = tcount[tz], nbytes = width / 8, r = width % 8, j0 = tdone[tz];
+        const uint32_t mask = t ? (uint32_t)((1u << t) - 1) : 0;
+        const uint8_t *pb = tail + tpos[tz];
+        const uint8_t *p4 = pb + nbytes * n;
+        const uint8_t *p2 = p4 + ((r & 4) ? (n * 4 + 7) / 8 : 0);
+        const uint8_t *p1 = p2 + ((r & 2) ? (n * 2 + 7) / 8 : 0);
+        int64_t i = 0;
+        if (T + S)
+            for (; i < len && (j0 + i) % 8; i++) {
+                if (sc[i] >= A)
+                    return -1;
+                uint32_t x = tail_at(pb, n, nbytes, r, p4, p2, p1, j0 + i);
+                o[i] = (uint16_t)(head[sc[i]] | ((x & mask) << tz) | (S ? (x >> t) << 15 : 0));
+            }
+        const __m128i ctz = _mm_cvtsi32_si128((int)tz), ct = _mm_cvtsi32_si128((int)t);
+        const __m512i vmask = _mm512_set1_epi16((short)mask);
+        for (; i < len; i += 32) {
+            const int64_t k = len - i < 32 ? len - i : 32, j = j0 + i;
+            const __mmask32 km = k == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << k) - 1);
+            __m512i s = _mm512_maskz_loadu_epi16(km, sc + i), h;
+            if (_mm512_mask_cmpge_epu16_mask(km, s, vA))
+                return -1;
+            if (A <= 64)
+                h = _mm512_permutex2var_epi16(H0, s, H1);
+            else {
+                __m512i lo = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(s)), (const int *)head, 4);
+                __m512i hi = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(s, 1)), (const int *)head, 4);
+                h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo)), _mm512_cvtepi32_epi16(hi), 1);
+            }
+            if (T + S) {
+                __m512i x = _mm512_setzero_si512();
+                int sh = 0;
+                for (int64_t q = 0; q < nbytes; q++, sh += 8)
+                    x = _mm512_or_si512(x, _mm512_sll_epi16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(km, pb + q * n + j)),
+                                                            _mm_cvtsi32_si128(sh)));
+                if (r & 4) {
+                    __m128i v = _mm_maskz_loadu_epi8((__mmask16)((1u << ((k + 1) / 2)) - 1), p4 + j / 2);
+                    __m512i w = _mm512_permutexvar_epi16(idx4, _mm512_castsi256_si512(_mm256_cvtepu8_epi16(v)));
+                    w = _mm512_and_si512(_mm512_srlv_epi16(w, sh4), _mm512_set1_epi16(15));
+                    x = _mm512_or_si512(x, _mm512_sll_epi16(w, _mm_cvtsi32_si128(sh)));
+                    sh += 4;
+                }
+                if (r & 2) {
+                    __m128i v = _mm_maskz_loadu_epi8((__mmask16)((1u << ((k + 3) / 4)) - 1), p2 + j / 4);
+                    __m512i w = _mm512_permutexvar_epi16(idx2, _mm512_castsi128_si512(_mm_cvtepu8_epi16(v)));
+                    w = _mm512_and_si512(_mm512_srlv_epi16(w, sh2), _mm512_set1_epi16(3));
+                    x = _mm512_or_si512(x, _mm512_sll_epi16(w, _mm_cvtsi32_si128(sh)));
+                    sh += 2;
+                }
+                if (r & 1) {
+                    __m128i v = _mm_maskz_loadu_epi8((__mmask16)((1u << ((k + 7) / 8)) - 1), p1 + j / 8);
+                    __m512i w = _mm512_permutexvar_epi16(idx1, _mm512_castsi128_si512(_mm_cvtepu8_epi16(v)));
+                    w = _mm512_and_si512(_mm512_srlv_epi16(w, sh1), _mm512_set1_epi16(1));
+                    x = _mm512_or_si512(x, _mm512_sll_epi16(w, _mm_cvtsi32_si128(sh)));
+                }
+                h = _mm512_or_si512(h, _mm512_sll_epi16(_mm512_and_si512(x, vmask), ctz));
+                if (S)
+                    h = _mm512_or_si512(h, _mm512_slli_epi16(_mm512_srl_epi16(x, ct), 15));
+            }
+            _mm512_mask_storeu_epi16(o + i, km, h);
+        }
+        off[c] += len;
+        tdone[tz] += len;
+    }
+    return 0;
+}
+#endif
+
 int64_t wp_fields_join(const uint16_t *syms, int64_t m, const uint64_t *alphabet, int64_t A, const uint8_t *bcls,
                        const uint8_t *btz, int64_t nb, int64_t L, int64_t C, const int64_t *ccount,
                        const uint8_t *tail, int64_t tail_len, int64_t W, int64_t S, int64_t T, void *out) {
@@ -638,7 +756,12 @@ int64_t wp_fields_join(const uint16_t *syms, int64_t m, const uint64_t *alphabet
         return -1;
     switch (W) {
     case 8: return join8(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
-    case 16: return join16(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
+    case 16:
+#ifdef WP_AVX512
+        if (wp_simd(-1))
+            return join16_avx512(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
+#endif
+        return join16(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
     case 32: return join32(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
     case 64: return join64(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
     default: return -1;
