@@ -345,8 +345,9 @@ int64_t wp_simd(int64_t want) {
 static inline __attribute__((always_inline)) WP_AVX512 void
 lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t steps, const int64_t *bounds,
                int64_t C, const uint16_t *dslot, const uint32_t *fc, int64_t A, uint16_t *out, uint64_t *x,
-               int64_t *p, const int64_t *lo) {
+               int64_t *p, const int64_t *lo, int64_t active) {
     __m512i X[4], P[4], LO[4];
+    __mmask8 on[4]; /* the group's lanes that exist (active of them): the others read nothing and write nothing */
     const __m512i m24 = _mm512_set1_epi64(0xFFFFFF), one = _mm512_set1_epi64(1), two32 = _mm512_set1_epi64((int64_t)1 << 32);
     const __m256i m16 = _mm256_set1_epi32(0xFFFF);
     const __m512i m16w = _mm512_set1_epi64(0xFFFF);
@@ -354,22 +355,81 @@ lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t 
         X[g] = _mm512_loadu_si512(x + 8 * g);
         P[g] = _mm512_loadu_si512(p + 8 * g);
         LO[g] = _mm512_loadu_si512(lo + 8 * g);
+        int64_t k = active - 8 * g;
+        on[g] = (__mmask8)(k >= 8 ? 0xFF : k > 0 ? (1u << k) - 1 : 0);
     }
-    int64_t c = 0, cctx[32];
+    int64_t c = 0, cctx[32], creg = -1, half = 0;
+    const int small = A <= 64; /* the symbol found by a binary search of the context's cdf, in registers */
+    while (2 * half < A)
+        half = half ? 2 * half : 1;
+    half = A > 1 ? half : 0; /* the search's first step: the largest power of two below A */
+    const __mmask32 on32 = (__mmask32)(active >= 32 ? 0xFFFFFFFFu : (1u << active) - 1);
+    __m512i CDF0 = _mm512_setzero_si512(), CDF1 = CDF0, F0 = CDF0, F1 = CDF0;
     for (int64_t t = 0; t < steps; t++) {
         const int64_t base = t * nl + j0;
         while (bounds[c + 1] <= base)
             c++;
-        const int uniform = base + 8 * G - 1 < bounds[c + 1];
+        const int uniform = base + active - 1 < bounds[c + 1];
+        if (small && uniform) {
+            if (c != creg) { /* the context's cumulative frequencies (0xFFFF past A: never at or below a slot) */
+                uint16_t cd[64], fr[64];
+                for (int64_t k = 0; k < 64; k++) {
+                    uint32_t e = k < A ? fc[c * A + k] : 0;
+                    cd[k] = k < A ? (uint16_t)(e >> 16) : 0xFFFF;
+                    fr[k] = (uint16_t)(e & 0xFFFF);
+                }
+                CDF0 = _mm512_loadu_si512(cd), CDF1 = _mm512_loadu_si512(cd + 32);
+                F0 = _mm512_loadu_si512(fr), F1 = _mm512_loadu_si512(fr + 32);
+                creg = c;
+            }
+            __m512i Q[4], slot;
+            for (int g = 0; g < G; g++)
+                Q[g] = _mm512_and_si512(X[g], m24);
+            slot = _mm512_castsi128_si512(_mm512_cvtepi64_epi16(_mm512_srli_epi64(Q[0], 9)));
+            if (G > 1)
+                slot = _mm512_inserti32x4(slot, _mm512_cvtepi64_epi16(_mm512_srli_epi64(Q[1], 9)), 1);
+            if (G > 2)
+                slot = _mm512_inserti32x4(slot, _mm512_cvtepi64_epi16(_mm512_srli_epi64(Q[2], 9)), 2);
+            if (G > 3)
+                slot = _mm512_inserti32x4(slot, _mm512_cvtepi64_epi16(_mm512_srli_epi64(Q[3], 9)), 3);
+            __m512i sy = _mm512_setzero_si512();
+            for (int64_t st = half; st; st >>= 1) { /* the last symbol whose cdf is at or below the slot */
+                __m512i cand = _mm512_add_epi16(sy, _mm512_set1_epi16((short)st));
+                __mmask32 ge = _mm512_cmpge_epu16_mask(slot, _mm512_permutex2var_epi16(CDF0, cand, CDF1));
+                sy = _mm512_mask_mov_epi16(sy, ge, cand);
+            }
+            const __m512i cz = _mm512_permutex2var_epi16(CDF0, sy, CDF1), fz = _mm512_permutex2var_epi16(F0, sy, F1);
+            _mm512_mask_storeu_epi16(out + base, on32, sy);
+#define SMALL_STEP(g)                                                                                           \
+            do {                                                                                                \
+                __m512i f = _mm512_slli_epi64(_mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(fz, g)), 9);     \
+                __m512i cdf = _mm512_slli_epi64(_mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(cz, g)), 9);   \
+                __mmask8 more = _mm512_mask_cmpgt_epi64_mask(on[g], P[g], LO[g]);                              \
+                __m256i w = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), more, _mm512_sub_epi64(P[g], one), ws, 4); \
+                __m512i nx = _mm512_sub_epi64(_mm512_add_epi64(_mm512_mullo_epi64(_mm512_srli_epi64(X[g], 24), f), Q[g]), cdf); \
+                __mmask8 take = _mm512_mask_cmplt_epu64_mask(more, nx, two32);                                 \
+                X[g] = _mm512_mask_mov_epi64(nx, take, _mm512_or_si512(_mm512_slli_epi64(nx, 32), _mm512_cvtepu32_epi64(w))); \
+                P[g] = _mm512_mask_sub_epi64(P[g], take, P[g], one);                                           \
+            } while (0)
+            SMALL_STEP(0);
+            if (G > 1)
+                SMALL_STEP(1);
+            if (G > 2)
+                SMALL_STEP(2);
+            if (G > 3)
+                SMALL_STEP(3);
+#undef SMALL_STEP
+            continue;
+        }
         if (!uniform)
             for (int k = 0; k < 8 * G; k++)
-                cctx[k] = ctx_of(bounds, C, base + k);
+                cctx[k] = k < active ? ctx_of(bounds, C, base + k) : 0;
         for (int g = 0; g < G; g++) {
             __m512i cv = uniform ? _mm512_set1_epi64(c) : _mm512_loadu_si512(cctx + 8 * g);
             __m512i q = _mm512_and_si512(X[g], m24);
             __m512i slot = _mm512_srli_epi64(q, 9);
             __m512i idx = _mm512_add_epi64(_mm512_slli_epi64(cv, 15), slot);
-            __mmask8 more = _mm512_cmpgt_epi64_mask(P[g], LO[g]);
+            __mmask8 more = _mm512_mask_cmpgt_epi64_mask(on[g], P[g], LO[g]);
             __m256i w = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), more, _mm512_sub_epi64(P[g], one), ws, 4);
             __m256i pair = _mm512_i64gather_epi32(_mm512_srli_epi64(idx, 1), dslot, 4);
             __m256i par = _mm512_cvtepi64_epi32(_mm512_and_si512(idx, one));
@@ -382,7 +442,7 @@ lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t 
             __mmask8 take = _mm512_mask_cmplt_epu64_mask(more, nx, two32);
             X[g] = _mm512_mask_mov_epi64(nx, take, _mm512_or_si512(_mm512_slli_epi64(nx, 32), _mm512_cvtepu32_epi64(w)));
             P[g] = _mm512_mask_sub_epi64(P[g], take, P[g], one);
-            _mm_storeu_si128((__m128i *)(out + base + 8 * g), _mm256_cvtepi32_epi16(s));
+            _mm_mask_storeu_epi16(out + base + 8 * g, on[g], _mm256_cvtepi32_epi16(s));
         }
     }
     for (int g = 0; g < G; g++) {
@@ -393,12 +453,13 @@ lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t 
 
 static WP_AVX512 void lanes_avx512(const uint32_t *ws, int64_t j0, int G, int64_t nl, int64_t steps,
                                    const int64_t *bounds, int64_t C, const uint16_t *dslot, const uint32_t *fc,
-                                   int64_t A, uint16_t *out, uint64_t *x, int64_t *p, const int64_t *lo) {
+                                   int64_t A, uint16_t *out, uint64_t *x, int64_t *p, const int64_t *lo,
+                                   int64_t active) {
     switch (G) {
-    case 4: lanes_avx512_g(ws, j0, 4, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo); break;
-    case 3: lanes_avx512_g(ws, j0, 3, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo); break;
-    case 2: lanes_avx512_g(ws, j0, 2, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo); break;
-    default: lanes_avx512_g(ws, j0, 1, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo); break;
+    case 4: lanes_avx512_g(ws, j0, 4, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo, active); break;
+    case 3: lanes_avx512_g(ws, j0, 3, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo, active); break;
+    case 2: lanes_avx512_g(ws, j0, 2, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo, active); break;
+    default: lanes_avx512_g(ws, j0, 1, nl, steps, bounds, C, dslot, fc, A, out, x, p, lo, active); break;
     }
 }
 #endif
@@ -420,8 +481,9 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
         return 0;
     const int simd = wp_simd(-1);
     for (int64_t j0 = 0; j0 < nl;) {
-        /* a group: up to 32 lanes for the vector kernel, else 8 */
-        int64_t G = simd && nl - j0 >= 8 ? ((nl - j0) / 8 < 4 ? (nl - j0) / 8 : 4) : 0, width = G ? 8 * G : 8;
+        /* a group: up to 32 lanes for the vector kernel (its last vector maybe part full), else 8 */
+        int64_t G = simd ? ((nl - j0 + 7) / 8 < 4 ? (nl - j0 + 7) / 8 : 4) : 0, width = G ? 8 * G : 8;
+        int64_t active = nl - j0 < width ? nl - j0 : width;
         int64_t lo[32], cnt[32], pp[32];
         uint64_t xx[32];
         for (int k = 0; k < width; k++) {
@@ -437,8 +499,8 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
         int64_t done = 0; /* steps every lane of the group has taken */
 #ifdef WP_AVX512
         if (G) {
-            done = cnt[width - 1];
-            lanes_avx512(ws, j0, (int)G, nl, done, bounds, C, dslot, fc, A, out, xx, pp, lo);
+            done = cnt[active - 1];
+            lanes_avx512(ws, j0, (int)G, nl, done, bounds, C, dslot, fc, A, out, xx, pp, lo, active);
         }
 #endif
         if (!G && j0 + 8 <= nl && cnt[7] == cnt[0]) { /* eight full lanes, states in registers */
