@@ -332,6 +332,33 @@ def test_join_of_16_bit_elements_is_the_same_at_each_vector_level():
 
 
 @needs_native
+def test_split_of_16_bit_elements_is_the_same_at_each_vector_level():
+    """wp_fields_split on 16-bit elements: head symbols (heads of up to 9 bits from registers, wider ones
+    by the portable loop) and packed tails (trailing-zero groups whose blocks do not fill whole vectors,
+    every tail width with and without a sign) are the same bytes with the vector kernels and without."""
+    rng = np.random.default_rng(6)
+    for trial in range(300):
+        L = int(rng.choice([1, 5, 31, 32, 33, 100, 384, 1000]))
+        m = int(rng.integers(1, 5000))
+        nb = -(-m // L)
+        S = int(rng.integers(0, 2))
+        H = int(rng.integers(1, 13 - S))
+        T = 16 - S - H
+        C = int(rng.integers(1, 5))
+        bcls = rng.integers(0, C, nb).astype(np.uint8)
+        btz = rng.integers(0, T + 1, nb).astype(np.uint8) if trial % 3 else np.zeros(nb, np.uint8)
+        u = rng.integers(0, 1 << 16, m).astype(np.uint16)
+        lut = rng.integers(0, 4096, 1 << H).astype(np.int32)
+        got = []
+        for level in SIMD_LEVELS:
+            with native.simd(level):
+                sym, ctx, tail = fields_native.fields_split(u, 16, S, H, T, L, bcls, btz, C, lut)
+                got.append((sym.copy(), ctx.copy(), tail.copy()))
+        (s0, c0, t0), (s1, c1, t1) = got
+        assert np.array_equal(s0, s1) and np.array_equal(c0, c1) and np.array_equal(t0, t1), trial
+
+
+@needs_native
 @pytest.mark.parametrize("level", SIMD_LEVELS)
 def test_crc32_is_zlibs(level):
     """The kernels' crc32 (carry-less multiplication, 16- and 64-byte folds, byte table for the rest) is

@@ -1085,6 +1085,116 @@ SPLIT(split16, uint16_t)
 SPLIT(split32, uint32_t)
 SPLIT(split64, uint64_t)
 
+#ifdef WP_AVX512
+/* split16's two halves with AVX-512, 32 elements a step (the same bytes as split16_heads and split16_gather
+ * with pack_planes): head symbols from the lut copied to 16-bit registers, 64 entries each (heads of up to 9
+ * bits), and the tails of a trailing-zero group packed into their planes straight from the elements. */
+static WP_AVX512 void split16_heads_avx512(const uint16_t *restrict u, int64_t m, int64_t T, uint64_t hmask,
+                                           int64_t L, const uint8_t *restrict bcls, int64_t nb,
+                                           const int32_t *restrict lut, int64_t *restrict off,
+                                           uint16_t *restrict sym, uint8_t *restrict ctx) {
+    uint16_t l16[512] = {0};
+    const int64_t nlut = (int64_t)hmask + 1, ntab = (nlut + 63) / 64;
+    for (int64_t h = 0; h < nlut; h++)
+        l16[h] = (uint16_t)lut[h];
+    __m512i tab[16];
+    for (int64_t k = 0; k < 2 * ntab; k++)
+        tab[k] = _mm512_loadu_si512(l16 + 32 * k);
+    const __m512i vmask = _mm512_set1_epi16((short)hmask);
+    const __m128i shift = _mm_cvtsi32_si128((int)T), six = _mm_cvtsi32_si128(6);
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t a = b * L, len = b == nb - 1 ? m - a : L, c = bcls[b], o = off[c];
+        for (int64_t i = 0; i < len; i += 32) {
+            const int64_t k = len - i < 32 ? len - i : 32;
+            const __mmask32 km = k == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << k) - 1);
+            __m512i h = _mm512_and_si512(_mm512_srl_epi16(_mm512_maskz_loadu_epi16(km, u + a + i), shift), vmask);
+            __m512i r = _mm512_permutex2var_epi16(tab[0], h, tab[1]);
+            if (ntab > 1) {
+                __m512i hi = _mm512_srl_epi16(h, six);
+                for (int64_t t = 1; t < ntab; t++)
+                    r = _mm512_mask_mov_epi16(r, _mm512_cmpeq_epi16_mask(hi, _mm512_set1_epi16((short)t)),
+                                              _mm512_permutex2var_epi16(tab[2 * t], h, tab[2 * t + 1]));
+            }
+            _mm512_mask_storeu_epi16(sym + o + i, km, r);
+        }
+        memset(ctx + o, (int)c, (size_t)len);
+        off[c] += len;
+    }
+}
+
+/* The tails of the blocks with btz == tz (width T - tz + S, the sign on top), packed as pack_planes packs them
+ * (n of them in all): whole steps of 32 with vectors, the last n % 32 one at a time. */
+static inline uint32_t tail16(uint16_t v, int64_t S, uint32_t tmask, int64_t tz, int64_t t) {
+    return ((v & tmask) >> tz) | (S ? (uint32_t)(v >> 15) << t : 0);
+}
+static WP_AVX512 void split16_tails_avx512(const uint16_t *restrict u, int64_t m, int64_t S, int64_t T, int64_t L,
+                                           const uint8_t *restrict btz, int64_t nb, int64_t tz, int64_t n,
+                                           uint8_t *restrict out) {
+    const int64_t t = T - tz, width = t + S, nbytes = width / 8, r = width % 8;
+    const uint32_t tmask = (uint32_t)((1u << T) - 1);
+    uint8_t *p4 = out + nbytes * n, *p2 = p4 + ((r & 4) ? (n * 4 + 7) / 8 : 0), *p1 = p2 + ((r & 2) ? (n * 2 + 7) / 8 : 0);
+    const int sh4 = 8 * (int)nbytes, sh2 = sh4 + ((r & 4) ? 4 : 0), sh1 = sh2 + ((r & 2) ? 2 : 0);
+    const __m512i vt = _mm512_set1_epi16((short)tmask);
+    const __m128i ctz = _mm_cvtsi32_si128((int)tz), ct = _mm_cvtsi32_si128((int)t);
+    uint16_t rest[32];
+    int64_t j = 0, nrest = 0; /* j: tails written so far (a multiple of 32 until the last partial step) */
+    for (int64_t b = 0; b < nb; b++) {
+        if (btz[b] != tz)
+            continue;
+        const int64_t a = b * L, len = b == nb - 1 ? m - a : L;
+        for (int64_t i = 0; i < len;) {
+            if (nrest || len - i < 32) { /* gather a step of 32 across block ends one at a time */
+                rest[nrest++] = (uint16_t)tail16(u[a + i], S, tmask, tz, t);
+                i++;
+                if (nrest < 32)
+                    continue;
+            }
+            __m512i x;
+            if (nrest == 32) {
+                x = _mm512_loadu_si512(rest);
+                nrest = 0;
+            } else {
+                x = _mm512_loadu_si512(u + a + i);
+                __m512i v = _mm512_srl_epi16(_mm512_and_si512(x, vt), ctz);
+                if (S)
+                    v = _mm512_or_si512(v, _mm512_sll_epi16(_mm512_srli_epi16(x, 15), ct));
+                x = v;
+                i += 32;
+            }
+            for (int64_t q = 0; q < nbytes; q++)
+                _mm256_storeu_si256((__m256i *)(out + q * n + j), _mm512_cvtepi16_epi8(_mm512_srl_epi16(x, _mm_cvtsi32_si128(8 * (int)q))));
+            if (r & 4) { /* pairs of nibbles: in 32-bit lanes, low | high << 4 */
+                __m512i v = _mm512_and_si512(_mm512_srl_epi16(x, _mm_cvtsi32_si128(sh4)), _mm512_set1_epi16(15));
+                v = _mm512_or_si512(v, _mm512_srli_epi32(v, 12));
+                _mm_storeu_si128((__m128i *)(p4 + j / 2), _mm512_cvtepi32_epi8(v));
+            }
+            if (r & 2) { /* fours of two bits: in 64-bit lanes */
+                __m512i v = _mm512_and_si512(_mm512_srl_epi16(x, _mm_cvtsi32_si128(sh2)), _mm512_set1_epi16(3));
+                v = _mm512_or_si512(v, _mm512_srli_epi64(v, 14));
+                v = _mm512_or_si512(v, _mm512_srli_epi64(v, 28));
+                _mm_storel_epi64((__m128i *)(p2 + j / 4), _mm512_cvtepi64_epi8(v));
+            }
+            if (r & 1) {
+                uint32_t bits = _mm512_test_epi16_mask(x, _mm512_set1_epi16((short)(1 << sh1)));
+                memcpy(p1 + j / 8, &bits, 4);
+            }
+            j += 32;
+        }
+    }
+    for (int64_t k = 0; k < nrest; k++, j++) { /* the last tails, fewer than 32 */
+        uint32_t v = rest[k];
+        for (int64_t q = 0; q < nbytes; q++)
+            out[q * n + j] = (uint8_t)(v >> (8 * q));
+        if (r & 4)
+            p4[j / 2] = (uint8_t)((j & 1 ? p4[j / 2] : 0) | ((v >> sh4) & 15) << (4 * (j & 1)));
+        if (r & 2)
+            p2[j / 4] = (uint8_t)((j & 3 ? p2[j / 4] : 0) | ((v >> sh2) & 3) << (2 * (j & 3)));
+        if (r & 1)
+            p1[j / 8] = (uint8_t)((j & 7 ? p1[j / 8] : 0) | ((v >> sh1) & 1) << (j & 7));
+    }
+}
+#endif
+
 int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t H, int64_t T, int64_t L,
                         const uint8_t *bcls, const uint8_t *btz, int64_t nb, int64_t C, const int32_t *lut,
                         uint16_t *sym, uint8_t *ctx, uint8_t *tail, int64_t tail_cap, uint64_t *scratch) {
@@ -1109,7 +1219,15 @@ int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t 
         }
         switch (W) {
         case 8: split8_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
-        case 16: split16_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
+        case 16:
+#ifdef WP_AVX512
+            if (wp_simd(-1) && H <= 9) {
+                split16_heads_avx512(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx);
+                break;
+            }
+#endif
+            split16_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx);
+            break;
         case 32: split32_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
         case 64: split64_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
         default: return -1;
@@ -1135,6 +1253,13 @@ int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t 
         if (!tcount[tz])
             continue;
         int64_t k;
+#ifdef WP_AVX512
+        if (W == 16 && wp_simd(-1)) {
+            split16_tails_avx512(u, m, S, T, L, btz, nb, tz, tcount[tz], tail + pos);
+            pos += packed_size(tcount[tz], T - tz + S);
+            continue;
+        }
+#endif
         switch (W) {
         case 8: k = split8_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
         case 16: k = split16_gather(u, m, S, T, L, btz, nb, tz, scratch); break;
