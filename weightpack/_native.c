@@ -933,9 +933,102 @@ static inline void ans_flush(uint64_t state, uint32_t *buf, int64_t *nw) {
 
 /* The lanes payload of n symbols (coding order; ctx[i] the context of symbol i): nl = ceil(n / lane)
  * lanes, symbol i in lane i % nl; nl word counts, then each lane's words. tab: C rows of A EncSym.
- * scratch: 4 * (lane + 2) words. Returns the payload's length in bytes, or -1 if out would overflow
- * (cap bytes) or a symbol or context is out of range. Four lanes are encoded together, their states in
- * registers (their dependency chains overlap). */
+ * scratch: 33 * lane + 16 words (entropy_native.enc_scratch). Returns the payload's length in bytes, or -1 if
+ * out would overflow (cap bytes) or a symbol or context is out of range. Four lanes are encoded together,
+ * their states in registers (their dependency chains overlap); with AVX-512, 32 (lanes_encode_avx512). */
+#ifdef WP_AVX512
+/* wp_lanes_encode with AVX-512, for lanes j0 .. j0 + active - 1 (at most 32, in vectors of eight 64-bit
+ * states). Each step encodes every lane's symbol: its f | c << 32 gathered from tab, the word pushed where
+ * the state would overflow, and the division y / f done in doubles -- y < f 2**40 after the push, so the
+ * quotient is off by at most one and is corrected exactly with integers. The pushed words (the lanes' low
+ * words, compressed) go to one stream, with each step's push mask; then they are dealt to their lanes,
+ * followed by the final states: the lanes' word counts at 4 * j0, their words from pos on. Returns the new
+ * pos, or -1 past cap. stream: 32 words per step and 8 more; masks: one per step. The same words as the
+ * portable loop (tests/test_coding_native.py). */
+static WP_AVX512 int64_t lanes_encode_avx512(const uint16_t *restrict sym, const uint8_t *restrict ctx, int64_t n,
+                                             int64_t nl, int64_t j0, int64_t active, const EncSym *restrict tab,
+                                             int64_t A, uint32_t *restrict stream, uint32_t *restrict masks,
+                                             uint8_t *restrict out, int64_t pos, int64_t cap) {
+    const int G = (int)((active + 7) / 8);
+    int64_t cnt[32] = {0};
+    for (int k = 0; k < active; k++)
+        cnt[k] = (n - 1 - (j0 + k)) / nl + 1; /* non-increasing in k, by at most one in all */
+    __m512i X[4], NC[4];
+    for (int g = 0; g < 4; g++)
+        X[g] = NC[g] = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi64(1), m511 = _mm512_set1_epi64(511), zero = _mm512_setzero_si512();
+    const __m512i low32 = _mm512_set1_epi64(0xFFFFFFFF);
+    const __m256i vA = _mm256_set1_epi32((int)A), three = _mm256_set1_epi32(3);
+    int64_t ns = 0, steps = 0;
+    for (int64_t t = cnt[0] - 1; t >= 0; t--, steps++) {
+        int64_t act = active; /* the lanes with a symbol at step t */
+        while (act > 0 && cnt[act - 1] <= t)
+            act--;
+        const __mmask32 am = (__mmask32)(act >= 32 ? 0xFFFFFFFFu : (1u << act) - 1);
+        const int64_t base = t * nl + j0;
+        uint32_t pm = 0;
+        for (int g = 0; g < G; g++) {
+            const __mmask8 on = (__mmask8)(am >> (8 * g));
+            __m256i s32 = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(on, sym + base + 8 * g));
+            __m256i c32 = _mm256_cvtepu8_epi32(_mm_maskz_loadu_epi8(on, ctx + base + 8 * g));
+            __m256i idx = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_mullo_epi32(c32, vA), s32), three);
+            __m512i e = _mm512_mask_i32gather_epi64(zero, on, idx, (const long long *)tab, 8);
+            __m512i f = _mm512_mask_mov_epi64(one, on, _mm512_and_si512(e, low32)), c = _mm512_srli_epi64(e, 32);
+            __m512i x = X[g];
+            __mmask8 push = _mm512_mask_cmpge_epu64_mask(on, x, _mm512_slli_epi64(f, 49));
+            _mm256_storeu_si256((__m256i *)(stream + ns), _mm512_cvtepi64_epi32(_mm512_maskz_compress_epi64(push, x)));
+            ns += __builtin_popcount(push);
+            pm |= (uint32_t)push << (8 * g);
+            NC[g] = _mm512_mask_add_epi64(NC[g], push, NC[g], one);
+            x = _mm512_mask_srli_epi64(x, push, x, 32);
+            __m512i y = _mm512_srli_epi64(x, 9);
+            __m512i q = _mm512_cvttpd_epu64(_mm512_div_pd(_mm512_cvtepu64_pd(y), _mm512_cvtepu64_pd(f)));
+            __m512i r = _mm512_sub_epi64(y, _mm512_mullo_epi64(q, f));
+            __mmask8 lo = _mm512_cmplt_epi64_mask(r, zero);
+            q = _mm512_mask_sub_epi64(q, lo, q, one);
+            r = _mm512_mask_add_epi64(r, lo, r, f);
+            __mmask8 hi = _mm512_cmpge_epi64_mask(r, f);
+            q = _mm512_mask_add_epi64(q, hi, q, one);
+            r = _mm512_mask_sub_epi64(r, hi, r, f);
+            __m512i nx = _mm512_or_si512(_mm512_slli_epi64(q, 24), _mm512_or_si512(_mm512_slli_epi64(r, 9), _mm512_and_si512(x, m511)));
+            X[g] = _mm512_mask_mov_epi64(X[g], on, _mm512_add_epi64(nx, _mm512_slli_epi64(c, 9)));
+        }
+        masks[steps] = pm;
+    }
+    uint64_t xs[32], pushed[32];
+    int64_t ptr[32];
+    for (int g = 0; g < G; g++) {
+        _mm512_storeu_si512(xs + 8 * g, X[g]);
+        _mm512_storeu_si512(pushed + 8 * g, NC[g]);
+    }
+    for (int k = 0; k < active; k++) {
+        uint32_t count = (uint32_t)(pushed[k] + (xs[k] != 0) + (xs[k] >> 32 != 0));
+        if (pos + 4 * (int64_t)count > cap)
+            return -1;
+        memcpy(out + 4 * (j0 + k), &count, 4);
+        ptr[k] = pos;
+        pos += 4 * (int64_t)count;
+    }
+    int64_t p = 0;
+    for (int64_t i = 0; i < steps; i++)
+        for (uint32_t m = masks[i]; m; m &= m - 1) {
+            int k = __builtin_ctz(m);
+            memcpy(out + ptr[k], stream + p++, 4);
+            ptr[k] += 4;
+        }
+    for (int k = 0; k < active; k++)
+        if (xs[k]) {
+            uint32_t w = (uint32_t)xs[k];
+            memcpy(out + ptr[k], &w, 4);
+            if (xs[k] >> 32) {
+                w = (uint32_t)(xs[k] >> 32);
+                memcpy(out + ptr[k] + 4, &w, 4);
+            }
+        }
+    return pos;
+}
+#endif
+
 #define PUT(k)                                                                                               \
     x##k = ans_put(x##k, w##k, &n##k, tab + ctx[base + k] * A + sym[base + k])
 int64_t wp_lanes_encode(const uint16_t *restrict sym, const uint8_t *restrict ctx, int64_t n, int64_t lane,
@@ -954,6 +1047,15 @@ int64_t wp_lanes_encode(const uint16_t *restrict sym, const uint8_t *restrict ct
     int64_t nl = (n + lane - 1) / lane, pos = 4 * nl;
     if (pos > cap)
         return -1;
+#ifdef WP_AVX512
+    if (wp_simd(-1) && (int64_t)C * A <= (1 << 20)) {
+        uint32_t *masks = scratch, *stream = scratch + lane + 8;
+        for (int64_t j0 = 0; j0 < nl && pos >= 0; j0 += 32)
+            pos = lanes_encode_avx512(sym, ctx, n, nl, j0, nl - j0 < 32 ? nl - j0 : 32, tab, A, stream, masks, out, pos,
+                                      cap);
+        return pos;
+    }
+#endif
     uint32_t *w0 = scratch, *w1 = w0 + lane + 2, *w2 = w1 + lane + 2, *w3 = w2 + lane + 2;
     for (int64_t j0 = 0; j0 < nl; j0 += 4) {
         uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0;

@@ -120,6 +120,12 @@ def enc_tables(tables) -> np.ndarray:
     return tab
 
 
+def enc_scratch(lane: int) -> int:
+    """Words of work space wp_lanes_encode needs: each lane's words for the portable loop's four, or a step's
+    pushed words and push mask for the vector kernel's 32."""
+    return max(4 * (lane + 2), 33 * lane + 16)
+
+
 def lanes_encode(sym: np.ndarray, ctx: np.ndarray, lane: int, tab: np.ndarray) -> bytes:
     """entropy.lanes_encode of symbols whose runs of contexts are given element by element (ctx); tab from
     enc_tables. The payload is a per-thread work array, valid until the next call."""
@@ -129,7 +135,7 @@ def lanes_encode(sym: np.ndarray, ctx: np.ndarray, lane: int, tab: np.ndarray) -
     nl = -(-n // lane)
     out = native.scratch("lanes_out", 4 * nl + 4 * (n + 2 * nl) + 8, np.uint8)
     size = native.lib().wp_lanes_encode(np.ascontiguousarray(sym, np.uint16), np.ascontiguousarray(ctx, np.uint8), n, lane,
-                                tab, tab.shape[0], tab.shape[1], native.scratch("lanes", 4 * (lane + 2), np.uint32), out,
+                                tab, tab.shape[0], tab.shape[1], native.scratch("lanes", enc_scratch(lane), np.uint32), out,
                                 len(out))
     if size < 0:
         raise ValueError("symbols outside their tables")
