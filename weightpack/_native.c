@@ -29,6 +29,7 @@
 
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BUCKETS 4096 /* per context: 2**15 slots, 8 a bucket */
@@ -849,13 +850,26 @@ static inline uint64_t elem(const void *u, int64_t W, int64_t i) {
 /* Planning, first pass over n elements (blocks of L from block b0 on; n a multiple of L but for the last
  * piece): hist[head]++, bsum[b] += head, blow[b] |= tail bits, where head = (v >> T) & (2**H - 1).
  * Caller: hist has 2**H entries, bsum and blow ceil(n / L) from b0. */
+/* (Counts go to four copies of the histogram in turn, added up at the end: weights repeat the same few head
+ * values, and one copy would make every count wait for the one before it.) */
 #define SCAN(NAME, U)                                                                                       \
     static void NAME(const U *restrict u, int64_t n, int64_t T, uint64_t hmask, uint64_t tmask, int64_t L,  \
-                     int64_t *restrict hist, int64_t *restrict bsum, uint64_t *restrict blow) {             \
+                     int64_t *restrict hist, int64_t *restrict bsum, uint64_t *restrict blow,             \
+                     uint32_t *restrict sub) {                                                               \
+        const int64_t nh = (int64_t)hmask + 1;                                                              \
         for (int64_t a = 0, b = 0; a < n; a += L, b++) {                                                    \
-            int64_t e = a + L < n ? a + L : n, s = 0;                                                       \
+            int64_t e = a + L < n ? a + L : n, s = 0, i = a;                                                \
             uint64_t low = 0;                                                                               \
-            for (int64_t i = a; i < e; i++) {                                                               \
+            if (sub)                                                                                        \
+                for (; i + 4 <= e; i += 4) {                                                                \
+                    uint64_t v0 = u[i], v1 = u[i + 1], v2 = u[i + 2], v3 = u[i + 3];                        \
+                    uint64_t h0 = (v0 >> T) & hmask, h1 = (v1 >> T) & hmask, h2 = (v2 >> T) & hmask,       \
+                             h3 = (v3 >> T) & hmask;                                                         \
+                    sub[h0]++, sub[nh + h1]++, sub[2 * nh + h2]++, sub[3 * nh + h3]++;                     \
+                    s += (int64_t)(h0 + h1 + h2 + h3);                                                      \
+                    low |= (v0 | v1 | v2 | v3) & tmask;                                                     \
+                }                                                                                           \
+            for (; i < e; i++) {                                                                            \
                 uint64_t v = u[i], h = (v >> T) & hmask;                                                    \
                 hist[h]++;                                                                                  \
                 s += (int64_t)h;                                                                            \
@@ -864,6 +878,9 @@ static inline uint64_t elem(const void *u, int64_t W, int64_t i) {
             bsum[b] = s;                                                                                    \
             blow[b] = low;                                                                                  \
         }                                                                                                   \
+        if (sub)                                                                                            \
+            for (int64_t h = 0; h < nh; h++)                                                                \
+                hist[h] += (int64_t)sub[h] + sub[nh + h] + sub[2 * nh + h] + sub[3 * nh + h];             \
     }
 SCAN(scan8, uint8_t)
 SCAN(scan16, uint16_t)
@@ -875,13 +892,18 @@ int64_t wp_plan_scan(const void *u, int64_t n, int64_t W, int64_t H, int64_t T, 
     if (L < 1 || H < 1 || H > 16 || T < 0 || T > 63 || n < 0)
         return -1;
     uint64_t hmask = ((uint64_t)1 << H) - 1, tmask = T ? (((uint64_t)1 << T) - 1) : 0;
+    /* four 32-bit histograms hold any count of a call below 2**32 */
+    uint32_t *sub = n < ((int64_t)1 << 32) ? calloc(4 << H, sizeof(uint32_t)) : NULL;
+    int64_t r = 0;
     switch (W) {
-    case 8: scan8(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
-    case 16: scan16(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
-    case 32: scan32(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
-    case 64: scan64(u, n, T, hmask, tmask, L, hist, bsum, blow); return 0;
-    default: return -1;
+    case 8: scan8(u, n, T, hmask, tmask, L, hist, bsum, blow, sub); break;
+    case 16: scan16(u, n, T, hmask, tmask, L, hist, bsum, blow, sub); break;
+    case 32: scan32(u, n, T, hmask, tmask, L, hist, bsum, blow, sub); break;
+    case 64: scan64(u, n, T, hmask, tmask, L, hist, bsum, blow, sub); break;
+    default: r = -1;
     }
+    free(sub);
+    return r;
 }
 
 /* Planning, second pass: fine[cls[b] * A + lut[head]]++ over n elements in blocks of L (cls from the
@@ -891,6 +913,33 @@ int64_t wp_class_hist(const void *u, int64_t n, int64_t W, int64_t H, int64_t T,
     if (L < 1 || H < 1 || H > 16 || T < 0 || T > 63 || n < 0)
         return -1;
     uint64_t hmask = ((uint64_t)1 << H) - 1;
+    if (W == 16 && H <= 12 && n < ((int64_t)1 << 32)) {
+        /* counted by head value in four copies per class (as in SCAN), mapped through lut at the end */
+        int64_t C = 0, nh = (int64_t)1 << H;
+        for (int64_t a = 0, b = 0; a < n; a += L, b++)
+            C = cls[b] + 1 > C ? cls[b] + 1 : C;
+        uint32_t *sub = calloc((size_t)(4 * C * nh), sizeof(uint32_t));
+        if (sub) {
+            const uint16_t *v = u;
+            for (int64_t a = 0, b = 0; a < n; a += L, b++) {
+                int64_t e = a + L < n ? a + L : n, i = a;
+                uint32_t *h = sub + 4 * nh * (int64_t)cls[b];
+                for (; i + 4 <= e; i += 4) {
+                    h[(v[i] >> T) & hmask]++, h[nh + ((v[i + 1] >> T) & hmask)]++;
+                    h[2 * nh + ((v[i + 2] >> T) & hmask)]++, h[3 * nh + ((v[i + 3] >> T) & hmask)]++;
+                }
+                for (; i < e; i++)
+                    h[(v[i] >> T) & hmask]++;
+            }
+            for (int64_t c = 0; c < C; c++)
+                for (int64_t k = 0; k < nh; k++) {
+                    const uint32_t *h = sub + 4 * nh * c + k;
+                    fine[c * A + lut[k]] += (int64_t)h[0] + h[nh] + h[2 * nh] + h[3 * nh];
+                }
+            free(sub);
+            return 0;
+        }
+    }
     for (int64_t a = 0, b = 0; a < n; a += L, b++) {
         int64_t e = a + L < n ? a + L : n;
         int64_t *row = fine + (int64_t)cls[b] * A;
