@@ -396,19 +396,34 @@ def _decode_batch(batch: list[tuple]) -> list:
     return [r for args in batch for r in _decode_task(*args)]
 
 
+def _decode_tensor_task(reader: ContainerReader, t: TensorRecord, target: Optional[tuple[str, int]],
+                        into: Optional[np.ndarray]) -> list:
+    """A small tensor without stages decoded whole by a worker thread, its plan read there too: off the main
+    thread, which would otherwise wait for the workers' Python at every release of the GIL."""
+    plan = stream_plan(reader, t)
+    return [r for args in _chunk_task_args(reader, plan, t.stream.chunks, t.where, target, into)
+            for r in _decode_task(*args)]
+
+
+def _decode_tensors_task(reader: ContainerReader, batch: list[tuple]) -> list:
+    """Several small tensors (_decode_tensor_task) in one round trip to a worker thread."""
+    return [r for t, target, into in batch for r in _decode_tensor_task(reader, t, target, into)]
+
+
 def decode_items(reader: ContainerReader, tensors: Iterable[TensorRecord], out: Optional[dict] = None,
                  shared: bool = False) -> Iterator:
     """Tasks decoding `tensors`, each preceded by a mark; `out` maps names to (path, offset) for tensors
     whose chunks workers write straight into a file (tensors without stages). Small tensors written
     straight to files share tasks, so a model of many small tensors costs few round trips. With `shared`
-    (worker threads), tensors without stages decoded in memory are decoded straight into their buffer."""
+    (worker threads of this process), tensors without stages decoded in memory are decoded straight into
+    their buffer, and small tensors' plans are read by the tasks that decode them."""
     batch: list[tuple] = []
     batch_bytes = 0
 
     def flush():
         nonlocal batch, batch_bytes
         if batch:
-            yield Task(_decode_batch, (batch,))
+            yield Task(_decode_tensors_task, (reader, batch)) if shared else Task(_decode_batch, (batch,))
         batch, batch_bytes = [], 0
 
     for t in tensors:
@@ -427,17 +442,25 @@ def decode_items(reader: ContainerReader, tensors: Iterable[TensorRecord], out: 
                 yield _Mark(t, part.name)
                 yield from (Task(_decode_task, a) for a in _chunk_task_args(reader, plan, part.stream.chunks, w, None))
             continue
-        plan = stream_plan(reader, t)
         target = out.get(t.name) if out else None
-        args = list(_chunk_task_args(reader, plan, t.stream.chunks, where, target))
         if target is not None and t.nbytes < TASK_BYTES:
             if batch_bytes + t.nbytes > TASK_BYTES:
                 yield from flush()
             yield _Mark(t, in_memory=False)
-            batch += args
+            if shared:
+                batch.append((t, target, None))
+            else:
+                batch += _chunk_task_args(reader, stream_plan(reader, t), t.stream.chunks, where, target)
             batch_bytes += t.nbytes
             continue
         yield from flush()
+        if target is None and shared and 0 < t.nbytes <= TASK_BYTES:
+            buf = np.empty(t.nbytes, np.uint8)
+            yield _Mark(t, buffer=buf)
+            yield Task(_decode_tensor_task, (reader, t, None, buf))
+            continue
+        plan = stream_plan(reader, t)
+        args = list(_chunk_task_args(reader, plan, t.stream.chunks, where, target))
         if target is None and shared and t.nbytes:
             buf = np.empty(t.nbytes, np.uint8)
             yield _Mark(t, buffer=buf)
@@ -514,15 +537,17 @@ def decode_into_files(reader: ContainerReader, targets: dict[str, tuple[str, int
                       progress: Progress = _noop, pool: Optional[Callable] = None) -> None:
     """Decode every tensor into its place in an output file: targets[name] = (path, offset). Workers write
     the chunks of plain tensors themselves; tensors with stages are rebuilt here and then written."""
-    with (pool or Pool)(workers, threads=native.backend() == "native") as pool:
+    threads = native.backend() == "native"
+    with (pool or Pool)(workers, threads=threads) as p:  # (shared: as in decode_tensors)
         plain = {t.name: targets[t.name] for t in reader.index.tensors if not t.stages}
-        for t, pieces in _decoded(pool.ordered_map(decode_items(reader, reader.index.tensors, plain)), progress):
+        items = decode_items(reader, reader.index.tensors, plain, shared=threads and pool is None)
+        for t, pieces in _decoded(p.ordered_map(items), progress):
             path, offset = targets[t.name]
             fd = os.open(path, os.O_WRONLY)
             try:
-                for p in pieces:
-                    os.pwrite(fd, p, offset)
-                    offset += len(p)
+                for piece in pieces:
+                    os.pwrite(fd, piece, offset)
+                    offset += len(piece)
             finally:
                 os.close(fd)
 

@@ -43,6 +43,18 @@ def use_device_decoder(dev: "torch.device", decoder: str) -> bool:
     return decoder == "device" or (decoder == "auto" and dev.type != "cpu")
 
 
+_SAME_WIDTH = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _numpy_dtype(dt: "torch.dtype"):
+    """The numpy dtype torch.from_numpy makes `dt` from, or None where numpy has none (bfloat16, float8)."""
+    import torch
+
+    return {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64, torch.int8: np.int8,
+            torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64, torch.uint8: np.uint8,
+            torch.bool: np.bool_}.get(dt)
+
+
 def to_tensor(t: TensorRecord, pieces: list[bytes], device: "torch.device") -> "torch.Tensor":
     """A decoded tensor (its record `t` and its bytes in pieces) as a torch tensor on `device`."""
     import torch
@@ -51,7 +63,15 @@ def to_tensor(t: TensorRecord, pieces: list[bytes], device: "torch.device") -> "
     if dt is None:
         raise UsageError(f"{t.where}: torch has no dtype for {t.dtype}")
     if len(pieces) == 1 and isinstance(pieces[0], np.ndarray) and pieces[0].flags.writeable:
-        buf = torch.from_numpy(pieces[0])  # a reconstruction: ours already, no copy
+        # ours already (decoded into it, or a reconstruction): no copy; shaped and typed by numpy where it has
+        # the dtype, since torch's view and reshape release the GIL, and taking it back waits for the workers
+        a = pieces[0].view(np.uint8)
+        if a.nbytes == t.nbytes and dt.itemsize in _SAME_WIDTH:
+            np_dt = _numpy_dtype(dt)
+            x = torch.from_numpy(a.view(np_dt or _SAME_WIDTH[dt.itemsize]).reshape(t.shape))
+            x = x if np_dt is not None else x.view(dt)  # bfloat16, float8: no numpy dtype
+            return x.to(device) if device.type != "cpu" else x
+        buf = torch.from_numpy(a)
     else:
         buf = torch.empty(t.nbytes, dtype=torch.uint8)
         view, off = memoryview(buf.numpy()), 0
