@@ -118,6 +118,7 @@ class _TensorStart:
 
     record: TensorRecord
     plan: registry.Plan
+    side: bytes  # the plan's side information (made in the worker that planned it)
 
 
 @dataclass
@@ -155,10 +156,23 @@ class _Coded:
 PLAN_AHEAD = 2  # tensors planned and hashed ahead, per worker, while earlier tensors' chunks are coded
 
 
-def _plan_task(path: str, e: TensorEntry, level: int) -> registry.Plan:
+def _plan_task(path: str, e: TensorEntry, level: int) -> tuple[registry.Plan, bytes, Optional[str]]:
     """Measure a tensor and choose its coding (in a worker: its two passes over the tensor run beside the
-    coding of earlier tensors)."""
-    return _bound(fields_codec.make_plan(e.dtype, e.shape, _reader(Path(path), e), level), e.name, None)
+    coding of earlier tensors); returns the plan, its side information and, for a tensor of at most
+    HASH_PIECE bytes (read once, planned and hashed from memory), its SHA-256 (else None: _hash_task)."""
+    if e.nbytes > HASH_PIECE:
+        reader = _reader(Path(path), e)
+        sha256 = None
+    else:
+        with open(path, "rb", buffering=0) as f:
+            data = _pread(f.fileno(), e.begin, e.nbytes, path)
+        sha256 = hashlib.sha256(data).hexdigest()
+        size = DTYPES[e.dtype].bits // 8
+
+        def reader(first: int, count: int) -> np.ndarray:
+            return data[first * size:(first + count) * size].view(UINT[size * 8])
+    plan = _bound(fields_codec.make_plan(e.dtype, e.shape, reader, level), e.name, None)
+    return plan, plan.side(), sha256
 
 
 def _bound(plan, tensor: str, part: Optional[str]):
@@ -184,8 +198,8 @@ def _pack_items(ckpt: Checkpoint, recipe: Recipe, pool: Pool) -> Iterator:
             if stages:
                 ahead.append((Task(_lossy_task, (str(f.path), fi, e, stages, recipe.level)), None))
             else:
-                ahead.append(((fi, str(f.path), e), (pool.submit(_plan_task, str(f.path), e, recipe.level),
-                                                     pool.submit(_hash_task, str(f.path), e))))
+                hashed = pool.submit(_hash_task, str(f.path), e) if e.nbytes > HASH_PIECE else None
+                ahead.append(((fi, str(f.path), e), (pool.submit(_plan_task, str(f.path), e, recipe.level), hashed)))
             return
 
     for _ in range(PLAN_AHEAD * pool.workers):
@@ -197,8 +211,8 @@ def _pack_items(ckpt: Checkpoint, recipe: Recipe, pool: Pool) -> Iterator:
             yield item
             continue
         fi, path, e = item
-        plan = futures[0].result()
-        yield _TensorStart(_record(fi, e, futures[1].result()), plan)
+        plan, side, sha256 = futures[0].result()
+        yield _TensorStart(_record(fi, e, sha256 or futures[1].result()), plan, side)
         for first, last in _chunk_batches(plan):
             yield Task(_encode_task, (path, e.begin, plan.for_chunks(first, last), first, last))
 
@@ -273,8 +287,7 @@ def pack_checkpoint(ckpt: Checkpoint, writer: ContainerWriter, recipe: Recipe, w
         for item in pool.ordered_map(_pack_items(ckpt, recipe, pool), inflight=PACK_INFLIGHT * pool.workers):
             if isinstance(item, _TensorStart):
                 close_tensor()
-                side = item.plan.side()
-                side_ref = writer.write_blob(side) if side else None
+                side_ref = writer.write_blob(item.side) if item.side else None
                 open_tensor = _OpenStream(item.record, item.plan.params(), side_ref, [])
                 if item.plan.nchunks == 0:
                     progress(item.record.nbytes)
