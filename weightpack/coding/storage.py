@@ -26,15 +26,19 @@ def zstd(data: bytes, level: int) -> bytes:
 
 
 def unzstd(data, expected: int, where: str) -> bytes:
-    """Decompress a zstd frame that must hold exactly `expected` bytes (checked before allocating)."""
+    """Decompress a zstd frame that must hold exactly `expected` bytes (checked before allocating), with a
+    decompressor kept per thread."""
     try:
         size = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
         raise FormatError(f"{where}: damaged zstd data") from None
     if size != expected:
         raise FormatError(f"{where}: zstd data declares {size} bytes, expected {expected}")
+    d = getattr(_compressors, "decompressor", None)
+    if d is None:
+        d = _compressors.decompressor = zstandard.ZstdDecompressor()
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected)
+        out = d.decompress(data, max_output_size=expected)
     except zstandard.ZstdError:
         raise FormatError(f"{where}: damaged zstd data") from None
     if len(out) != expected:
