@@ -465,9 +465,19 @@ static WP_AVX512 void lanes_avx512(const uint32_t *ws, int64_t j0, int G, int64_
 }
 #endif
 
-int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
-                      const int64_t *restrict ccount, int64_t C, const uint16_t *restrict dslot,
-                      const uint32_t *restrict fc, int64_t A, int64_t n, uint16_t *restrict out) {
+/* The word counts of the lanes: int64 (wc64), or as a lanes part stores them (wc32: little-endian uint32). */
+static inline int64_t lane_wcount(const int64_t *wc64, const uint8_t *wc32, int64_t j) {
+    uint32_t v;
+    if (wc64)
+        return wc64[j];
+    memcpy(&v, wc32 + 4 * j, 4);
+    return v;
+}
+
+static int64_t lanes_fast(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount,
+                          const uint8_t *restrict wcount32, int64_t nl, const int64_t *restrict ccount, int64_t C,
+                          const uint16_t *restrict dslot, const uint32_t *restrict fc, int64_t A, int64_t n,
+                          uint16_t *restrict out) {
     static const uint32_t zero = 0;
     const uint32_t *ws = nwords ? words : &zero; /* the refill reads ws[0] when it does not refill */
     int64_t bounds[257], acc = 0, wbase = 0;
@@ -492,7 +502,7 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
             lo[k] = pp[k] = wbase, xx[k] = 0, cnt[k] = 0;
             if (j < nl) {
                 lo[k] = wbase;
-                wbase += wcount[j];
+                wbase += lane_wcount(wcount, wcount32, j);
                 xx[k] = ans_start(ws, lo[k], wbase, &pp[k]);
                 cnt[k] = (n - 1 - j) / nl + 1; /* non-increasing in k, by at most one in all */
             }
@@ -543,6 +553,12 @@ int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int6
         j0 += width;
     }
     return -1;
+}
+
+int64_t wp_lanes_fast(const uint32_t *restrict words, int64_t nwords, const int64_t *restrict wcount, int64_t nl,
+                      const int64_t *restrict ccount, int64_t C, const uint16_t *restrict dslot,
+                      const uint32_t *restrict fc, int64_t A, int64_t n, uint16_t *restrict out) {
+    return lanes_fast(words, nwords, wcount, NULL, nl, ccount, C, dslot, fc, A, n, out);
 }
 
 /* A fields chunk rebuilt from its decoded head symbols and its packed tail (codecs/fields/: cpu.py, layout.py),
@@ -829,6 +845,45 @@ int64_t wp_fields_join(const uint16_t *syms, int64_t m, const uint64_t *alphabet
     case 64: return join64(syms, m, alphabet, A, bcls, btz, nb, L, off, end, tail, tpos, tcount, S, T, out);
     default: return -1;
     }
+}
+
+uint32_t wp_crc32(const uint8_t *p, int64_t n, uint32_t value);
+
+/* A laned fields chunk in one call (the Python around it is the same for every chunk, and each call
+ * through ctypes costs a round trip through the GIL): its head part (nl = ceil(m / lane) word counts, then
+ * the lanes' words) decoded with the direct slot tables into syms (m uint16 of work space), joined with its
+ * tail part into out (as wp_fields_join; ccount from the blocks' classes), and the crc32 of out from `seed`
+ * (zlib's) put in *crc. Returns 0; -1: the head part is malformed (its length, or word counts that do not
+ * add up to its words); -2: a lane did not end cleanly; -3: the blocks' side information or the tail
+ * disagree with the chunk; -4: the arguments disagree. */
+int64_t wp_fields_decode(const uint8_t *head, int64_t head_len, int64_t lane, const uint8_t *tail, int64_t tail_len,
+                         int64_t m, const uint8_t *bcls, const uint8_t *btz, int64_t nb, int64_t L, int64_t C,
+                         const uint16_t *dslot, const uint32_t *fc, int64_t A, const uint64_t *alphabet, int64_t W,
+                         int64_t S, int64_t T, uint16_t *syms, void *out, uint32_t seed, uint32_t *crc) {
+    int64_t ccount[256] = {0};
+    if (lane < 1 || m < 1 || L < 1 || nb != (m + L - 1) / L || C < 1 || C > 256 || A < 1 || (W != 8 && W != 16 &&
+        W != 32 && W != 64))
+        return -4;
+    const int64_t nl = (m + lane - 1) / lane;
+    if (head_len < 4 * nl || head_len % 4)
+        return -1;
+    const int64_t nwords = (head_len - 4 * nl) / 4;
+    int64_t total = 0;
+    for (int64_t j = 0; j < nl; j++)
+        total += lane_wcount(NULL, head, j);
+    if (total != nwords)
+        return -1;
+    for (int64_t b = 0; b < nb; b++) {
+        if (bcls[b] >= C)
+            return -3;
+        ccount[bcls[b]] += b == nb - 1 ? m - b * L : L;
+    }
+    if (lanes_fast((const uint32_t *)(head + 4 * nl), nwords, NULL, head, nl, ccount, C, dslot, fc, A, m, syms) >= 0)
+        return -2;
+    if (wp_fields_join(syms, m, alphabet, A, bcls, btz, nb, L, C, ccount, tail, tail_len, W, S, T, out))
+        return -3;
+    *crc = wp_crc32(out, m * (W / 8), seed);
+    return 0;
 }
 
 /* -- encoding ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ....errors import FormatError
+from ...binding import chunk_seed
 from ...chunks import ChunkCode, check_decoded, chunk_views, raw_crc, with_parts
 from ...storage import may_win
 from ..bytes import codec as bytes_codec
@@ -49,14 +50,17 @@ def decode_chunk(plan: Plan, i: int, rec: ChunkCode, payload, where: str, into: 
     if codec == bytes_codec.NAME:
         raw = bytes_codec.decode_planes(rec.parts, payload, m * plan.unit,
                                         bytes_codec.planes(plan.itemsize_bits), where)
+        check_decoded(raw, plan.seed, i, rec, where)
     elif codec == NAME:
         out = None
         if into is not None and len(into) == m * plan.unit:
             out = into.view(UINT[plan.itemsize_bits])
-        raw = decode_fields(plan, i, m, views, where, out).view(np.uint8)
+        got, crc = decode_fields(plan, i, m, views, where, out, chunk_seed(plan.seed, i))
+        raw = got.view(np.uint8)
+        if crc != rec.raw_crc:
+            raise FormatError(f"{where}: decoded data fails its checksum")
     else:
         raise FormatError(f"{where}: unknown chunk codec {codec!r}")
-    check_decoded(raw, plan.seed, i, rec, where)
     return raw
 
 
@@ -73,10 +77,10 @@ def check_head(plan: Plan, views: dict, where: str) -> None:
         raise FormatError(f"{where}: malformed head part")
 
 
-def decode_fields(plan: Plan, i: int, m: int, views: dict, where: str,
-                  out: Optional[np.ndarray] = None) -> np.ndarray:
-    """A fields chunk's m elements (uint of the dtype's width); written into `out` where the compiled kernels
-    decode it."""
+def decode_fields(plan: Plan, i: int, m: int, views: dict, where: str, out: Optional[np.ndarray] = None,
+                  crc_seed: Optional[int] = None) -> tuple[np.ndarray, Optional[int]]:
+    """A fields chunk's m elements (uint of the dtype's width; written into `out` where the compiled kernels
+    decode it), and with `crc_seed` their crc32 from it (else None)."""
     bcls, btz = plan.chunk_blocks(i, m)
     check_head(plan, views, where)
-    return backend().decode(plan, m, bcls, btz, views, where, out)
+    return backend().decode(plan, m, bcls, btz, views, where, out, crc_seed)

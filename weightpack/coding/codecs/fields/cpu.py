@@ -11,6 +11,7 @@ import numpy as np
 
 from ....errors import FormatError
 from ... import entropy
+from ...native import crc32
 from ...storage import compress_tail, unstore
 from .blocks import BlockGroups, tail_size, tail_widths
 from .layout import UINT, Layout, join, pack_bits, packed_size, split, tail_values, unpack_bits, work_dtype
@@ -69,8 +70,14 @@ def encode(plan, bcls: np.ndarray, btz: np.ndarray, u: np.ndarray) -> list:
 
 
 def decode(plan, m: int, bcls: np.ndarray, btz: np.ndarray, views: dict, where: str,
-           out: Optional[np.ndarray] = None) -> np.ndarray:
-    """A chunk's m elements (uint of the dtype's width) from its checked parts (`out` is not used here)."""
+           out: Optional[np.ndarray] = None, crc_seed: Optional[int] = None) -> tuple[np.ndarray, Optional[int]]:
+    """A chunk's m elements (uint of the dtype's width) from its checked parts (`out` is not used here), and
+    with `crc_seed` their crc32 from it (else None)."""
+    got = _decode(plan, m, bcls, btz, views, where)
+    return got, (crc32(got, crc_seed) if crc_seed is not None else None)
+
+
+def _decode(plan, m: int, bcls: np.ndarray, btz: np.ndarray, views: dict, where: str) -> np.ndarray:
     lay, L = plan.layout, plan.block
     wd = work_dtype(lay)
     hcodec, hdata = views["head"]

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from typing import Optional
 
+import ctypes
+
 import numpy as np
 
 from ....errors import FormatError
 from ... import entropy_native, native
-from ...lanes import lane_words
 from ...storage import compress_tail, unstore
 from . import cpu
 from .blocks import block_counts, tail_size
-from .layout import Layout
+from .layout import UINT, Layout
 
 
 # -- the kernels' wrappers ---------------------------------------------------------------------------
@@ -115,19 +116,42 @@ def encode(plan, bcls: np.ndarray, btz: np.ndarray, u: np.ndarray) -> list:
 
 
 def decode(plan, m: int, bcls: np.ndarray, btz: np.ndarray, views: dict, where: str,
-           out: Optional[np.ndarray] = None) -> np.ndarray:
-    """cpu.decode of a chunk, with the compiled kernels where its heads are laned: heads decoded (direct slot
-    tables), then put in place and joined with their tails in one pass, into `out` when given."""
-    if not (plan.lane and len(plan.alphabet) > 1):
-        return cpu.decode(plan, m, bcls, btz, views, where, out)
-    lay, L = plan.layout, plan.block
-    ccount = block_counts(bcls, plan.tables.shape[0], L, m)
-    words, wc = lane_words(views["head"][1], m, plan.lane, where)
-    syms = entropy_native.lanes_fast(words, wc, ccount, plan.lane, plan.coding_tables().fast(), where, scratch=True)
+           out: Optional[np.ndarray] = None, crc_seed: Optional[int] = None) -> tuple[np.ndarray, Optional[int]]:
+    """cpu.decode of a chunk, with the compiled kernels where its heads are laned: in one call
+    (wp_fields_decode), heads decoded (direct slot tables), then put in place and joined with their tails in
+    one pass into `out` when given, and the crc32 of the result."""
+    if not (plan.lane and len(plan.alphabet) > 1) or m == 0:
+        return cpu.decode(plan, m, bcls, btz, views, where, out, crc_seed)
+    lay = plan.layout
     tail = b""
     if lay.tail + lay.sign:
         if int(btz.max(initial=0)) > lay.tail:
             raise FormatError(f"{where}: malformed trailing zeros")
-        tcodec, tdata = views["tail"]
-        tail = unstore(tcodec, tdata, tail_size(lay, block_counts(btz, lay.tail + 1, L, m)), where + " tail")
-    return fields_join(syms, plan.alphabet, bcls, btz, L, m, ccount, tail, lay.bits, lay.sign, lay.tail, where, out)
+        tcodec, tail = views["tail"]
+        if tcodec != "raw":  # (a raw tail's length is checked by the kernel)
+            tail = unstore(tcodec, tail, tail_size(lay, block_counts(btz, lay.tail + 1, plan.block, m)), where + " tail")
+    if out is None:
+        out = np.empty(m, dtype=UINT[lay.bits])
+    elif out.dtype.itemsize * 8 != lay.bits or len(out) != m or not out.flags.c_contiguous:
+        raise ValueError("output does not fit the chunk")
+    dslot, fc = plan.coding_tables().fast()
+    C, A = fc.shape
+    if dslot.shape != (C, 1 << entropy_native.SLOT_BITS) or len(plan.alphabet) != A or C != plan.tables.shape[0]:
+        raise ValueError("slot tables do not fit")
+    head = np.frombuffer(views["head"][1], np.uint8)
+    tail = np.frombuffer(tail, np.uint8) if len(tail) else np.zeros(1, np.uint8)
+    alphabet = np.ascontiguousarray(plan.alphabet, dtype=np.uint64)
+    bcls, btz = np.ascontiguousarray(bcls, dtype=np.uint8), np.ascontiguousarray(btz, dtype=np.uint8)
+    if len(bcls) != len(btz):
+        raise FormatError(f"{where}: malformed chunk")
+    crc = ctypes.c_uint32()
+    bad = native.lib().wp_fields_decode(
+        head.ctypes.data, len(head), plan.lane, tail.ctypes.data, len(tail) if lay.tail + lay.sign else 0, m,
+        bcls.ctypes.data, btz.ctypes.data, len(bcls), plan.block, C, dslot.ctypes.data, fc.ctypes.data, A,
+        alphabet.ctypes.data, lay.bits, lay.sign, lay.tail, native.scratch("lanes_syms", m, np.uint16).ctypes.data,
+        out.ctypes.data, crc_seed or 0, ctypes.byref(crc))
+    if bad:
+        raise {-1: FormatError(f"{where}: malformed lanes part"),
+               -2: FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)"),
+               -3: FormatError(f"{where}: entropy-coded data is corrupt")}.get(bad, ValueError("chunk arguments disagree"))
+    return out, (crc.value if crc_seed is not None else None)
