@@ -228,6 +228,24 @@ def test_compiled_planning_and_chunk_coding_write_the_same_bytes(dtype, level):
         assert got[2] == want[2]
 
 
+@needs_native
+def test_zstd_probe_counts_the_same_sample_as_numpy():
+    """storage's probe (may zstd win?) counts the bytes of each plane of its sample in one compiled pass:
+    the same counts, so the same estimates and decisions, as numpy's sample and bincount."""
+    from weightpack.coding import storage
+
+    rng = np.random.default_rng(8)
+    for planes in (1, 2, 3, 4, 8):
+        for n in (storage.PROBE_MIN, storage.PROBE_MIN + 13, 1_000_003):
+            data = (rng.standard_normal(n) * 20).astype(np.int64).astype(np.uint8)
+            piece = storage.PROBE_PIECE - storage.PROBE_PIECE % planes
+            got = storage._sample_counts(data, planes, piece)
+            with native.enabled(False):
+                want = storage._sample_counts(data.tobytes(), planes, piece)
+            assert np.array_equal(got, want), (planes, n)
+            assert got.sum() == storage.PROBE_PIECES * piece
+
+
 # -- vector kernels: the same symbols as the portable loops and constriction ---------------------------
 
 

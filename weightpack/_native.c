@@ -1063,7 +1063,8 @@ static WP_AVX512 int64_t lanes_encode_avx512(const uint16_t *restrict sym, const
     const __m512i one = _mm512_set1_epi64(1), m511 = _mm512_set1_epi64(511), zero = _mm512_setzero_si512();
     const __m512i low32 = _mm512_set1_epi64(0xFFFFFFFF);
     const __m256i vA = _mm256_set1_epi32((int)A), three = _mm256_set1_epi32(3);
-    int64_t ns = 0, steps = 0;
+    __m512i F0 = zero, F1 = zero, C0 = zero, C1 = zero;
+    int64_t ns = 0, steps = 0, creg = -1;
     for (int64_t t = cnt[0] - 1; t >= 0; t--, steps++) {
         int64_t act = active; /* the lanes with a symbol at step t */
         while (act > 0 && cnt[act - 1] <= t)
@@ -1071,13 +1072,43 @@ static WP_AVX512 int64_t lanes_encode_avx512(const uint16_t *restrict sym, const
         const __mmask32 am = (__mmask32)(act >= 32 ? 0xFFFFFFFFu : (1u << act) - 1);
         const int64_t base = t * nl + j0;
         uint32_t pm = 0;
+        __m512i FG[4], CG[4]; /* the lanes' frequencies and cumulative frequencies */
+        const int c0 = ctx[base];
+        if (A <= 64 && _mm256_mask_cmpeq_epi8_mask(am, _mm256_maskz_loadu_epi8(am, ctx + base), _mm256_set1_epi8((char)c0)) == am) {
+            /* one context at this step, an alphabet of up to 64: from its tables in registers, 32 lanes at once */
+            if (c0 != creg) {
+                uint16_t fr[64] = {0}, cu[64] = {0};
+                for (int64_t k = 0; k < A; k++)
+                    fr[k] = (uint16_t)tab[c0 * A + k].f, cu[k] = (uint16_t)tab[c0 * A + k].c;
+                F0 = _mm512_loadu_si512(fr), F1 = _mm512_loadu_si512(fr + 32);
+                C0 = _mm512_loadu_si512(cu), C1 = _mm512_loadu_si512(cu + 32);
+                creg = c0;
+            }
+            const __m512i sv = _mm512_maskz_loadu_epi16(am, sym + base);
+            const __m512i fz = _mm512_permutex2var_epi16(F0, sv, F1), cz = _mm512_permutex2var_epi16(C0, sv, C1);
+#define FC_PART(g)                                                                                              \
+            FG[g] = _mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(fz, g)),                                   \
+            CG[g] = _mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(cz, g))
+            FC_PART(0);
+            if (G > 1)
+                FC_PART(1);
+            if (G > 2)
+                FC_PART(2);
+            if (G > 3)
+                FC_PART(3);
+#undef FC_PART
+        } else
+            for (int g = 0; g < G; g++) {
+                const __mmask8 on = (__mmask8)(am >> (8 * g));
+                __m256i s32 = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(on, sym + base + 8 * g));
+                __m256i c32 = _mm256_cvtepu8_epi32(_mm_maskz_loadu_epi8(on, ctx + base + 8 * g));
+                __m256i idx = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_mullo_epi32(c32, vA), s32), three);
+                __m512i e = _mm512_mask_i32gather_epi64(zero, on, idx, (const long long *)tab, 8);
+                FG[g] = _mm512_and_si512(e, low32), CG[g] = _mm512_srli_epi64(e, 32);
+            }
         for (int g = 0; g < G; g++) {
             const __mmask8 on = (__mmask8)(am >> (8 * g));
-            __m256i s32 = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(on, sym + base + 8 * g));
-            __m256i c32 = _mm256_cvtepu8_epi32(_mm_maskz_loadu_epi8(on, ctx + base + 8 * g));
-            __m256i idx = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_mullo_epi32(c32, vA), s32), three);
-            __m512i e = _mm512_mask_i32gather_epi64(zero, on, idx, (const long long *)tab, 8);
-            __m512i f = _mm512_mask_mov_epi64(one, on, _mm512_and_si512(e, low32)), c = _mm512_srli_epi64(e, 32);
+            __m512i f = _mm512_mask_mov_epi64(one, on, FG[g]), c = CG[g];
             __m512i x = X[g];
             __mmask8 push = _mm512_mask_cmpge_epu64_mask(on, x, _mm512_slli_epi64(f, 49));
             _mm256_storeu_si256((__m256i *)(stream + ns), _mm512_cvtepi64_epi32(_mm512_maskz_compress_epi64(push, x)));
@@ -1477,6 +1508,19 @@ int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t 
         pos += packed_size(k, T - tz + S);
     }
     return pos;
+}
+
+/* The byte counts of a sample of data (storage.py's probe): `pieces` pieces of `piece` bytes (a multiple of
+ * `planes`) at k * (n / pieces), byte j of a piece counted in plane j % planes: counts[plane * 256 + byte]
+ * (added to). Caller: (pieces - 1) * (n / pieces) + piece <= n. */
+void wp_sample_counts(const uint8_t *data, int64_t n, int64_t planes, int64_t pieces, int64_t piece, int64_t *counts) {
+    const int64_t step = n / pieces;
+    for (int64_t k = 0; k < pieces; k++) {
+        const uint8_t *p = data + k * step;
+        for (int64_t i = 0; i < piece; i += planes)
+            for (int64_t j = 0; j < planes; j++)
+                counts[j * 256 + p[i + j]]++;
+    }
 }
 
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "_native", "ctypes kernels", -1, NULL};

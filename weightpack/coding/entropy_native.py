@@ -134,9 +134,9 @@ def lanes_encode(sym: np.ndarray, ctx: np.ndarray, lane: int, tab: np.ndarray) -
         raise ValueError("symbols and contexts disagree")
     nl = -(-n // lane)
     out = native.scratch("lanes_out", 4 * nl + 4 * (n + 2 * nl) + 8, np.uint8)
-    size = native.lib().wp_lanes_encode(np.ascontiguousarray(sym, np.uint16), np.ascontiguousarray(ctx, np.uint8), n, lane,
-                                tab, tab.shape[0], tab.shape[1], native.scratch("lanes", enc_scratch(lane), np.uint32), out,
-                                len(out))
+    work = native.scratch("lanes", enc_scratch(lane), np.uint32)
+    size = native.lib().wp_lanes_encode(np.ascontiguousarray(sym, np.uint16), np.ascontiguousarray(ctx, np.uint8), n,
+                                        lane, tab, tab.shape[0], tab.shape[1], work, out, len(out))
     if size < 0:
         raise ValueError("symbols outside their tables")
     return out[:size]

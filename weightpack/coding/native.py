@@ -67,6 +67,7 @@ _SIGNATURES = {
                                 ctypes.c_void_p, _I64, _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, _I64,
                                 ctypes.c_void_p, _I64, _I64, _I64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32,
                                 ctypes.POINTER(ctypes.c_uint32)]),
+    "wp_sample_counts": (None, [ctypes.c_void_p, _I64, _I64, _I64, _I64, _arr(np.int64)]),
     "wp_step_major": (_I64, [_arr(np.uint32), _I64, _I64, _I64, _I64, _I64, _arr(np.uint8), _I64, _I64, _I64, _I64,
                              _arr(np.uint16), _arr(np.uint32), _I64, _arr(np.int16),
                              _arr(np.int64), _arr(np.int16)]),

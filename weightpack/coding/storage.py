@@ -10,6 +10,7 @@ import numpy as np
 import zstandard
 
 from ..errors import FormatError
+from . import native
 
 _compressors = threading.local()
 
@@ -66,21 +67,37 @@ def _sample(data, pieces: int = PROBE_PIECES, piece: int = PROBE_PIECE) -> bytes
     return b"".join(bytes(data[k * step:k * step + piece]) for k in range(pieces))
 
 
-def _order0_bytes(planes: np.ndarray) -> float:
-    """Order-0 entropy, in bytes, of each row of a (planes, n) uint8 array, summed."""
-    P, n = planes.shape
-    c = np.bincount((planes + np.arange(0, 256 * P, 256, dtype=np.int64)[:, None]).ravel(), minlength=256 * P)
-    c = c[c > 0].astype(np.float64)
+def _order0_bytes(counts: np.ndarray, n: int) -> float:
+    """Order-0 entropy, in bytes, of rows of n bytes, summed, from their byte counts (256 per row)."""
+    c = counts[counts > 0].astype(np.float64)
     return float(-(c * np.log2(c / n)).sum()) / 8
+
+
+def _sample_counts(data, planes: int, piece: int) -> np.ndarray:
+    """The byte counts of each plane of the sample _sample takes (256 per plane, plane by plane): in one pass
+    by the compiled kernels where they are built (no copy of the sample), else with numpy."""
+    counts = np.zeros(256 * planes, np.int64)
+    if native.available():
+        buf = np.frombuffer(data, np.uint8)
+        native.lib().wp_sample_counts(buf.ctypes.data, len(buf), planes, PROBE_PIECES, piece, counts)
+        return counts
+    sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
+    return counts + np.bincount((sample + np.arange(0, 256 * planes, 256, dtype=np.int64)[:, None]).ravel(),
+                                minlength=256 * planes)
 
 
 def _estimates(data, planes: int) -> tuple[float, Callable[[], float]]:
     """Estimates of zstd's size for long data, from a sample: its order-0 entropy per plane (bytes), and a
     function giving zstd -1 of the sample, scaled (it sees repeats)."""
     piece = PROBE_PIECE - PROBE_PIECE % planes
-    sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
-    scale = len(data) / sample.size
-    return _order0_bytes(sample) * scale, lambda: len(zstd(np.ascontiguousarray(sample).tobytes(), 1)) * scale
+    size = PROBE_PIECES * piece
+    scale = len(data) / size
+
+    def lz() -> float:
+        sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
+        return len(zstd(np.ascontiguousarray(sample).tobytes(), 1)) * scale
+
+    return _order0_bytes(_sample_counts(data, planes, piece), size // planes) * scale, lz
 
 
 def may_win(data, planes: int, beat: float) -> bool:

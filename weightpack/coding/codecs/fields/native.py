@@ -129,7 +129,8 @@ def decode(plan, m: int, bcls: np.ndarray, btz: np.ndarray, views: dict, where: 
             raise FormatError(f"{where}: malformed trailing zeros")
         tcodec, tail = views["tail"]
         if tcodec != "raw":  # (a raw tail's length is checked by the kernel)
-            tail = unstore(tcodec, tail, tail_size(lay, block_counts(btz, lay.tail + 1, plan.block, m)), where + " tail")
+            size = tail_size(lay, block_counts(btz, lay.tail + 1, plan.block, m))
+            tail = unstore(tcodec, tail, size, where + " tail")
     if out is None:
         out = np.empty(m, dtype=UINT[lay.bits])
     elif out.dtype.itemsize * 8 != lay.bits or len(out) != m or not out.flags.c_contiguous:
@@ -139,19 +140,22 @@ def decode(plan, m: int, bcls: np.ndarray, btz: np.ndarray, views: dict, where: 
     if dslot.shape != (C, 1 << entropy_native.SLOT_BITS) or len(plan.alphabet) != A or C != plan.tables.shape[0]:
         raise ValueError("slot tables do not fit")
     head = np.frombuffer(views["head"][1], np.uint8)
-    tail = np.frombuffer(tail, np.uint8) if len(tail) else np.zeros(1, np.uint8)
+    n_tail = len(tail)
+    tail = np.frombuffer(tail, np.uint8) if n_tail else np.zeros(1, np.uint8)
     alphabet = np.ascontiguousarray(plan.alphabet, dtype=np.uint64)
     bcls, btz = np.ascontiguousarray(bcls, dtype=np.uint8), np.ascontiguousarray(btz, dtype=np.uint8)
     if len(bcls) != len(btz):
         raise FormatError(f"{where}: malformed chunk")
     crc = ctypes.c_uint32()
     bad = native.lib().wp_fields_decode(
-        head.ctypes.data, len(head), plan.lane, tail.ctypes.data, len(tail) if lay.tail + lay.sign else 0, m,
+        head.ctypes.data, len(head), plan.lane, tail.ctypes.data, n_tail, m,
         bcls.ctypes.data, btz.ctypes.data, len(bcls), plan.block, C, dslot.ctypes.data, fc.ctypes.data, A,
         alphabet.ctypes.data, lay.bits, lay.sign, lay.tail, native.scratch("lanes_syms", m, np.uint16).ctypes.data,
         out.ctypes.data, crc_seed or 0, ctypes.byref(crc))
     if bad:
-        raise {-1: FormatError(f"{where}: malformed lanes part"),
-               -2: FormatError(f"{where}: entropy-coded data is corrupt (stream not used up)"),
-               -3: FormatError(f"{where}: entropy-coded data is corrupt")}.get(bad, ValueError("chunk arguments disagree"))
+        errors = {-1: "malformed lanes part", -2: "entropy-coded data is corrupt (stream not used up)",
+                  -3: "entropy-coded data is corrupt"}
+        if bad not in errors:
+            raise ValueError("chunk arguments disagree")
+        raise FormatError(f"{where}: {errors[bad]}")
     return out, (crc.value if crc_seed is not None else None)
