@@ -348,7 +348,11 @@ def _decode_task(path: str, plan: registry.Plan, recs: list[Chunk], first: int, 
             for k, rec in enumerate(recs):
                 i = first + k
                 where = f"{what} chunk {i}"
-                payload = _pread(f.fileno(), rec.offset, rec.length, where, FormatError)
+                if into is not None or out_fd is not None:  # decoded into a buffer: read into a work array
+                    work = native.scratch("payload", rec.length, np.uint8)[:rec.length]
+                    payload = pread_into(f.fileno(), rec.offset, work, FormatError, where)
+                else:  # (pieces returned may be views of the payload)
+                    payload = _pread(f.fileno(), rec.offset, rec.length, where, FormatError)
                 if native.crc32(payload) != rec.crc32:
                     raise FormatError(f"{where}: checksum mismatch (damaged data)")
                 a, b = plan.chunk_range(i)
