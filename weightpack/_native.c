@@ -704,6 +704,14 @@ static inline uint32_t tail_at(const uint8_t *pb, int64_t n, int64_t nbytes, int
     return x;
 }
 
+/* 32 values of a 4-, 2- or 1-bit plane (width w) from its nb bytes at p (at most 16, none read past them),
+ * widened to 16-bit lanes: lane i takes byte idx[i] shifted right by shifts[i]. */
+static inline WP_AVX512 __m512i widen_plane(const uint8_t *p, int64_t nb, __m512i idx, __m512i shifts, int w) {
+    __m128i v = _mm_maskz_loadu_epi8((__mmask16)((1u << nb) - 1), p);
+    __m512i x = _mm512_permutexvar_epi16(idx, _mm512_castsi256_si512(_mm256_cvtepu8_epi16(v)));
+    return _mm512_and_si512(_mm512_srlv_epi16(x, shifts), _mm512_set1_epi16((short)((1 << w) - 1)));
+}
+
 /* join16 with AVX-512: 32 elements a step, reading and writing nothing outside their bytes (masked loads and
  * stores at a block's end). The head values come from two registers (A <= 64: one permute) or a gather; each
  * tail plane is widened to 16-bit lanes with a permute and a shift. The same output and checks as join16. */
@@ -772,25 +780,18 @@ static WP_AVX512 int64_t join16_avx512(const uint16_t *restrict syms, int64_t m,
                     x = _mm512_or_si512(x, _mm512_sll_epi16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(km, pb + q * n + j)),
                                                             _mm_cvtsi32_si128(sh)));
                 if (r & 4) {
-                    __m128i v = _mm_maskz_loadu_epi8((__mmask16)((1u << ((k + 1) / 2)) - 1), p4 + j / 2);
-                    __m512i w = _mm512_permutexvar_epi16(idx4, _mm512_castsi256_si512(_mm256_cvtepu8_epi16(v)));
-                    w = _mm512_and_si512(_mm512_srlv_epi16(w, sh4), _mm512_set1_epi16(15));
-                    x = _mm512_or_si512(x, _mm512_sll_epi16(w, _mm_cvtsi32_si128(sh)));
+                    x = _mm512_or_si512(x, _mm512_sll_epi16(widen_plane(p4 + j / 2, (k + 1) / 2, idx4, sh4, 4),
+                                                            _mm_cvtsi32_si128(sh)));
                     sh += 4;
                 }
                 if (r & 2) {
-                    __m128i v = _mm_maskz_loadu_epi8((__mmask16)((1u << ((k + 3) / 4)) - 1), p2 + j / 4);
-                    __m512i w = _mm512_permutexvar_epi16(idx2, _mm512_castsi128_si512(_mm_cvtepu8_epi16(v)));
-                    w = _mm512_and_si512(_mm512_srlv_epi16(w, sh2), _mm512_set1_epi16(3));
-                    x = _mm512_or_si512(x, _mm512_sll_epi16(w, _mm_cvtsi32_si128(sh)));
+                    x = _mm512_or_si512(x, _mm512_sll_epi16(widen_plane(p2 + j / 4, (k + 3) / 4, idx2, sh2, 2),
+                                                            _mm_cvtsi32_si128(sh)));
                     sh += 2;
                 }
-                if (r & 1) {
-                    __m128i v = _mm_maskz_loadu_epi8((__mmask16)((1u << ((k + 7) / 8)) - 1), p1 + j / 8);
-                    __m512i w = _mm512_permutexvar_epi16(idx1, _mm512_castsi128_si512(_mm_cvtepu8_epi16(v)));
-                    w = _mm512_and_si512(_mm512_srlv_epi16(w, sh1), _mm512_set1_epi16(1));
-                    x = _mm512_or_si512(x, _mm512_sll_epi16(w, _mm_cvtsi32_si128(sh)));
-                }
+                if (r & 1)
+                    x = _mm512_or_si512(x, _mm512_sll_epi16(widen_plane(p1 + j / 8, (k + 7) / 8, idx1, sh1, 1),
+                                                            _mm_cvtsi32_si128(sh)));
                 h = _mm512_or_si512(h, _mm512_sll_epi16(_mm512_and_si512(x, vmask), ctz));
                 if (S)
                     h = _mm512_or_si512(h, _mm512_slli_epi16(_mm512_srl_epi16(x, ct), 15));

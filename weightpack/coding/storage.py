@@ -73,17 +73,23 @@ def _order0_bytes(counts: np.ndarray, n: int) -> float:
     return float(-(c * np.log2(c / n)).sum()) / 8
 
 
+def _sample_counts_numpy(data, planes: int, piece: int) -> np.ndarray:
+    sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
+    return np.bincount((sample + np.arange(0, 256 * planes, 256, dtype=np.int64)[:, None]).ravel(),
+                       minlength=256 * planes)
+
+
+def _sample_counts_native(data, planes: int, piece: int) -> np.ndarray:
+    counts = np.zeros(256 * planes, np.int64)
+    buf = np.frombuffer(data, np.uint8)
+    native.lib().wp_sample_counts(buf.ctypes.data, len(buf), planes, PROBE_PIECES, piece, counts)
+    return counts
+
+
 def _sample_counts(data, planes: int, piece: int) -> np.ndarray:
     """The byte counts of each plane of the sample _sample takes (256 per plane, plane by plane): in one pass
-    by the compiled kernels where they are built (no copy of the sample), else with numpy."""
-    counts = np.zeros(256 * planes, np.int64)
-    if native.available():
-        buf = np.frombuffer(data, np.uint8)
-        native.lib().wp_sample_counts(buf.ctypes.data, len(buf), planes, PROBE_PIECES, piece, counts)
-        return counts
-    sample = np.frombuffer(_sample(data, PROBE_PIECES, piece), np.uint8).reshape(-1, planes).T
-    return counts + np.bincount((sample + np.arange(0, 256 * planes, 256, dtype=np.int64)[:, None]).ravel(),
-                                minlength=256 * planes)
+    by the compiled kernels (no copy of the sample), or with numpy."""
+    return native.select({"numpy": _sample_counts_numpy, "native": _sample_counts_native})(data, planes, piece)
 
 
 def _estimates(data, planes: int) -> tuple[float, Callable[[], float]]:
