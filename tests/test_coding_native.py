@@ -355,8 +355,8 @@ def test_join_of_16_bit_elements_is_the_same_at_each_vector_level():
 
 @needs_native
 def test_split_of_16_bit_elements_is_the_same_at_each_vector_level():
-    """wp_fields_split on 16-bit elements: head symbols (heads of up to 9 bits from registers, wider ones
-    by the portable loop) and packed tails (trailing-zero groups whose blocks do not fill whole vectors,
+    """wp_fields_split on 16-bit elements: head symbols (heads of up to 9 bits from registers, up to 12
+    gathered) and packed tails (trailing-zero groups whose blocks do not fill whole vectors,
     every tail width with and without a sign) are the same bytes with the vector kernels and without."""
     rng = np.random.default_rng(6)
     for trial in range(300):

@@ -1326,18 +1326,21 @@ SPLIT(split64, uint64_t)
 #ifdef WP_AVX512
 /* split16's two halves with AVX-512, 32 elements a step (the same bytes as split16_heads and split16_gather
  * with pack_planes): head symbols from the lut copied to 16-bit registers, 64 entries each (heads of up to 9
- * bits), and the tails of a trailing-zero group packed into their planes straight from the elements. */
+ * bits; wider ones, up to 12, gathered), and the tails of a trailing-zero group packed into their planes
+ * straight from the elements. */
 static WP_AVX512 void split16_heads_avx512(const uint16_t *restrict u, int64_t m, int64_t T, uint64_t hmask,
                                            int64_t L, const uint8_t *restrict bcls, int64_t nb,
                                            const int32_t *restrict lut, int64_t *restrict off,
                                            uint16_t *restrict sym, uint8_t *restrict ctx) {
     uint16_t l16[512] = {0};
-    const int64_t nlut = (int64_t)hmask + 1, ntab = (nlut + 63) / 64;
-    for (int64_t h = 0; h < nlut; h++)
-        l16[h] = (uint16_t)lut[h];
+    const int64_t nlut = (int64_t)hmask + 1, ntab = (nlut + 63) / 64, regs = ntab <= 8;
     __m512i tab[16];
-    for (int64_t k = 0; k < 2 * ntab; k++)
-        tab[k] = _mm512_loadu_si512(l16 + 32 * k);
+    if (regs) {
+        for (int64_t h = 0; h < nlut; h++)
+            l16[h] = (uint16_t)lut[h];
+        for (int64_t k = 0; k < 2 * ntab; k++)
+            tab[k] = _mm512_loadu_si512(l16 + 32 * k);
+    }
     const __m512i vmask = _mm512_set1_epi16((short)hmask);
     const __m128i shift = _mm_cvtsi32_si128((int)T), six = _mm_cvtsi32_si128(6);
     for (int64_t b = 0; b < nb; b++) {
@@ -1346,6 +1349,13 @@ static WP_AVX512 void split16_heads_avx512(const uint16_t *restrict u, int64_t m
             const int64_t k = len - i < 32 ? len - i : 32;
             const __mmask32 km = k == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << k) - 1);
             __m512i h = _mm512_and_si512(_mm512_srl_epi16(_mm512_maskz_loadu_epi16(km, u + a + i), shift), vmask);
+            if (!regs) { /* heads of 10 to 12 bits: the lut gathered, sixteen at a time */
+                __m512i lo = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), lut, 4);
+                __m512i hi = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), lut, 4);
+                __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo)), _mm512_cvtepi32_epi16(hi), 1);
+                _mm512_mask_storeu_epi16(sym + o + i, km, r);
+                continue;
+            }
             __m512i r = _mm512_permutex2var_epi16(tab[0], h, tab[1]);
             if (ntab > 1) {
                 __m512i hi = _mm512_srl_epi16(h, six);
@@ -1459,7 +1469,7 @@ int64_t wp_fields_split(const void *u, int64_t m, int64_t W, int64_t S, int64_t 
         case 8: split8_heads(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx); break;
         case 16:
 #ifdef WP_AVX512
-            if (wp_simd(-1) && H <= 9) {
+            if (wp_simd(-1) && H <= 12) {
                 split16_heads_avx512(u, m, T, hmask, L, bcls, nb, lut, off, sym, ctx);
                 break;
             }
