@@ -337,6 +337,32 @@ int64_t wp_simd(int64_t want) {
 }
 
 #ifdef WP_AVX512
+/* One decoding step's end for eight lanes (the `on` ones): the state x advanced by its symbol's frequency f and
+ * cumulative frequency cdf (both << 9) from its low 24 bits q, and where it fell below 2**32 (and the lane has
+ * words left) the lane's next word taken in. */
+static inline __attribute__((always_inline)) WP_AVX512 void
+lane_advance(__m512i *x, __m512i *p, __m512i lo, __mmask8 on, __m512i q, __m512i f, __m512i cdf, const uint32_t *ws) {
+    const __m512i one = _mm512_set1_epi64(1);
+    __mmask8 more = _mm512_mask_cmpgt_epi64_mask(on, *p, lo);
+    __m256i w = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), more, _mm512_sub_epi64(*p, one), ws, 4);
+    __m512i nx = _mm512_sub_epi64(_mm512_add_epi64(_mm512_mullo_epi64(_mm512_srli_epi64(*x, 24), f), q), cdf);
+    __mmask8 take = _mm512_mask_cmplt_epu64_mask(more, nx, _mm512_set1_epi64((int64_t)1 << 32));
+    *x = _mm512_mask_mov_epi64(nx, take, _mm512_or_si512(_mm512_slli_epi64(nx, 32), _mm512_cvtepu32_epi64(w)));
+    *p = _mm512_mask_sub_epi64(*p, take, *p, one);
+}
+
+/* M(g) for each vector g < G of a group, g a constant (the intrinsics that take a part of a vector need one). */
+#define EACH_GROUP(M)                                                                                       \
+    do {                                                                                                    \
+        M(0);                                                                                               \
+        if (G > 1)                                                                                          \
+            M(1);                                                                                           \
+        if (G > 2)                                                                                          \
+            M(2);                                                                                           \
+        if (G > 3)                                                                                          \
+            M(3);                                                                                           \
+    } while (0)
+
 /* G groups of eight lanes (lanes j0 .. j0 + 8G - 1, all with at least `steps` symbols) decoded together for
  * their first `steps` steps, one lane per 64-bit element of a vector: the symbol found with a gather from
  * the slot table (as 32-bit words, the halfword picked by the slot's parity, so no read passes the table's
@@ -349,7 +375,7 @@ lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t 
                int64_t *p, const int64_t *lo, int64_t active) {
     __m512i X[4], P[4], LO[4];
     __mmask8 on[4]; /* the group's lanes that exist (active of them): the others read nothing and write nothing */
-    const __m512i m24 = _mm512_set1_epi64(0xFFFFFF), one = _mm512_set1_epi64(1), two32 = _mm512_set1_epi64((int64_t)1 << 32);
+    const __m512i m24 = _mm512_set1_epi64(0xFFFFFF), one = _mm512_set1_epi64(1);
     const __m256i m16 = _mm256_set1_epi32(0xFFFF);
     const __m512i m16w = _mm512_set1_epi64(0xFFFF);
     for (int g = 0; g < G; g++) {
@@ -402,23 +428,10 @@ lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t 
             const __m512i cz = _mm512_permutex2var_epi16(CDF0, sy, CDF1), fz = _mm512_permutex2var_epi16(F0, sy, F1);
             _mm512_mask_storeu_epi16(out + base, on32, sy);
 #define SMALL_STEP(g)                                                                                           \
-            do {                                                                                                \
-                __m512i f = _mm512_slli_epi64(_mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(fz, g)), 9);     \
-                __m512i cdf = _mm512_slli_epi64(_mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(cz, g)), 9);   \
-                __mmask8 more = _mm512_mask_cmpgt_epi64_mask(on[g], P[g], LO[g]);                              \
-                __m256i w = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), more, _mm512_sub_epi64(P[g], one), ws, 4); \
-                __m512i nx = _mm512_sub_epi64(_mm512_add_epi64(_mm512_mullo_epi64(_mm512_srli_epi64(X[g], 24), f), Q[g]), cdf); \
-                __mmask8 take = _mm512_mask_cmplt_epu64_mask(more, nx, two32);                                 \
-                X[g] = _mm512_mask_mov_epi64(nx, take, _mm512_or_si512(_mm512_slli_epi64(nx, 32), _mm512_cvtepu32_epi64(w))); \
-                P[g] = _mm512_mask_sub_epi64(P[g], take, P[g], one);                                           \
-            } while (0)
-            SMALL_STEP(0);
-            if (G > 1)
-                SMALL_STEP(1);
-            if (G > 2)
-                SMALL_STEP(2);
-            if (G > 3)
-                SMALL_STEP(3);
+            lane_advance(X + g, P + g, LO[g], on[g], Q[g],                                                      \
+                         _mm512_slli_epi64(_mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(fz, g)), 9),        \
+                         _mm512_slli_epi64(_mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(cz, g)), 9), ws)
+            EACH_GROUP(SMALL_STEP);
 #undef SMALL_STEP
             continue;
         }
@@ -430,8 +443,6 @@ lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t 
             __m512i q = _mm512_and_si512(X[g], m24);
             __m512i slot = _mm512_srli_epi64(q, 9);
             __m512i idx = _mm512_add_epi64(_mm512_slli_epi64(cv, 15), slot);
-            __mmask8 more = _mm512_mask_cmpgt_epi64_mask(on[g], P[g], LO[g]);
-            __m256i w = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), more, _mm512_sub_epi64(P[g], one), ws, 4);
             __m256i pair = _mm512_i64gather_epi32(_mm512_srli_epi64(idx, 1), dslot, 4);
             __m256i par = _mm512_cvtepi64_epi32(_mm512_and_si512(idx, one));
             __m256i s = _mm256_and_si256(_mm256_srlv_epi32(pair, _mm256_slli_epi32(par, 4)), m16);
@@ -439,10 +450,7 @@ lanes_avx512_g(const uint32_t *ws, int64_t j0, const int G, int64_t nl, int64_t 
             __m512i e = _mm512_cvtepu32_epi64(_mm256_i32gather_epi32((const int *)fc, fidx, 4));
             __m512i f = _mm512_slli_epi64(_mm512_and_si512(e, m16w), 9);
             __m512i cdf = _mm512_slli_epi64(_mm512_srli_epi64(e, 16), 9);
-            __m512i nx = _mm512_sub_epi64(_mm512_add_epi64(_mm512_mullo_epi64(_mm512_srli_epi64(X[g], 24), f), q), cdf);
-            __mmask8 take = _mm512_mask_cmplt_epu64_mask(more, nx, two32);
-            X[g] = _mm512_mask_mov_epi64(nx, take, _mm512_or_si512(_mm512_slli_epi64(nx, 32), _mm512_cvtepu32_epi64(w)));
-            P[g] = _mm512_mask_sub_epi64(P[g], take, P[g], one);
+            lane_advance(X + g, P + g, LO[g], on[g], q, f, cdf, ws);
             _mm_mask_storeu_epi16(out + base + 8 * g, on[g], _mm256_cvtepi32_epi16(s));
         }
     }
@@ -1090,13 +1098,7 @@ static WP_AVX512 int64_t lanes_encode_avx512(const uint16_t *restrict sym, const
 #define FC_PART(g)                                                                                              \
             FG[g] = _mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(fz, g)),                                   \
             CG[g] = _mm512_cvtepu16_epi64(_mm512_extracti32x4_epi32(cz, g))
-            FC_PART(0);
-            if (G > 1)
-                FC_PART(1);
-            if (G > 2)
-                FC_PART(2);
-            if (G > 3)
-                FC_PART(3);
+            EACH_GROUP(FC_PART);
 #undef FC_PART
         } else
             for (int g = 0; g < G; g++) {
