@@ -167,10 +167,10 @@ def _plan_task(path: str, e: TensorEntry, level: int) -> tuple[registry.Plan, by
         with open(path, "rb", buffering=0) as f:
             data = _pread(f.fileno(), e.begin, e.nbytes, path)
         sha256 = hashlib.sha256(data).hexdigest()
-        size = DTYPES[e.dtype].bits // 8
+        u = _elements_of(e.dtype, data)
 
         def reader(first: int, count: int) -> np.ndarray:
-            return data[first * size:(first + count) * size].view(UINT[size * 8])
+            return u[first:first + count]
     plan = _bound(fields_codec.make_plan(e.dtype, e.shape, reader, level), e.name, None)
     return plan, plan.side(), sha256
 
